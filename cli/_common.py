@@ -1,0 +1,63 @@
+"""Options and error handling shared by every command."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+import typer
+
+from lora_rlhf.errors import LoraRlhfError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RecipeArg = Annotated[
+    Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The recipe YAML (see recipes/).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe value: section.key=value (repeatable).",
+                 metavar="SECTION.KEY=VALUE"),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of this stage.")]
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def quiet_libraries() -> None:
+    """Silence import-time chatter from dependencies that says nothing actionable to our users."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("transformers", "peft", "trl", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handle_errors(fn: F) -> F:
+    """User errors -> one message on stderr and exit 2; Ctrl-C -> exit 130 (the stage has saved what it can)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except LoraRlhfError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted.", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

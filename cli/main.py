@@ -1,0 +1,28 @@
+"""`lora-rlhf`: the InstructGPT recipe on one shared 4-bit base.
+
+Each command lives in its own module and is registered here with a one-line description and an example.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cli import generate, sft
+
+app = typer.Typer(
+    name="lora-rlhf",
+    help="The InstructGPT recipe (SFT -> reward model -> PPO-ptx) with LoRA/QLoRA adapters on ONE shared base.\n\n"
+    "Typical run:  lora-rlhf sft recipes/demo_smollm2_cpu.yaml   then reward, ppo, eval (or: pipeline).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# --- commands (keep one line each; the help text is the first line of the command's docstring) ---
+app.command("sft", help="Step 1: supervised fine-tuning of a LoRA/QLoRA adapter.  e.g. lora-rlhf sft recipe.yaml")(sft.command)
+app.command("generate", help="Answer one prompt with the base + an adapter.  e.g. lora-rlhf generate -a runs/x/sft 'Hi'")(generate.generate)
+app.command("chat", help="Interactive chat with the base + an adapter.  e.g. lora-rlhf chat -a runs/x/sft")(generate.chat)
+
+
+if __name__ == "__main__":
+    app()

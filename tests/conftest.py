@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny Llama (2 layers, hidden 64) with the embedded model's tokenizer, built on the CPU.
+
+The tiny model is random, so tests assert on mechanics (shapes, bit-identity, learning on memorisable data),
+never on language quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def build_tiny_model(folder: Path, seed: int = 0, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_rlhf.base import load_tokenizer
+    from lora_rlhf.models import prepare_embedded
+
+    tokenizer = load_tokenizer(str(prepare_embedded("smollm2-135m-instruct")))
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **{**TINY, **overrides})
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model_dir(tmp_path_factory) -> Path:
+    """A base of another shape: adapters trained on `tiny_model_dir` must be refused on it."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-wide"), hidden_size=96, intermediate_size=192,
+                            num_attention_heads=4, num_key_value_heads=2)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir, tmp_path):
+    """A recipe dict on the tiny model; tests add data and stage sections."""
+
+    def make(quantization: str = "4bit", **sections) -> dict:
+        recipe = {
+            "output_dir": str(tmp_path / "run"),
+            "seed": 0,
+            "model": {"name": str(tiny_model_dir), "device": "cpu"},
+            "quantization": {"mode": quantization},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        }
+        recipe.update(sections)
+        return recipe
+
+    return make
