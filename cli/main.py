@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import generate, sft
+from cli import generate, label, sft
 
 app = typer.Typer(
     name="lora-rlhf",
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.command("sft", help="Step 1: supervised fine-tuning of a LoRA/QLoRA adapter.  e.g. lora-rlhf sft recipe.yaml")(sft.command)
 app.command("generate", help="Answer one prompt with the base + an adapter.  e.g. lora-rlhf generate -a runs/x/sft 'Hi'")(generate.generate)
 app.command("chat", help="Interactive chat with the base + an adapter.  e.g. lora-rlhf chat -a runs/x/sft")(generate.chat)
+app.command("label", help="Rank candidate responses in a local web page (or --terminal) -> rankings.  e.g. lora-rlhf label cands.jsonl -o ranks.jsonl")(label.command)
 
 
 if __name__ == "__main__":
