@@ -1,0 +1,23 @@
+"""`lora-rlhf pull`: copy an adapter repo from the Hugging Face Hub into a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import handle_errors
+from lora_rlhf import hub
+
+
+@handle_errors
+def command(
+    repo: Annotated[str, typer.Argument(help="user/name, user/name@revision, or user/name:subfolder.")],
+    dest: Annotated[Path, typer.Argument(help="New folder to write (must not exist, or be empty).")],
+) -> None:
+    """Download adapters (safetensors and their JSON/YAML/Markdown files; never pickles)."""
+    folders = hub.pull(repo, dest)
+    typer.echo(f"Pulled {repo} into {dest}; adapters:")
+    for folder in folders:
+        typer.echo(f"  {folder}")
