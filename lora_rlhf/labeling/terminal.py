@@ -60,14 +60,15 @@ def run_terminal(session: LabelSession, labeler: str, console: Console | None = 
                  read: Callable[[str], str] | None = None) -> dict[str, int]:
     """Label until the candidates are done or the user quits; returns counts for this run."""
     console = console or Console()
-    read = read or console.input
+    # A Text prompt is printed as is: rich would otherwise colour its digits and brackets.
+    read = read or (lambda prompt: console.input(Text(prompt, style="bold")))
     counts = {"labeled": 0, "skipped": 0}
     while True:
         nxt = session.next_item(labeler)
         done, total = nxt["progress"]["done"], nxt["progress"]["total"]
         item = nxt["item"]
         if item is None:
-            console.print(f"[green]All {total} prompts are done for {labeler}.[/]")
+            console.print(Text(f"All {total} prompts are done for {labeler}.", style="green"))
             return counts
         k = len(item["responses"])
         parts = [Panel(_prompt_text(item["prompt"]), title=f"prompt {item['id']}", title_align="left",
@@ -85,21 +86,21 @@ def run_terminal(session: LabelSession, labeler: str, console: Console | None = 
                 if cmd in ("q", "quit", "exit"):
                     return counts
                 if cmd in ("?", "h", "help"):
-                    console.print(HELP, markup=False)
+                    console.print(Text(HELP))
                 elif cmd in ("s", "skip"):
                     session.submit(labeler, item["id"], flags=flags, skipped=True)
                     counts["skipped"] += 1
-                    console.print(f"skipped {item['id']}")
+                    console.print(Text(f"skipped {item['id']}"))
                     break
                 elif cmd[:1] in ("f", "F"):
-                    console.print(_flag_command(cmd, k, flags), markup=False)
+                    console.print(Text(_flag_command(cmd, k, flags)))
                 elif cmd:
                     ranks = parse_order(cmd, k)
                     if session.submit(labeler, item["id"], ranks=ranks, flags=flags):
                         counts["labeled"] += 1
-                        console.print(f"saved {item['id']}: {_describe(ranks)}")
+                        console.print(Text(f"saved {item['id']}: {_describe(ranks)}", style="green"))
                     else:
-                        console.print(f"{item['id']} was already recorded for {labeler} (another session?)")
+                        console.print(Text(f"{item['id']} was already recorded for {labeler} (another session?)", style="yellow"))
                     break
             except DataError as e:
                 console.print(Text(f"{e.what}" + (f"  ({e.fix})" if e.fix else ""), style="red"))

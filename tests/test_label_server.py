@@ -1,0 +1,120 @@
+"""The labelling page's HTTP API, on a real server (port 0, in a thread), hit with urllib."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from lora_rlhf.labeling import LabelSession
+from lora_rlhf.labeling.server import LabelServer
+
+
+def write_candidates(path, n=3, k=3):
+    rows = [{"id": f"p{i}", "prompt": f"prompt {i}", "responses": [f"r{i}.{j}" for j in range(k)]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class Client:
+    def __init__(self, server: LabelServer):
+        self.base = f"http://127.0.0.1:{server.port}"
+
+    def call(self, path, body=None, headers=None, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        req = urllib.request.Request(self.base + path, data=data, headers={**hdrs, **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as res:
+                return res.status, res.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def json(self, path, body=None, **kw):
+        status, data = self.call(path, body, **kw)
+        return status, json.loads(data)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    servers = []
+
+    def start(out=None, default_labeler=None):
+        session = LabelSession.open(write_candidates(tmp_path / "c.jsonl"), out or tmp_path / "r.jsonl")
+        server = LabelServer(session, "127.0.0.1", 0, default_labeler=default_labeler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server, Client(server)
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_page_next_submit_and_progress(serve, tmp_path):
+    server, client = serve(default_labeler="alice")
+    assert server.url == f"http://127.0.0.1:{server.port}/?labeler=alice"
+    status, page = client.call("/")
+    assert status == 200 and b"rank responses" in page and b'"labeler": "alice"' in page  # config injected
+    assert b"http://" not in page and b"https://" not in page  # no external resources (no CDN)
+
+    status, nxt = client.json("/api/next?labeler=alice")
+    assert status == 200
+    assert nxt == {"item": {"id": "p0", "prompt": "prompt 0", "responses": ["r0.0", "r0.1", "r0.2"]},
+                   "progress": {"done": 0, "total": 3}}
+    status, res = client.json("/api/submit", {"labeler": "alice", "id": "p0", "ranks": [3, 1, 2],
+                                              "flags": {"0": ["untruthful"]}})
+    assert status == 200 and res["recorded"] is True
+    assert res["item"]["id"] == "p1" and res["progress"] == {"done": 1, "total": 3}  # the next item comes back
+    status, res = client.json("/api/submit", {"labeler": "alice", "id": "p1", "skipped": True})
+    assert status == 200 and res["progress"]["done"] == 2
+
+    lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(x["id"], x.get("ranks"), x.get("skipped"), x["flags"]) for x in lines] == [
+        ("p0", [3, 1, 2], None, {"0": ["untruthful"]}), ("p1", None, True, {})]
+
+    status, stats = client.json("/api/stats")
+    assert status == 200 and stats["labelers"]["alice"]["labeled"] == 1 and stats["labelers"]["alice"]["skipped"] == 1
+
+
+def test_duplicate_submission_is_refused_and_restart_resumes(serve, tmp_path):
+    _, client = serve()
+    client.json("/api/submit", {"labeler": "bob", "id": "p0", "ranks": [1, 2, 3]})
+    status, res = client.json("/api/submit", {"labeler": "bob", "id": "p0", "ranks": [3, 2, 1]})
+    assert status == 409 and res["recorded"] is False
+    # A second server on the same file (a restart, or another process) continues where bob stopped.
+    _, client2 = serve(out=tmp_path / "r.jsonl")
+    assert client2.json("/api/next?labeler=bob")[1]["item"]["id"] == "p1"
+    assert client2.json("/api/next?labeler=carol")[1]["item"]["id"] == "p0"
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"labeler": "bob", "id": "p0", "ranks": [1, 1, 1]}, "all responses are tied"),
+    ({"labeler": "bob", "id": "p0", "ranks": [1, 2]}, "ranks must be 3 positive integers"),
+    ({"labeler": "bob", "id": "zzz", "ranks": [1, 2, 3]}, "no prompt with id"),
+    ({"labeler": "", "id": "p0", "ranks": [1, 2, 3]}, "labeler name"),
+    ({"labeler": "bob", "id": "p0", "ranks": [1, 2, 3], "flags": {"0": ["spam"]}}, "flag labels"),
+])
+def test_bad_submissions_get_400_and_write_nothing(serve, tmp_path, body, match):
+    _, client = serve()
+    status, res = client.json("/api/submit", body)
+    assert status == 400 and match in res["error"]
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_request_guards(serve, tmp_path):
+    _, client = serve()
+    # A cross-site form can only send text/plain etc.; JSON needs a preflight this server never grants.
+    status, _ = client.call("/api/submit", raw=b'{"labeler": "bob", "id": "p0", "ranks": [1, 2, 3]}',
+                            headers={"Content-Type": "text/plain"})
+    assert status == 415
+    # DNS rebinding: a foreign Host header is refused.
+    assert client.call("/api/next?labeler=bob", headers={"Host": "evil.example:80"})[0] == 403
+    assert client.call("/api/submit", raw=b"[1, 2]")[0] == 400
+    assert client.call("/nope")[0] == 404
+    assert not (tmp_path / "r.jsonl").exists()
