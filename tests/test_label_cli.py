@@ -68,6 +68,8 @@ def test_unwritable_output_exits_2(tmp_path, where, message):
 def test_usage_errors(tmp_path):
     res = invoke()
     assert res.exit_code == 2 and "needs a candidates file and --out" in res.output
+    res = invoke(tmp_path / "nope.jsonl", "--out", tmp_path / "r.jsonl")
+    assert res.exit_code == 2 and "nope.jsonl' does not exist" in res.output
     (tmp_path / "c.jsonl").write_text(GOOD + "\n")
     res = invoke(tmp_path / "c.jsonl", "--out", tmp_path / "r.jsonl", "--labeler", "no spaces please")
     assert res.exit_code == 2 and "labeler name 'no spaces please' is not valid" in res.output
