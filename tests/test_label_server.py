@@ -118,3 +118,22 @@ def test_request_guards(serve, tmp_path):
     assert client.call("/api/submit", raw=b"[1, 2]")[0] == 400
     assert client.call("/nope")[0] == 404
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_concurrent_labelers_over_http_on_two_servers(serve, tmp_path):
+    # Two servers (think: two processes) on one rankings file; 'sam' works in both at once, so the two race
+    # for the same prompts; alice and bob label alongside.
+    (_, a), (_, b) = serve(), serve(out=tmp_path / "r.jsonl")
+
+    def work(client, name):
+        while (item := client.json(f"/api/next?labeler={name}")[1]["item"]) is not None:
+            client.json("/api/submit", {"labeler": name, "id": item["id"], "ranks": [1, 2, 3]})
+
+    threads = [threading.Thread(target=work, args=args) for args in ((a, "alice"), (b, "bob"), (a, "sam"), (b, "sam"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert sorted((x["labeler"], x["id"]) for x in lines) == sorted(
+        (name, f"p{i}") for name in ("alice", "bob", "sam") for i in range(3))
