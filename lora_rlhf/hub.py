@@ -139,7 +139,11 @@ def hub_errors(action: str, token: str | None) -> Iterator[None]:
 
 
 def _error(action: str, why: str, e: Exception, token: str | None, fix: str) -> ModelError:
-    detail = redact(str(e).strip().splitlines()[0][:300] if str(e).strip() else "", token)
+    lines = str(e).strip().splitlines()
+    detail = lines[0][:300] if lines else ""
+    server = getattr(e, "server_message", None)  # what the Hub said: often the actual reason
+    if server:
+        detail = f"{detail} {server.strip()[:300]}".strip()
     return ModelError(redact(f"cannot {action}: {why} ({type(e).__name__}: {detail})", token), fix=fix)
 
 
@@ -364,12 +368,11 @@ def _select(names: list[str], ref: HubRef) -> list[str]:
     return [prefix + n for n in here if n.endswith(SAFE_SUFFIXES)]
 
 
-def _snapshot(ref: HubRef, files: list[str] | None, *, revision: str | None, endpoint: str | None,
+def _snapshot(ref: HubRef, files: list[str], *, revision: str | None, endpoint: str | None,
               token: str | None, cache_dir: str | Path | None, local_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = files if files is not None else [f"*{s}" for s in SAFE_SUFFIXES]
-    return Path(snapshot_download(ref.repo_id, revision=revision, allow_patterns=patterns,
+    return Path(snapshot_download(ref.repo_id, revision=revision, allow_patterns=files,
                                   endpoint=_endpoint(endpoint), token=token, cache_dir=cache_dir,
                                   local_files_only=local_only))
 
@@ -383,17 +386,25 @@ def download_adapter(repo: str, *, endpoint: str | None = None, token: str | Non
 
     ref = parse_ref(repo)
     token = hub_token(token)
+    if Path(ref.repo_id.split("/")[0]).is_dir():
+        # 'runs/sft' with an existing 'runs/' is far more likely a mistyped folder than a Hub repo.
+        raise ModelError(f"adapter folder '{repo}' does not exist",
+                         fix="check the path (a Hub id 'user/name' must not start with a local folder's name)")
     with hub_errors(f"download adapter '{ref}' from the Hub", token):
         try:
             info = _api(endpoint, token).model_info(ref.repo_id, revision=ref.revision)
         except (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException):
             # No Hub: an earlier download of this reference in the cache still serves.
             info = None
-            root = _snapshot(ref, None, revision=ref.revision, endpoint=endpoint, token=token, cache_dir=cache_dir,
-                             local_only=True)
+            prefix = f"{ref.subfolder}/" if ref.subfolder else ""
+            # Only the files every adapter has: the snapshot may hold other folders' files we never fetched.
+            root = _snapshot(ref, [prefix + ADAPTER_WEIGHTS, prefix + "adapter_config.json"], revision=ref.revision,
+                             endpoint=endpoint, token=token, cache_dir=cache_dir, local_only=True)
         if info is not None:
             files = _select([s.rfilename for s in info.siblings or []], ref)
-            root = _snapshot(ref, files, revision=info.sha, endpoint=endpoint, token=token, cache_dir=cache_dir)
+            # The reference's own revision (not info.sha): the cache then records branch -> commit, which is
+            # what finds this copy again offline.
+            root = _snapshot(ref, files, revision=ref.revision, endpoint=endpoint, token=token, cache_dir=cache_dir)
     folder = root / ref.subfolder if ref.subfolder else root
     if not (folder / ADAPTER_WEIGHTS).is_file():
         names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]

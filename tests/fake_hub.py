@@ -215,8 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id, write=True)
         if repo is None:
             return
-        if self.hub.echo_auth_on_commit:
-            return self._error(400, None, f"commit rejected for {self.headers.get('Authorization')}")
+        if self.hub.echo_auth_on_commit:  # in the body only: a real server would not echo it in headers either
+            return self._json(400, {"error": f"commit rejected for {self.headers.get('Authorization')}"})
         if rev not in repo.branches:
             return self._error(404, "RevisionNotFound", "Invalid rev id")
         header, changes = {}, {}

@@ -155,3 +155,12 @@ def test_redact_hides_known_and_token_shaped_strings():
     text = f"Authorization: Bearer {token} and another hf_{'Z' * 34}"
     clean = hub.redact(text, token)
     assert token not in clean and "hf_ZZZZ" not in clean and "Bearer ***" in clean
+
+
+def test_mistyped_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    from lora_rlhf.base import resolve_adapter
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelError, match="adapter folder 'runs/sfft' does not exist"):
+        resolve_adapter("runs/sfft")
