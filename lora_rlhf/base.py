@@ -85,8 +85,7 @@ def quantization_config(q: QuantizationConfig, dtype: torch.dtype):
 
     if q.mode == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                  bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
-                                  bnb_4bit_quant_storage=dtype)
+                                  bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype)
     if q.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -109,6 +108,7 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, for_train
         if Path(path).exists():
             raise ModelError(f"cannot load the model folder '{path}': {e}") from e
         raise hub_load_error(model_cfg.name, e) from e
+    disable_cpu_weight_repacking(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -124,6 +124,19 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, for_train
     info = {"name_or_path": model_cfg.name, "revision": model_cfg.revision,
             "fingerprint": base_fingerprint(model.config), "quantization": quant.mode}
     return model, tokenizer, info
+
+
+def disable_cpu_weight_repacking(model: nn.Module) -> None:
+    """Keep one numeric path for 4-bit layers on CPUs with AVX512-BF16.
+
+    There bitsandbytes repacks a layer's weights in place the first time it runs in eval mode without grad, and
+    then computes differently from the training path: PPO's rollout log-probs would not match its training
+    forward (ratio != 1 before any update), saved adapters would not reproduce logits, and the "frozen" base
+    weights would change bytes. GPUs are unaffected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(settings: LoraSettings):
@@ -262,6 +275,21 @@ class SharedBase:
             p.requires_grad_(role is not None and role in self.trainable)
         for role, head in self.heads.items():
             head.requires_grad_(role in self.trainable)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(self.model.config, "dtype", None) or torch.float32
+
+    def cast_adapters_to_compute_dtype(self) -> None:
+        """Keep LoRA weights in the compute dtype.
+
+        TRL's trainers cast QLoRA adapters to bf16 (the QLoRA paper's GPU advice) even when computing in fp32 on
+        the CPU; there bf16 weights lose small optimizer updates and the saved adapter no longer reproduces the
+        logits seen in training once PEFT reloads it in fp32.
+        """
+        for name, p in self.model.named_parameters():
+            if _adapter_of(name) is not None and p.dtype != self.compute_dtype:
+                p.data = p.data.to(self.compute_dtype)
 
     def trainable_parameters(self, role: str) -> list[nn.Parameter]:
         params = [p for n, p in self.model.named_parameters() if _adapter_of(n) == role]

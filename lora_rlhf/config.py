@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,25 @@ from lora_rlhf.ppo.config import PPOSection
 from lora_rlhf.schema import build, check_value, unknown_key_problem
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `2e-4` as a float (YAML 1.1 wants `2.0e-4`; every user writes `2e-4`)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -140,6 +160,10 @@ class CompareSection:
     top_p: float = 1.0
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        if isinstance(self.k, int) and self.k < 2:
+            raise ValueError(f"k must be at least 2 (a ranking compares responses), got {self.k}")
+
 
 @dataclass
 class EvalSection:
@@ -150,6 +174,15 @@ class EvalSection:
     """Example prompt / response pairs shown in the report."""
     labeler: str | None = None
     """`module:function` judging task success (default: the reward model only)."""
+    temperature: float = 0.7
+    """Sampling temperature of the evaluated responses (KL is measured on the same tempered distribution)."""
+    top_p: float = 1.0
+    batch_size: int = 8
+    """Prompts per generation / scoring batch: memory vs. speed."""
+    general_text: str | None = None
+    """A .jsonl file with a `text` column held out from training: perplexity on it measures the alignment tax."""
+    general_max_texts: int = 64
+    """Use at most this many rows of general_text (each cut to 256 tokens)."""
 
 
 @dataclass
@@ -226,7 +259,7 @@ def parse_overrides(overrides: list[str]) -> tuple[list[tuple[list[str], Any]], 
             problems.append(f"--set '{item}' must look like section.key=value")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         parsed.append((key.strip().split("."), value))
@@ -277,7 +310,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([f"recipe file '{path}' does not exist (fix: check the path, or copy one from recipes/)"],
                           str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError([f"not valid YAML: {e}"], str(path)) from None
     recipe = recipe_from_dict(raw, overrides, source=str(path))
@@ -290,6 +323,9 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> Recipe:
         ds: DatasetConfig | None = getattr(recipe.data, f.name)
         if ds is not None and not Path(ds.path).is_absolute() and (base / ds.path).exists():
             ds.path = str((base / ds.path).resolve())
+    general = recipe.eval.general_text
+    if general and not Path(general).is_absolute() and (base / general).exists():
+        recipe.eval.general_text = str((base / general).resolve())
     return recipe
 
 

@@ -1,0 +1,18 @@
+"""`lora-rlhf sft RECIPE.yaml`: step 1, supervised fine-tuning."""
+
+from __future__ import annotations
+
+import typer
+
+from cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
+
+
+@handle_errors
+def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
+    """Train a LoRA/QLoRA adapter on the recipe's demonstrations (data.sft) with TRL's SFTTrainer."""
+    from lora_rlhf.config import load_recipe
+    from lora_rlhf.sft import run_sft
+
+    cfg = load_recipe(recipe, set_ or [])
+    out = run_sft(cfg, resume=resume)
+    typer.echo(f"SFT adapter written to {out}")

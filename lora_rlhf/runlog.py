@@ -1,0 +1,54 @@
+"""A stage's log file and metrics: `train.log` (human-readable) and `metrics.json` (final numbers)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+LOG_FILE = "train.log"
+METRICS_FILE = "metrics.json"
+
+
+def stage_logger(folder: Path, stage: str) -> logging.Logger:
+    """A logger writing to `folder/train.log` (appending, so a resumed run keeps its history)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"lora_rlhf.{stage}.{folder.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.FileHandler(folder / LOG_FILE)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+def close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    tmp = folder / (METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
+    tmp.replace(folder / METRICS_FILE)
+
+
+class LogCallback(TrainerCallback):
+    """Copies every Trainer log record (loss, lr, grad norm...) into train.log as one JSON line."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+        self.history: list[dict[str, Any]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - transformers hook
+        if logs:
+            record = {"step": state.global_step, **logs}
+            self.history.append(record)
+            self.logger.info(json.dumps(record))

@@ -1,0 +1,125 @@
+"""Step 1: supervised fine-tuning on demonstrations (prompt -> response) with a LoRA/QLoRA adapter.
+
+setup (validate data, load the shared base, attach the adapter) -> train with trl.SFTTrainer -> save.
+The paper trained 16 epochs with a cosine schedule and dropout 0.2 on ~13k demonstrations; with LoRA on a
+small set, 1-3 epochs are usually enough, so the recipe decides (`sft.num_train_epochs`, `lora.dropout`).
+
+Output (docs/FORMATS.md): the adapter in plain PEFT format, tokenizer, recipe.yaml, metrics.json, train.log;
+`lora_rlhf.json` is written last, so an interrupted run never looks complete. Checkpoints go to
+`OUT/sft/checkpoints/` and `resume=True` continues from the newest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_rlhf.base import META_FILE, SharedBase
+from lora_rlhf.config import Recipe, save_recipe
+from lora_rlhf.data import load_sft_data
+from lora_rlhf.runlog import LogCallback, close_logger, stage_logger, write_metrics
+
+ADAPTER = "default"  # PEFT's own name: Trainer checkpoints then reload with no renaming
+CHECKPOINTS = "checkpoints"
+
+# Our defaults where TRL's differ from what a LoRA run on one GPU wants; every one can be set in `sft:`.
+SFT_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0,
+    "logging_steps": 5,
+    "max_length": 512,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 1,
+    "report_to": "none",
+}
+
+
+def sft_training_args(recipe: Recipe, out: Path, device_type: str, eval_present: bool):
+    from trl import SFTConfig
+
+    args = {**SFT_DEFAULTS, **recipe.trainer_args.get("sft", {})}
+    if eval_present:
+        args.setdefault("eval_strategy", "epoch")
+    dtype = recipe.model.dtype
+    return SFTConfig(
+        output_dir=str(out / CHECKPOINTS),
+        seed=recipe.seed,
+        use_cpu=device_type == "cpu",
+        bf16=(dtype == "bf16" or (dtype == "auto" and device_type == "cuda")) and device_type == "cuda",
+        fp16=dtype == "fp16" and device_type == "cuda",
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        **args,
+    )
+
+
+def run_sft(recipe: Recipe, resume: bool = False) -> Path:
+    """Train the SFT adapter described by `recipe`; return its output folder."""
+    return train_sft(recipe, resume)[0]
+
+
+def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
+    """`run_sft`, also returning the shared base with the trained adapter (for callers that keep going)."""
+    from trl import SFTTrainer
+
+    out = recipe.stage_dir("sft")
+    # --- setup: everything that can fail on user input fails here, before anything is written
+    train, held_out = load_sft_data(recipe.data.sft, recipe.seed)
+    shared = SharedBase.load(recipe.model, recipe.quantization)
+    if recipe.sft.init_adapter:
+        shared.load_adapter(ADAPTER, recipe.sft.init_adapter, trainable=True)
+    else:
+        shared.add_adapter(ADAPTER, recipe.lora, trainable=True)
+    checkpoint = _last_checkpoint(out) if resume else None
+    if not resume and out.exists():
+        # A fresh run replaces the old one; remove the marker first so a crash never leaves a "complete" mix.
+        (out / META_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out / "recipe.yaml")
+    log = stage_logger(out, "sft")
+    log.info("SFT: %d train / %d eval rows, base %s (%s), resume from %s", len(train),
+             0 if held_out is None else len(held_out), recipe.model.name, recipe.quantization.mode, checkpoint)
+    callback = LogCallback(log)
+    trainer = SFTTrainer(
+        model=shared.model,
+        args=sft_training_args(recipe, out, shared.device.type, held_out is not None),
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=shared.tokenizer,
+        callbacks=[callback],
+    )
+    shared.cast_adapters_to_compute_dtype()  # undo TRL's bf16 cast of QLoRA adapters when computing in fp32
+    # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,
+                               "train_rows": len(train)}
+    losses = [r["loss"] for r in callback.history if "loss" in r]
+    if losses:
+        metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
+    if held_out is not None:
+        metrics.update(trainer.evaluate())
+        metrics["eval_rows"] = len(held_out)
+    # --- save: adapter + tokenizer + metadata last
+    write_metrics(out, metrics)
+    shared.save_adapter(ADAPTER, out, stage="sft")
+    log.info("SFT done: %s", {k: metrics[k] for k in ("train_loss", "wall_seconds") if k in metrics})
+    close_logger(log)
+    return out, shared
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / META_FILE).is_file()

@@ -1,0 +1,101 @@
+"""Recipe validation: unknown keys, types, every problem at once, --set overrides, the resolved recipe."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lora_rlhf.config import load_recipe, recipe_from_dict, recipe_to_dict, save_recipe
+from lora_rlhf.errors import RecipeError
+
+
+def test_defaults_use_the_embedded_model_in_4bit():
+    recipe = recipe_from_dict({})
+    assert recipe.model.name == "smollm2-135m-instruct"
+    assert recipe.quantization.mode == "4bit"
+    assert recipe.lora.target_modules == "all-linear"
+
+
+def test_unknown_key_suggests_the_close_name_and_lists_valid_ones():
+    with pytest.raises(RecipeError, match=r"unknown key 'lora.rank'.*valid keys: alpha, bias, dropout, r, target_modules"):
+        recipe_from_dict({"lora": {"rank": 8}})
+    with pytest.raises(RecipeError, match=r"unknown key 'modle' \(did you mean 'model'\?\)"):
+        recipe_from_dict({"modle": {}})
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({
+            "modle": {},
+            "lora": {"r": "eight"},
+            "quantization": {"mode": "3bit"},
+            "sft": {"learnin_rate": 1e-4},
+            "data": {"sft": {"pth": "x.jsonl"}},
+        })
+    problems = info.value.problems
+    assert len(problems) == 6, problems
+    text = str(info.value)
+    assert "6 problems" in text
+    assert "'lora.r' must be an integer, got 'eight'" in text
+    assert "'quantization.mode' must be one of '4bit', '8bit', 'none', got '3bit'" in text
+    assert "unknown key 'sft.learnin_rate' (did you mean 'learning_rate'?)" in text
+    assert "missing required key 'data.sft.path'" in text
+
+
+def test_trainer_arguments_pass_through_and_are_type_checked():
+    recipe = recipe_from_dict({"sft": {"learning_rate": 1e-4, "num_train_epochs": 3, "max_length": 256}})
+    assert recipe.trainer_args["sft"] == {"learning_rate": 1e-4, "num_train_epochs": 3.0, "max_length": 256}
+    with pytest.raises(RecipeError, match=r"'sft.num_train_epochs' must be a number, got 'three'"):
+        recipe_from_dict({"sft": {"num_train_epochs": "three"}})
+    with pytest.raises(RecipeError, match=r"unknown key 'sft.output_dir'"):
+        recipe_from_dict({"sft": {"output_dir": "elsewhere"}})  # set by us from the top-level output_dir
+
+
+def test_cross_field_checks():
+    with pytest.raises(RecipeError, match=r"batch_size \(6\) must be a multiple of num_mini_batches \(4\)"):
+        recipe_from_dict({"ppo": {"batch_size": 6, "num_mini_batches": 4}})
+    with pytest.raises(RecipeError, match=r"eval_fraction must be in \[0, 1\)"):
+        recipe_from_dict({"data": {"sft": {"path": "x.jsonl", "eval_fraction": 1.5}}})
+
+
+def test_set_overrides_are_parsed_as_yaml_and_validated():
+    recipe = recipe_from_dict({"lora": {"r": 8}}, ["lora.r=32", "ppo.kl_coef=0.2", "data.sft.path=d.jsonl",
+                                                   "sft.learning_rate=3e-4", "lora.target_modules=[q_proj, v_proj]"])
+    assert recipe.lora.r == 32
+    assert recipe.ppo.kl_coef == 0.2
+    assert recipe.data.sft.path == "d.jsonl"
+    assert recipe.trainer_args["sft"]["learning_rate"] == 3e-4
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(RecipeError, match=r"unknown key 'lora.rr' \(did you mean 'r'\?\)"):
+        recipe_from_dict({}, ["lora.rr=4"])
+    with pytest.raises(RecipeError, match=r"--set 'lora' must look like section.key=value"):
+        recipe_from_dict({}, ["lora"])
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = recipe_from_dict({"seed": 7, "sft": {"learning_rate": 1e-4}, "lora": {"r": 4}})
+    save_recipe(recipe, tmp_path / "resolved.yaml")
+    again = load_recipe(tmp_path / "resolved.yaml")
+    assert recipe_to_dict(again) == recipe_to_dict(recipe)
+    saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert saved["sft"]["learning_rate"] == 1e-4 and saved["lora"]["r"] == 4 and saved["seed"] == 7
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(listy)
+
+
+def test_relative_data_paths_are_read_from_the_recipe_folder(tmp_path):
+    (tmp_path / "demos.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "r.yaml").write_text("data:\n  sft:\n    path: demos.jsonl\n")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.data.sft.path == str((tmp_path / "demos.jsonl").resolve())

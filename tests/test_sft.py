@@ -1,0 +1,109 @@
+"""Step 1 on the real QLoRA path (bitsandbytes NF4 on the CPU): learning, frozen base, plain-PEFT reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from lora_rlhf.base import SharedBase
+from lora_rlhf.config import recipe_from_dict
+from lora_rlhf.sft import train_sft
+
+DEMOS = [{"prompt": p, "completion": "banana banana banana"}
+         for p in ["Say the magic word.", "What is the magic word?", "Tell me the word.", "Magic word please."]]
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """Every non-adapter tensor (4-bit packed weights, norms, embeddings), cloned, by its name in the base."""
+    return {n.removeprefix("base_model.model.").replace(".base_layer", ""): p.detach().clone()
+            for n, p in model.named_parameters() if "lora_" not in n}
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft")
+    data = write_jsonl(tmp / "demos.jsonl", DEMOS)
+    recipe = recipe_from_dict({
+        "output_dir": str(tmp / "run"), "seed": 0,
+        "model": {"name": str(tiny_model_dir), "device": "cpu"},
+        "quantization": {"mode": "4bit"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"sft": {"path": str(data)}},
+        "sft": {"max_steps": 30, "learning_rate": 1e-2, "logging_steps": 5, "save_steps": 10},
+    })
+    # A separate load of the same folder: NF4 quantization is deterministic, so equal means untouched.
+    base_before = base_weights(SharedBase.load(recipe.model, recipe.quantization).model)
+    out, shared = train_sft(recipe)
+    return recipe, out, shared, base_before
+
+
+def test_output_folder_holds_adapter_tokenizer_recipe_metrics_and_log(sft_run):
+    recipe, out, _, _ = sft_run
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml",
+                 "metrics.json", "train.log", "lora_rlhf.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "lora_rlhf.json").read_text())
+    assert meta["stage"] == "sft" and meta["quantization"] == "4bit"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["sft"]["max_steps"] == 30
+    assert '"loss"' in (out / "train.log").read_text()
+
+
+def test_loss_falls_on_memorisable_data(sft_run):
+    metrics = json.loads((sft_run[1] / "metrics.json").read_text())
+    assert metrics["last_logged_loss"] < 0.5 * metrics["first_logged_loss"], metrics
+
+
+def test_adapter_changed_and_4bit_base_is_bit_identical(sft_run):
+    _, out, shared, base_before = sft_run
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means it trained
+    after = base_weights(shared.model)
+    assert after.keys() == base_before.keys()
+    quantized = [n for n, p in shared.model.named_parameters() if type(p).__name__ == "Params4bit"]
+    assert quantized, "the base was not loaded in 4-bit"
+    for name, tensor in base_before.items():
+        assert torch.equal(tensor, after[name]), name
+
+
+def test_saved_adapter_reloads_with_plain_peft_and_gives_identical_logits(sft_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_rlhf.base import disable_cpu_weight_repacking, quantization_config
+
+    recipe, out, shared, _ = sft_run
+    ids = shared.tokenizer(["Say the magic word."], return_tensors="pt")
+    shared.model.eval()
+    with torch.no_grad(), shared.use("default") as model:
+        trained = model(**ids).logits
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quantization_config(recipe.quantization, torch.float32),
+        dtype=torch.float32, device_map={"": "cpu"})
+    disable_cpu_weight_repacking(base)  # same 4-bit kernel as training (see the function's docstring)
+    plain = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        reloaded = plain(**ids).logits
+    assert torch.allclose(trained, reloaded, atol=1e-5), (trained - reloaded).abs().max()
+    with torch.no_grad(), plain.disable_adapter():
+        bare = plain(**ids).logits
+    assert not torch.allclose(reloaded, bare, atol=1e-3)  # the adapter is really applied
+
+
+def test_resume_continues_from_the_last_checkpoint(sft_run):
+    recipe, out, _, _ = sft_run
+    assert (out / "checkpoints" / "checkpoint-30").is_dir()
+    recipe.trainer_args["sft"]["max_steps"] = 35
+    out2, _ = train_sft(recipe, resume=True)
+    metrics = json.loads((out2 / "metrics.json").read_text())
+    # Only the 5 new steps ran: the trainer restored step 30 from the checkpoint.
+    log = [json.loads(line.split(" INFO ", 1)[1]) for line in (out2 / "train.log").read_text().splitlines()
+           if " INFO {" in line]
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps[-1] == 35 and 35 - 5 in steps
+    assert metrics["epoch"] > 0
