@@ -15,7 +15,8 @@ from lora_rlhf.merge import merge_adapter
 def command(
     adapter: Annotated[str, typer.Argument(help="Adapter folder or Hub reference (user/name[@rev][:subfolder]).")],
     out_dir: Annotated[Path, typer.Argument(help="New folder for the merged model (must not exist, or be empty).")],
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32. Never 4-bit: see the docs.")] = "bf16",
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32 (never 4-bit: re-quantizing rounds "
+                                                       "the LoRA update away).")] = "bf16",
     model: Annotated[str | None, typer.Option("--model", help="Base to merge into (default: the one recorded in "
                                                               "the adapter's lora_rlhf.json).")] = None,
 ) -> None:

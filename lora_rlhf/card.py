@@ -107,7 +107,7 @@ def adapter_card(inputs: CardInputs, repo_id: str, *, subfolder: str | None = No
             "reward": "a reward model: a LoRA adapter plus a scalar head (`head.safetensors`)",
             "value": "a PPO value function: a LoRA adapter plus a scalar head (`head.safetensors`)"}.get(role, role)
     lines = [f"# {repo_id.split('/')[-1]}" + (f" / {subfolder}" if subfolder else ""), "",
-             f"This is {what}, trained with [lora-rlhf](https://pypi.org/project/lora-rlhf/) (stage `{stage}` of "
+             f"This is {what}, trained with lora-rlhf (stage `{stage}` of "
              "the InstructGPT recipe: SFT -> reward model -> PPO).", ""]
     lines += _base_section(meta, base_id, license)
     lines += _usage_section(ref, role, base_id or str(base.get("name_or_path")), subfolder)

@@ -253,8 +253,8 @@ def shareable_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def base_license(name: str, revision: str | None = None, api: Any = None) -> str | None:
-    """The base's license: known embedded bases, a local folder's README, the cached or online Hub card."""
+def base_license(name: str, revision: str | None = None, api: Any = None, online: bool = True) -> str | None:
+    """The base's license: known embedded bases, a local folder's README, the cached or (`online`) Hub card."""
     if name in KNOWN_BASES:
         return KNOWN_BASES[name][1]
     path = Path(name).expanduser()
@@ -268,9 +268,9 @@ def base_license(name: str, revision: str | None = None, api: Any = None) -> str
         cached = try_to_load_from_cache(name, "README.md", revision=revision)
         if isinstance(cached, str):
             return license_from_readme(Path(cached))
-    if api is not None:
+    if online:
         with contextlib.suppress(Exception):
-            data = api.model_info(name, revision=revision).card_data
+            data = (api or _api(None, hub_token())).model_info(name, revision=revision).card_data
             value = getattr(data, "license", None) if data is not None else None
             return str(value) if value else None
     return None
@@ -428,7 +428,7 @@ def pull(repo: str, dest: str | Path, *, endpoint: str | None = None, token: str
         wanted = [n for n in names if n.startswith(prefix) and n.endswith(SAFE_SUFFIXES)]
         if not any(n.endswith(ADAPTER_WEIGHTS) for n in wanted):
             _select(names, ref)  # raises: pickles only, or no adapter at all
-        root = _snapshot(ref, wanted, revision=info.sha, endpoint=endpoint, token=token, cache_dir=cache_dir)
+        root = _snapshot(ref, wanted, revision=ref.revision, endpoint=endpoint, token=token, cache_dir=cache_dir)
     # Copy into a temporary sibling, then rename: an interrupted pull leaves no half-filled `dest`.
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))

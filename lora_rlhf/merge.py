@@ -102,9 +102,9 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, *, dtype: str = "bf1
         notes.append(f"{meta.get('role')} adapter exported as a sequence-classification model; score shift "
                      f"{shift:.6g} is in config.lora_rlhf_score_shift")
 
-    from lora_rlhf.hub import base_license  # the card's license, from what is known offline
+    from lora_rlhf.hub import base_license  # the card's license, from what is known locally
 
-    card = merged_card(meta, str(adapter), dtype, base_license(name, revision), head_note=head_note)
+    card = merged_card(meta, str(adapter), dtype, base_license(name, revision, online=False), head_note=head_note)
     _save(merged, folder if _has_tokenizer(folder) else Path(path), out_dir, card,
           folder / HEAD_FILE if meta.get("head") else None, revision if not _has_tokenizer(folder) else None)
     return MergeResult(out_dir, name, dtype, kind, notes)

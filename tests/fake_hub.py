@@ -238,8 +238,11 @@ class _Handler(BaseHTTPRequestHandler):
         sha = repo.resolve(rev)
         if sha is None:
             return self._error(404, "RevisionNotFound", "Invalid rev id")
+        files = repo.commits[sha]
+        card = files.get("README.md", b"").decode()
+        card_data = yaml.safe_load(card.split("---\n")[1]) if card.startswith("---\n") else None
         self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                         "siblings": [{"rfilename": p} for p in sorted(repo.commits[sha])]})
+                         "cardData": card_data, "siblings": [{"rfilename": p} for p in sorted(files)]})
 
     def _tree(self, repo_id: str, rev: str) -> None:
         repo = self._repo(repo_id, write=False)

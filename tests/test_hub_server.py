@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -150,3 +151,20 @@ def test_token_is_never_printed_or_logged(run_dir, fake_hub, caplog):
     result = runner.invoke(app, ["push", str(run_dir / "sft"), "alice/leaky", "--dry-run"])
     assert result.exit_code == 0 and "Would upload" in result.output and TOKEN not in result.output
     assert "alice/leaky" in fake_hub.repos and "adapter_model.safetensors" not in fake_hub.files("alice/leaky")
+
+
+def test_card_takes_license_and_base_model_of_a_hub_base(run_dir, fake_hub, tmp_path):
+    # An adapter recorded as trained on a Hub base (the tiny test bases are local folders, so edit the record).
+    folder = tmp_path / "sft"
+    shutil.copytree(run_dir / "sft", folder)
+    meta = json.loads((folder / "lora_rlhf.json").read_text())
+    meta["base"].update(name_or_path="acme/base-7b", revision="v1.0")
+    (folder / "lora_rlhf.json").write_text(json.dumps(meta))
+    fake_hub.add_repo("acme/base-7b", {"README.md": b"---\nlicense: llama3.2\n---\n# base\n"})
+    fake_hub.repos["acme/base-7b"].branches["v1.0"] = fake_hub.repos["acme/base-7b"].branches["main"]
+    result = runner.invoke(app, ["push", str(folder), "alice/from-hub-base"])
+    assert result.exit_code == 0, result.output
+    card = fake_hub.files("alice/from-hub-base")["README.md"].decode()
+    front = read_front_matter(card)
+    assert front["license"] == "llama3.2" and front["base_model"] == "acme/base-7b"
+    assert "| base revision | `v1.0` |" in card and "license could not be determined" not in card
