@@ -118,7 +118,7 @@ def adapter_card(inputs: CardInputs, repo_id: str, *, subfolder: str | None = No
         lines.append("")
     lines += _metrics_section(inputs.metrics)
     if inputs.eval_report:
-        lines += ["## Evaluation", "", _demote_headings(inputs.eval_report.strip()), ""]
+        lines += ["## Evaluation", "", _demote_headings(_drop_images(inputs.eval_report).strip()), ""]
     if inputs.recipe_yaml:
         lines += ["## Training recipe", "", "The fully resolved recipe (defaults and `--set` overrides applied):",
                   "", "```yaml", inputs.recipe_yaml.rstrip(), "```", ""]
@@ -239,6 +239,11 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|")
+
+
+def _drop_images(markdown: str) -> str:
+    """The report's plots are files next to it, not in the repo: their links would be broken on the Hub."""
+    return re.sub(r"^!\[[^\]]*\]\([^)]*\)\s*$\n?", "", markdown, flags=re.M)
 
 
 def _demote_headings(markdown: str) -> str:

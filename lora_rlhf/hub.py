@@ -318,7 +318,9 @@ def check_no_secrets(plan: UploadPlan, token: str | None) -> None:
         if path.endswith(".safetensors"):
             continue
         text = plan.text(path)
-        if (token and token in text) or _TOKEN_LIKE.search(text):
+        # Token-shaped strings are searched in files people write, not in vocabularies (false positives).
+        vocabulary = path.rsplit("/", 1)[-1].startswith(("tokenizer", "vocab", "merges", "special_tokens"))
+        if (token and token in text) or (not vocabulary and _TOKEN_LIKE.search(text)):
             raise ModelError(f"'{path}' contains a Hugging Face token: refusing to upload it",
                              fix="remove the token from that file (pass it through HF_TOKEN or `hf auth login`)")
 

@@ -292,7 +292,8 @@ class FakeHubServer:
 
 
 # ---------------------------------------------------------------------------------------------- run folders
-EVAL_REPORT = "# Evaluation\n\n| policy | mean reward | KL | win rate vs sft |\n|---|---|---|---|\n| ppo | 0.41 | 2.3 | 0.62 |\n"
+EVAL_REPORT = ("# Evaluation report\n\n## Policies\n\n| policy | RM score | KL to ref (nats) |\n|---|---|---|\n"
+               "| ppo | 0.41 | 2.3 |\n\n![scores.png](scores.png)\n\n## Samples\n")
 
 
 def make_run_folder(out: Path, base_dir: Path, quantization: str = "4bit") -> Path:

@@ -50,7 +50,8 @@ def test_stage_folder_uploads_safe_files_with_our_card(run_dir):
     assert "| quantization in training | `4bit` |" in card
     assert "| train_loss | 1.235 |" in card and "| eval.accuracy | 0.75 |" in card
     assert "```yaml\nmodel:\n  name:" in card  # the resolved recipe
-    assert "## Evaluation" in card and "| ppo | 0.41 | 2.3 | 0.62 |" in card  # the run's OUT/eval/report.md
+    assert "## Evaluation" in card and "| ppo | 0.41 | 2.3 |" in card  # the run's OUT/eval/report.md
+    assert "#### Policies" in card and "scores.png" not in card  # nested headings; plots are not in the repo
     assert plan.commit_message.startswith("Upload policy adapter")
     assert meta["base"]["fingerprint"] in plan.commit_description
 
@@ -82,7 +83,7 @@ def test_run_folder_all_puts_policy_at_root_and_others_in_subfolders(run_dir):
     assert not any(p.endswith((".bin", ".pt", ".log")) or "checkpoint" in p for p in plan.files)
     root = plan.text("README.md")
     assert "`alice/rlhf:reward`" in root and "`alice/rlhf:value`" in root and "`alice/rlhf:sft`" in root
-    assert "## Evaluation" in root and "| ppo | 0.41 | 2.3 | 0.62 |" in root
+    assert "## Evaluation" in root and "| ppo | 0.41 | 2.3 |" in root
     assert "kl_coef: 0.05" in root and "| mean_reward | 0.41 |" in root
     reward = plan.text("reward/README.md")
     assert "head.safetensors" in reward and "reward offset" in reward and "ppo.reward_adapter: alice/rlhf:reward" in reward
