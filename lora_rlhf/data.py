@@ -32,10 +32,12 @@ def load_table(cfg: DatasetConfig, seed: int = 0, what: str = "dataset"):
         if suffix not in LOCAL_FORMATS:
             raise DataError(f"{what} file '{cfg.path}' has an unsupported extension '{suffix}'",
                             fix=f"use one of {', '.join(LOCAL_FORMATS)}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{what} '{cfg.path}' is empty", fix="add rows, or point the recipe at another file")
         try:
             ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
         except Exception as e:  # malformed JSON/CSV: say which file
-            raise DataError(f"cannot parse {what} file '{cfg.path}': {str(e).splitlines()[0][:300]}",
+            raise DataError(f"cannot parse {what} file '{cfg.path}': {_first_line(e)}",
                             fix="check that every line is one valid JSON object (jsonl) or the file is valid") from None
     else:
         try:
@@ -43,13 +45,18 @@ def load_table(cfg: DatasetConfig, seed: int = 0, what: str = "dataset"):
         except Exception as e:
             raise DataError(
                 f"cannot load {what} '{cfg.path}' (split '{cfg.split}') from the Hub: "
-                f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                f"{type(e).__name__}: {_first_line(e)}",
                 fix="check the dataset id, subset and split, and network access; or give a local file") from None
     if len(ds) == 0:
         raise DataError(f"{what} '{cfg.path}' is empty", fix="add rows, or point the recipe at another file")
     if cfg.max_samples is not None and cfg.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(cfg.max_samples))
     return ds
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0][:300] if lines else type(error).__name__)
 
 
 def require_columns(ds, formats: dict[str, tuple[str, ...]], what: str, source: str) -> str:
