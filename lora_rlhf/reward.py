@@ -1,0 +1,451 @@
+"""Step 2: the reward model as a LoRA adapter + scalar head on the shared base, trained with trl.RewardTrainer.
+
+The paper: labelers rank K responses per prompt; each of the K(K-1)/2 pairs is a comparison; the RM is the SFT
+model with its LM head replaced by a scalar head, trained with -log sigma(r(x, y_w) - r(x, y_l)); all pairs of
+one prompt go into one batch (else the RM overfits); afterwards a bias makes the demonstrations score 0.
+
+Here: the base is loaded as AutoModelForSequenceClassification(num_labels=1), quantized as the recipe says; the
+reward LoRA starts from the SFT adapter (OUT/sft, or reward.init_adapter) and the `score` head is trained too.
+Differences from plain TRL: comparisons are tokenized by lora_rlhf.scoring.encode (the same text PPO's scoring
+sees), batches keep whole prompts together (`reward.group_by_prompt`), and the output is an adapter for the
+CAUSAL-LM shared base: LoRA in PEFT format without the `score` module, the head as head.safetensors.
+
+setup (validate data, tokenizer, init adapter -> model) -> train -> save -> reload the saved adapter on the
+causal base and check it reproduces the trained scores -> held-out pairwise accuracy -> offset -> metadata last.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
+
+from lora_rlhf.base import (META_FILE, SharedBase, base_fingerprint, check_adapter_base, compute_dtype,
+                            disable_cpu_weight_repacking, load_tokenizer, lora_config, quantization_config,
+                            resolve_adapter, resolve_device, write_adapter_meta)
+from lora_rlhf.config import DatasetConfig, Recipe, save_recipe
+from lora_rlhf.data import load_sft_data, load_table
+from lora_rlhf.errors import DataError, ModelError
+from lora_rlhf.heads import HEAD_FILE, ScalarHead
+from lora_rlhf.models import hub_load_error, resolve_model
+from lora_rlhf.rankings import Comparison, to_comparisons
+from lora_rlhf.runlog import LogCallback, close_logger, stage_logger, write_metrics
+from lora_rlhf.scoring import batches, encode, score_texts
+
+ADAPTER = "default"  # PEFT's own name: Trainer checkpoints reload with no renaming
+CHECKPOINTS = "checkpoints"
+NORMALIZE_MAX_DEMOS = 1000  # demonstrations scored for the offset (a seeded sample beyond that)
+CHECK_ROWS = 8  # texts scored by both the trained model and the reloaded adapter
+
+# Our defaults where TRL's differ from what a LoRA reward run on one GPU wants; every one can be set in `reward:`.
+# One epoch: the paper's RM overfits after one.
+REWARD_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 1e-4,
+    "logging_steps": 5,
+    "max_length": 512,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 1,
+    "report_to": "none",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def load_reward_data(cfg: DatasetConfig | None, seed: int = 0) -> tuple[list[Comparison], list[Comparison] | None]:
+    """data.reward -> (train, held-out or None) comparisons. Held out by prompt line, never by pair, so no
+    prompt has pairs on both sides."""
+    if cfg is None:
+        raise DataError("the recipe has no data.reward section, so the reward model has no comparisons",
+                        fix="add `data: {reward: {path: rankings.jsonl}}` (rankings or chosen/rejected preferences)")
+    ds = load_table(cfg, seed, what="reward dataset")
+    comparisons = to_comparisons(ds.to_list(), ds.column_names, cfg.path)
+    if cfg.eval_fraction <= 0:
+        return comparisons, None
+    groups = sorted({c.group for c in comparisons})
+    if len(groups) < 2:
+        raise DataError(f"cannot hold out {cfg.eval_fraction:.0%} of reward data with {len(groups)} labeled line",
+                        fix="add lines, or set data.reward.eval_fraction: 0")
+    random.Random(seed).shuffle(groups)
+    held = set(groups[:max(1, round(len(groups) * cfg.eval_fraction))])
+    return [c for c in comparisons if c.group not in held], [c for c in comparisons if c.group in held]
+
+
+def tokenize_comparisons(comparisons: Sequence[Comparison], tokenizer: Any, max_length: int | None):
+    """-> (datasets.Dataset with chosen_ids, rejected_ids, group; number of pairs dropped as too long)."""
+    import datasets
+
+    cache: dict[tuple[str, str], list[int]] = {}
+
+    def ids(prompt: Any, response: str) -> list[int]:
+        key = (json.dumps(prompt), response)
+        if key not in cache:
+            cache[key] = encode(tokenizer, prompt, response)
+        return cache[key]
+
+    rows = {"chosen_ids": [], "rejected_ids": [], "group": []}
+    dropped = 0
+    for c in comparisons:
+        chosen, rejected = ids(c.prompt, c.chosen), ids(c.prompt, c.rejected)
+        if max_length is not None and max(len(chosen), len(rejected)) > max_length:
+            dropped += 1
+            continue
+        rows["chosen_ids"].append(chosen)
+        rows["rejected_ids"].append(rejected)
+        rows["group"].append(c.group)
+    return datasets.Dataset.from_dict(rows), dropped
+
+
+def demonstrations(cfg: DatasetConfig | None, seed: int) -> tuple[list[Any], list[str]] | None:
+    """SFT demonstrations as (prompts, responses) for the offset; None when there are none usable."""
+    if cfg is None:
+        return None
+    train, held = load_sft_data(cfg, seed)
+    rows = train.to_list() + (held.to_list() if held is not None else [])
+    prompts, responses = [], []
+    for row in rows:
+        if "completion" in row:
+            completion = row["completion"]
+            if isinstance(completion, list):
+                completion = next((m["content"] for m in reversed(completion) if m["role"] == "assistant"), None)
+            if completion is not None:
+                prompts.append(row["prompt"])
+                responses.append(completion)
+        elif "messages" in row:
+            messages = row["messages"]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is not None and last > 0:
+                prompts.append(messages[:last])
+                responses.append(messages[last]["content"])
+    if not prompts:  # plain `text` demonstrations: no prompt/response split to score
+        return None
+    if len(prompts) > NORMALIZE_MAX_DEMOS:
+        keep = sorted(random.Random(seed).sample(range(len(prompts)), NORMALIZE_MAX_DEMOS))
+        prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+    return prompts, responses
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+class PromptGroupBatchSampler(Sampler[list[int]]):
+    """Batches of whole prompts: every pair of one prompt lands in the same batch (the paper's fix).
+
+    `batch_size` counts pairs. The number of batches is fixed, ceil(pairs / batch_size) capped at the number
+    of prompts, so the Trainer's step count holds every epoch; each epoch the prompts are shuffled and each
+    goes to the least-filled batch, so batches hold about `batch_size` pairs (a prompt with more pairs than
+    that fills a batch of its own). Deterministic per (seed, epoch), so --resume skips the right batches.
+    """
+
+    def __init__(self, groups: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True):
+        members: dict[int, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        self.members = list(members.values())
+        self.num_batches = min(len(self.members), -(-len(groups) // max(1, batch_size)))
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.members)))
+        if self.shuffle:
+            rng.shuffle(order)
+        batches_: list[list[int]] = [[] for _ in range(self.num_batches)]
+        for g in order:
+            # Least-filled batch first; ties go to the lowest index so the first prompts fill empty batches.
+            target = min(range(self.num_batches), key=lambda b: len(batches_[b]))
+            batches_[target].extend(self.members[g])
+        if self.shuffle:
+            rng.shuffle(batches_)
+        yield from batches_
+
+
+def _grouped_trainer_class():
+    from trl import RewardTrainer
+
+    class GroupedRewardTrainer(RewardTrainer):
+        """RewardTrainer whose training batches keep all pairs of a prompt together (`group` column)."""
+
+        def __init__(self, *args: Any, group_by_prompt: bool = True, **kwargs: Any):
+            self.group_by_prompt = group_by_prompt
+            super().__init__(*args, **kwargs)
+
+        def get_train_dataloader(self) -> DataLoader:
+            dataset = self.train_dataset
+            if not self.group_by_prompt or "group" not in dataset.column_names:
+                return super().get_train_dataloader()
+            sampler = PromptGroupBatchSampler(dataset["group"], self._train_batch_size, seed=self.args.seed)
+            dataset = self._remove_unused_columns(dataset, description="training")
+            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                                num_workers=self.args.dataloader_num_workers,
+                                pin_memory=self.args.dataloader_pin_memory)
+            return self.accelerator.prepare(loader)
+
+    return GroupedRewardTrainer
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def load_seqcls_model(recipe: Recipe, tokenizer: Any, init_adapter: Path | None):
+    """The base as a 1-label sequence classifier (quantized per recipe) wrapped with the reward LoRA."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    path = resolve_model(recipe.model.name)
+    device = resolve_device(recipe.model)
+    dtype = compute_dtype(recipe.model, device)
+    try:
+        with suppress_seqcls_warning():  # the new `score` and the unused lm_head are expected
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, revision=recipe.model.revision, dtype=dtype,
+                trust_remote_code=recipe.model.trust_remote_code, device_map={"": str(device)},
+                quantization_config=quantization_config(recipe.quantization, dtype))
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise ModelError(f"cannot load the model folder '{path}' as a reward model: {e}") from e
+        raise hub_load_error(recipe.model.name, e) from e
+    disable_cpu_weight_repacking(model)  # one numeric path for 4-bit on the CPU, as on the causal base
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.quantization.mode != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
+    # The init adapter's own LoRA shape (rank, targets) wins over the recipe's: its weights must fit.
+    cfg = LoraConfig.from_pretrained(str(init_adapter)) if init_adapter is not None else lora_config(recipe.lora)
+    cfg.task_type, cfg.modules_to_save, cfg.inference_mode = "SEQ_CLS", ["score"], False
+    model = get_peft_model(model, cfg, adapter_name=ADAPTER)
+    if init_adapter is not None:
+        _load_init_weights(model, init_adapter)
+    return model, dtype
+
+
+def _load_init_weights(model: Any, folder: Path) -> None:
+    """Copy a saved causal-LM adapter's LoRA weights (and head, when it is a reward adapter) into `model`."""
+    from peft import set_peft_model_state_dict
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    score = _score_layer(model).weight
+    # PEFT expects the `score` copy in the state dict: the saved head when continuing a reward adapter, else the
+    # freshly initialised one (an SFT adapter has no head).
+    head = load_file(str(folder / HEAD_FILE))["weight"] if (folder / HEAD_FILE).is_file() else score.detach()
+    weights["base_model.model.score.weight"] = head.reshape(score.shape).to(score.dtype).clone()
+    result = set_peft_model_state_dict(model, weights, adapter_name=ADAPTER)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"adapter '{folder}' does not fit this base's LoRA layout "
+                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})",
+                         fix="set reward.init_adapter to an adapter trained on this base, or to null")
+
+
+def _score_layer(model: Any) -> torch.nn.Linear:
+    """The trained copy of `score` inside PEFT's ModulesToSaveWrapper."""
+    score = model.get_base_model().score
+    return score.modules_to_save[ADAPTER] if hasattr(score, "modules_to_save") else score
+
+
+def fix_dtypes(model: Any, dtype: torch.dtype) -> None:
+    """Undo RewardTrainer's bf16 cast of trainable weights on a quantized base (DESIGN gotcha): LoRA weights in
+    the compute dtype, the head in fp32 reading hidden states cast to fp32 - exactly as ScalarHead does on the
+    causal base, so the saved head reproduces the trained scores."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" in name and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    score = _score_layer(model)
+    score.float()
+    score.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+
+
+def reward_training_args(recipe: Recipe, out: Path, device_type: str, eval_present: bool):
+    from trl import RewardConfig
+
+    args = {**REWARD_DEFAULTS, **recipe.trainer_args.get("reward", {})}
+    if eval_present:
+        args.setdefault("eval_strategy", "epoch")
+    dtype = recipe.model.dtype
+    args.setdefault("gradient_checkpointing", recipe.model.gradient_checkpointing)
+    args.setdefault("bf16", (dtype == "bf16" or (dtype == "auto" and device_type == "cuda")) and device_type == "cuda")
+    args.setdefault("fp16", dtype == "fp16" and device_type == "cuda")
+    return RewardConfig(output_dir=str(out / CHECKPOINTS), seed=recipe.seed, use_cpu=device_type == "cpu", **args)
+
+
+# ---------------------------------------------------------------------------------------------------- save
+def save_reward_adapter(model: Any, tokenizer: Any, out: Path) -> ScalarHead:
+    """PEFT adapter loadable onto the CAUSAL-LM base (no `score` module, task CAUSAL_LM) + head.safetensors."""
+    model.save_pretrained(str(out), selected_adapters=[ADAPTER])
+    weights_path = out / "adapter_model.safetensors"
+    weights = load_file(str(weights_path))
+    save_file({k: v for k, v in weights.items() if ".score." not in k and not k.startswith("score.")},
+              str(weights_path), metadata={"format": "pt"})
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(task_type="CAUSAL_LM", modules_to_save=None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    head = ScalarHead.from_linear(_score_layer(model)).cpu()
+    head.save(out)
+    tokenizer.save_pretrained(str(out))
+    return head
+
+
+@torch.no_grad()
+def seqcls_scores(model: Any, tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str],
+                  batch_size: int = 8) -> torch.Tensor:
+    """Scores of the trained sequence classifier itself (the reference the saved adapter must reproduce)."""
+    sequences = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    device = next(model.parameters()).device
+    scores = torch.empty(len(sequences), dtype=torch.float32)
+    model.eval()
+    for rows, ids, mask in batches(sequences, batch_size, tokenizer.pad_token_id, device):
+        scores[rows] = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().cpu()
+    return scores
+
+
+def pairwise_accuracy(shared: SharedBase, comparisons: Sequence[Comparison], batch_size: int = 16) -> float:
+    """Share of comparisons where the chosen response outscores the rejected one (each text scored once)."""
+    texts: dict[tuple[str, str], int] = {}
+    prompts, responses = [], []
+    for c in comparisons:
+        for response in (c.chosen, c.rejected):
+            key = (json.dumps(c.prompt), response)
+            if key not in texts:
+                texts[key] = len(prompts)
+                prompts.append(c.prompt)
+                responses.append(response)
+    scores = score_texts(shared, prompts, responses, batch_size=batch_size, apply_offset=False).cpu()
+    wins = [scores[texts[(json.dumps(c.prompt), c.chosen)]] > scores[texts[(json.dumps(c.prompt), c.rejected)]]
+            for c in comparisons]
+    return float(sum(bool(w) for w in wins) / len(wins))
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def init_adapter_for(recipe: Recipe, fingerprint: str) -> Path | None:
+    """reward.init_adapter, else OUT/sft when complete, else None; refused when trained on another base."""
+    source = recipe.reward.init_adapter
+    if source is None:
+        sft = recipe.stage_dir("sft")
+        source = str(sft) if (sft / META_FILE).is_file() else None
+    if source is None:
+        return None
+    folder = resolve_adapter(source)
+    check_adapter_base(folder, {"name_or_path": recipe.model.name, "fingerprint": fingerprint})
+    return folder
+
+
+def _base_fingerprint(recipe: Recipe) -> str:
+    from transformers import AutoConfig
+
+    path = resolve_model(recipe.model.name)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise ModelError(f"cannot read the config of model folder '{path}': {e}") from e
+        raise hub_load_error(recipe.model.name, e) from e
+    return base_fingerprint(config)
+
+
+def run_reward(recipe: Recipe, resume: bool = False) -> Path:
+    """Train the reward adapter described by `recipe`; return its output folder (OUT/reward)."""
+    out = recipe.stage_dir("reward")
+    # --- setup: everything that can fail on user input fails here, before anything is written
+    train, held_out = load_reward_data(recipe.data.reward, recipe.seed)
+    demos = demonstrations(recipe.data.sft, recipe.seed) if recipe.reward.normalize else None
+    init_adapter = init_adapter_for(recipe, _base_fingerprint(recipe))
+    tokenizer = load_tokenizer(resolve_model(recipe.model.name), recipe.model.revision,
+                               recipe.model.trust_remote_code)
+    device_type = resolve_device(recipe.model).type
+    args = reward_training_args(recipe, out, device_type, held_out is not None)
+    train_ds, dropped = tokenize_comparisons(train, tokenizer, args.max_length)
+    eval_ds = tokenize_comparisons(held_out, tokenizer, args.max_length)[0] if held_out else None
+    if len(train_ds) == 0:
+        raise DataError(f"all {len(train)} training comparisons are longer than reward.max_length={args.max_length}",
+                        fix="raise reward.max_length, or shorten the prompts/responses")
+    model, dtype = load_seqcls_model(recipe, tokenizer, init_adapter)
+    checkpoint = _last_checkpoint(out) if resume else None
+    if out.exists():
+        # Remove the completion marker first so a crash never leaves an old "complete" folder mixed with new files.
+        (out / META_FILE).unlink(missing_ok=True)
+        if not resume:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out / "recipe.yaml")
+    log = stage_logger(out, "reward")
+    log.info("reward: %d train / %d held-out comparisons (%d dropped as longer than %s tokens), init from %s, "
+             "base %s (%s), group_by_prompt=%s, resume from %s", len(train_ds), len(held_out or []), dropped,
+             args.max_length, init_adapter, recipe.model.name, recipe.quantization.mode,
+             recipe.reward.group_by_prompt, checkpoint)
+    callback = LogCallback(log)
+    trainer = _grouped_trainer_class()(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        callbacks=[callback], group_by_prompt=recipe.reward.group_by_prompt)
+    fix_dtypes(trainer.model, dtype)
+    # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,
+                               "train_pairs": len(train_ds), "pairs_dropped_too_long": dropped,
+                               "init_adapter": str(init_adapter) if init_adapter else None}
+    losses = [r["loss"] for r in callback.history if "loss" in r]
+    if losses:
+        metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    # --- save the adapter for the causal base; keep reference scores of the trained model
+    check = (held_out or train)[:CHECK_ROWS]
+    check_prompts = [c.prompt for c in check] + [c.prompt for c in check]
+    check_responses = [c.chosen for c in check] + [c.rejected for c in check]
+    reference = seqcls_scores(trainer.model, tokenizer, check_prompts, check_responses)
+    head = save_reward_adapter(trainer.model, tokenizer, out)
+    del trainer, model
+    _free_memory()
+    # --- reload exactly as PPO will: the causal-LM shared base + this folder as role `reward`
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    shared.load_adapter("reward", out, trainable=False)
+    reloaded = score_texts(shared, check_prompts, check_responses, apply_offset=False).cpu()
+    metrics["reload_max_abs_diff"] = float((reloaded - reference).abs().max())
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    if metrics["reload_max_abs_diff"] > tolerance * max(1.0, float(reference.abs().max())):
+        log.warning("the reloaded adapter's scores differ from the trained model's by %.4g (tolerance %.1g)",
+                    metrics["reload_max_abs_diff"], tolerance)
+    if held_out:
+        metrics["eval_pairwise_accuracy"] = pairwise_accuracy(shared, held_out)
+        metrics["eval_pairs"] = len(held_out)
+    offset = 0.0
+    if demos is not None:
+        raw = score_texts(shared, demos[0], demos[1], apply_offset=False)
+        offset = float(raw.mean())
+        metrics.update(demo_mean_raw_score=offset, demo_score_std=float(raw.std()) if len(raw) > 1 else 0.0,
+                       demos_scored=len(raw))
+    metrics["reward_offset"] = offset
+    write_metrics(out, metrics)
+    write_adapter_meta(out, "reward", "reward", shared.info, head, reward_offset=offset)
+    log.info("reward done: %s", {k: metrics.get(k) for k in ("train_loss", "eval_pairwise_accuracy",
+                                                             "reward_offset", "reload_max_abs_diff")})
+    close_logger(log)
+    return out
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None

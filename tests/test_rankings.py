@@ -1,0 +1,108 @@
+"""Rankings -> comparisons (K(K-1)/2 pairs, ties, bad lines), TRL preference formats, and per-prompt batching."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from lora_rlhf.errors import DataError
+from lora_rlhf.rankings import (pairs_from_ranks, pairs_from_scores, preferences_to_comparisons,
+                                rankings_to_comparisons, to_comparisons)
+from lora_rlhf.reward import PromptGroupBatchSampler
+
+
+def ranking(k: int, **extra) -> dict:
+    return {"prompt": "p", "responses": [f"r{i}" for i in range(k)], **extra}
+
+
+@pytest.mark.parametrize("k", range(2, 10))
+def test_strict_ranking_gives_every_pair_once(k):
+    # ranks 1..K: response i beats every j > i, so the pairs are all i < j: K(K-1)/2 of them.
+    comparisons = rankings_to_comparisons([ranking(k, ranks=list(range(1, k + 1)))], "x")
+    assert len(comparisons) == k * (k - 1) // 2
+    assert {(c.chosen, c.rejected) for c in comparisons} == {(f"r{i}", f"r{j}")
+                                                             for i, j in itertools.combinations(range(k), 2)}
+
+
+def test_ties_give_no_pair_and_scores_mean_higher_is_better():
+    # FORMATS.md example: ranks [1, 3, 2, 2] -> 6 pairs minus the tie between responses 2 and 3 = 5.
+    assert sorted(pairs_from_ranks([1, 3, 2, 2])) == [(0, 1), (0, 2), (0, 3), (2, 1), (3, 1)]
+    # The same judgement as scores (higher is better) gives the same pairs.
+    assert sorted(pairs_from_scores([0.9, 0.1, 0.5, 0.5])) == [(0, 1), (0, 2), (0, 3), (2, 1), (3, 1)]
+
+
+def test_skipped_lines_give_no_pairs_and_groups_follow_lines():
+    rows = [ranking(3, ranks=[1, 2, 3]), {"prompt": "q", "skipped": True}, ranking(2, scores=[0.0, 1.0])]
+    comparisons = rankings_to_comparisons(rows, "x")
+    assert [c.group for c in comparisons] == [0, 0, 0, 2]
+    assert (comparisons[-1].chosen, comparisons[-1].rejected) == ("r1", "r0")
+
+
+@pytest.mark.parametrize("row, message", [
+    (ranking(1, ranks=[1]), "1 response.*at least two"),
+    (ranking(4, ranks=[2, 2, 2, 2]), "all 4 responses are tied"),
+    (ranking(3, scores=[0.5, 0.5, 0.5]), "all 3 responses are tied"),
+    (ranking(3), "exactly one of 'ranks'"),
+    (ranking(3, ranks=[1, 2]), "'ranks' must be a list of 3 numbers"),
+    (ranking(3, ranks=[1, 2, "x"]), "'ranks' must be a list of 3 numbers"),
+    ({"responses": ["a", "b"], "ranks": [1, 2]}, "missing 'prompt'"),
+    ({"prompt": "", "responses": ["a", "b"], "ranks": [1, 2]}, "'prompt' must be a non-empty string"),
+])
+def test_bad_ranking_lines_are_refused_with_the_line_number(row, message):
+    with pytest.raises(DataError, match=message) as info:
+        rankings_to_comparisons([ranking(2, ranks=[1, 2]), row], "r.jsonl")
+    assert "line 2" in str(info.value)
+
+
+def test_preference_formats_all_become_prompt_plus_response():
+    msgs = [{"role": "user", "content": "Hi?"}]
+    rows = [
+        {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},  # standard, explicit
+        {"chosen": "Q: Hi? A: Hello!", "rejected": "Q: Hi? A: Go away."},  # standard, implicit
+        {"prompt": msgs, "chosen": [{"role": "assistant", "content": "Hello!"}],  # conversational, explicit
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        {"chosen": msgs + [{"role": "assistant", "content": "Hello!"}],  # conversational, implicit
+         "rejected": msgs + [{"role": "assistant", "content": "Go away."}]},
+    ]
+    got = [(c.prompt, c.chosen, c.rejected) for c in preferences_to_comparisons(rows, "x")]
+    assert got == [("Hi?", "Hello!", "Go away."), ("Q: Hi? A: ", "Hello!", "Go away."),
+                   (msgs, "Hello!", "Go away."), (msgs, "Hello!", "Go away.")]
+
+
+def test_format_detection_and_empty_results():
+    with pytest.raises(DataError, match="needs rankings .* or preferences"):
+        to_comparisons([{"text": "x"}], ["text"], "x")
+    with pytest.raises(DataError, match="neither 'ranks' nor 'scores'"):
+        to_comparisons([ranking(2)], ["prompt", "responses"], "x")
+    with pytest.raises(DataError, match="every line is skipped"):
+        to_comparisons([{"prompt": "p", "responses": ["a", "b"], "ranks": None, "skipped": True}],
+                       ["prompt", "responses", "ranks", "skipped"], "x")
+    with pytest.raises(DataError, match="share no prompt prefix"):
+        preferences_to_comparisons([{"chosen": "abc", "rejected": "xyz"}], "x")
+
+
+def test_group_batches_keep_every_prompt_whole():
+    # 10 prompts with 1..6 pairs each (K = 2..4), batches of about 8 pairs.
+    sizes = [1, 3, 6, 3, 1, 6, 3, 3, 6, 1]
+    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
+    sampler = PromptGroupBatchSampler(groups, batch_size=8, seed=0)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == -(-len(groups) // 8)  # fixed: the Trainer counts steps up front
+        assert sorted(i for b in batches for i in b) == list(range(len(groups)))  # every pair exactly once
+        for b in batches:  # a prompt's pairs are never split across batches
+            for g in {groups[i] for i in b}:
+                assert sum(groups[i] == g for i in b) == sizes[g]
+        orders.append(batches)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+    sampler.set_epoch(1)
+    assert list(sampler) == orders[1]  # deterministic per epoch, so --resume skips the same batches
+
+
+def test_a_prompt_larger_than_the_batch_gets_a_batch_of_its_own():
+    groups = [0] * 36 + [1] * 36  # K = 9 twice: 36 pairs each, batch size 8
+    batches = list(PromptGroupBatchSampler(groups, batch_size=8))
+    assert sorted(len(b) for b in batches) == [36, 36]

@@ -1,0 +1,249 @@
+"""Step 2 on the tiny model: the RM learns a separable preference, its adapter reproduces the trained scores on
+the causal shared base (4-bit and unquantized), the offset centres the demonstrations, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lora_rlhf.base import META_FILE, SharedBase, load_tokenizer
+from lora_rlhf.config import recipe_from_dict
+from lora_rlhf.errors import DataError, ModelError
+from lora_rlhf.heads import gather_last
+from lora_rlhf.reward import (_grouped_trainer_class, init_adapter_for, load_seqcls_model, reward_training_args,
+                              run_reward, seqcls_scores, tokenize_comparisons)
+from lora_rlhf.scoring import batches, encode, score_texts
+
+WORDS = "red blue green small large quick slow happy sad bright dark warm cold soft loud".split()
+FAST = {"eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "report_to": "none"}
+
+
+def answer(rng: random.Random, good: bool) -> str:
+    words = rng.sample(WORDS, 3)
+    if good:  # the preference to learn: answers that mention "banana" win
+        words.insert(rng.randrange(4), "banana")
+    return " ".join(words)
+
+
+def banana_rankings(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"id": f"p{i}", "prompt": f"Tell me about item {i}.",
+             "responses": [answer(rng, True), answer(rng, False), answer(rng, True), answer(rng, False)],
+             "scores": [1.0, 0.0, 1.0, 0.0]}  # ties within each class: 4 pairs per prompt
+            for i in range(n)]
+
+
+def demos(n: int = 8) -> list[dict]:
+    rng = random.Random(1)
+    return [{"prompt": f"Say something {i}.", "completion": answer(rng, i % 2 == 0)} for i in range(n)]
+
+
+def make_recipe(tiny_recipe, tmp_path, quantization="none", rows=None, **reward):
+    write_jsonl(tmp_path / "rank.jsonl", rows if rows is not None else banana_rankings(16))
+    write_jsonl(tmp_path / "demos.jsonl", demos())
+    raw = tiny_recipe(quantization, data={"reward": {"path": str(tmp_path / "rank.jsonl"), "eval_fraction": 0.25},
+                                          "sft": {"path": str(tmp_path / "demos.jsonl")}},
+                      reward={**FAST, **reward})
+    return recipe_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One unquantized reward run on the banana preference (12 train / 4 held-out prompts)."""
+    tmp = tmp_path_factory.mktemp("reward")
+    recipe = make_recipe(lambda q, **s: {"output_dir": str(tmp / "run"), "seed": 0,
+                                         "model": {"name": str(tiny_model_dir), "device": "cpu"},
+                                         "quantization": {"mode": q}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                                         **s},
+                         tmp, "none", num_train_epochs=3, learning_rate=3e-3, per_device_train_batch_size=8)
+    return recipe, run_reward(recipe)
+
+
+@pytest.fixture(scope="module")
+def trained_4bit(tiny_model_dir, tmp_path_factory):
+    """A few 4-bit steps: enough to move every LoRA weight away from its init."""
+    tmp = tmp_path_factory.mktemp("reward4")
+    recipe = make_recipe(lambda q, **s: {"output_dir": str(tmp / "run"), "seed": 0,
+                                         "model": {"name": str(tiny_model_dir), "device": "cpu"},
+                                         "quantization": {"mode": q}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                                         **s},
+                         tmp, "4bit", rows=banana_rankings(4), max_steps=2, learning_rate=1e-2)
+    return recipe, run_reward(recipe)
+
+
+def test_rm_learns_a_separable_preference(trained):
+    _, out = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_pairs"] == 16  # 4 held-out prompts x 4 pairs, split by prompt
+    assert metrics["train_pairs"] == 48
+    assert metrics["eval_pairwise_accuracy"] >= 0.9
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+
+
+def test_output_folder_is_an_adapter_for_the_causal_base(trained):
+    _, out = trained
+    for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "tokenizer.json",
+                 "recipe.yaml", "metrics.json", "train.log", META_FILE):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert keys and all("lora_" in k for k in keys)  # the seq-cls `score` copy was dropped
+    head = load_file(str(out / "head.safetensors"))
+    assert head["weight"].shape == (1, 64) and head["bias"].shape == (1,)
+    meta = json.loads((out / META_FILE).read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (meta["stage"], meta["role"], meta["quantization"]) == ("reward", "reward", "none")
+    assert meta["head"] == {"file": "head.safetensors", "hidden_size": 64}
+    assert meta["reward_offset"] == pytest.approx(metrics["reward_offset"])
+    assert meta["base"]["fingerprint"]
+
+
+def _causal_and_seqcls_scores(recipe, out):
+    """The same texts scored (a) on the causal shared base via SharedBase.scalar + gather_last, (b) by a
+    sequence classifier built from the saved folder (LoRA + head loaded into `score`)."""
+    rows = banana_rankings(3, seed=7)
+    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+    responses = [x for r in rows for x in r["responses"]]
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    shared.load_adapter("reward", out)
+    seqs = [encode(shared.tokenizer, p, r) for p, r in zip(prompts, responses)]
+    causal = torch.empty(len(seqs))
+    with torch.no_grad():
+        for idx, ids, mask in batches(seqs, 5, shared.tokenizer.pad_token_id, "cpu"):
+            causal[idx] = gather_last(shared.scalar("reward", ids, mask), mask)
+    via_api = score_texts(shared, prompts, responses, apply_offset=False)
+    tokenizer = load_tokenizer(str(out))
+    model, _ = load_seqcls_model(recipe, tokenizer, out)
+    return causal, via_api, seqcls_scores(model, tokenizer, prompts, responses), model
+
+
+@pytest.mark.parametrize("which", ["trained", "trained_4bit"])
+def test_reward_adapter_on_causal_base_matches_the_seqcls_model(which, request):
+    recipe, out = request.getfixturevalue(which)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reload_max_abs_diff"] < 1e-4  # the run's own check: in-memory trained model vs reload
+    causal, via_api, seqcls, model = _causal_and_seqcls_scores(recipe, out)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained: the LoRA really contributes
+    assert seqcls.std() > 1e-3  # scores are not constant, so equality below is informative
+    torch.testing.assert_close(causal, seqcls, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(via_api.cpu(), causal, atol=1e-5, rtol=1e-5)
+
+
+def test_offset_makes_the_demonstrations_score_zero_on_average(trained):
+    recipe, out = trained
+    meta = json.loads((out / META_FILE).read_text())
+    assert abs(meta["reward_offset"]) > 1e-3  # a real shift, not the default
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    shared.load_adapter("reward", out)
+    rows = demos()
+    prompts, responses = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    centred = score_texts(shared, prompts, responses)
+    raw = score_texts(shared, prompts, responses, apply_offset=False)
+    assert abs(float(centred.mean())) < 1e-4
+    assert float(raw.mean()) == pytest.approx(meta["reward_offset"], abs=1e-4)
+    torch.testing.assert_close(raw - centred, torch.full_like(raw, meta["reward_offset"]))
+
+
+def test_normalize_false_keeps_raw_scores(tiny_recipe, tmp_path):
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=banana_rankings(2), max_steps=1, normalize=False)
+    meta = json.loads((run_reward(recipe) / META_FILE).read_text())
+    assert meta["reward_offset"] == 0.0
+
+
+def test_grouped_batches_hold_all_pairs_of_a_prompt(tiny_recipe, tmp_path):
+    rows = [{"prompt": f"Q{i}", "responses": ["a", "b", "c"], "ranks": [1, 2, 3]} for i in range(8)]  # 3 pairs each
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=rows, per_device_train_batch_size=4)
+    from lora_rlhf.reward import load_reward_data
+
+    train, _ = load_reward_data(recipe.data.reward, recipe.seed)
+    tokenizer = load_tokenizer(recipe.model.name)
+    model, _ = load_seqcls_model(recipe, tokenizer, None)
+    dataset, _ = tokenize_comparisons(train, tokenizer, None)
+
+    def prompts_per_batch(group_by_prompt: bool) -> list[list[str]]:
+        trainer = _grouped_trainer_class()(
+            model=model, args=reward_training_args(recipe, tmp_path / "o", "cpu", False), train_dataset=dataset,
+            processing_class=tokenizer, group_by_prompt=group_by_prompt)
+        out = []
+        for batch in trainer.get_train_dataloader():
+            chosen = batch["input_ids"][: len(batch["input_ids"]) // 2]  # the collator puts chosen first
+            out.append([t.split("user\n")[1].split("<|im_end|>")[0] for t in tokenizer.batch_decode(chosen)])
+        return out
+
+    grouped = prompts_per_batch(True)
+    assert sum(len(b) for b in grouped) == len(dataset) == 18
+    for batch in grouped:  # each prompt present in a batch with all 3 of its pairs
+        assert all(batch.count(p) == 3 for p in batch)
+    plain = prompts_per_batch(False)  # TRL's default random batches of 4 split prompts
+    assert any(batch.count(p) != 3 for batch in plain for p in batch)
+
+
+def test_init_from_the_sft_adapter(tiny_recipe, tmp_path):
+    recipe = make_recipe(tiny_recipe, tmp_path)
+    assert init_adapter_for(recipe, "unused") is None  # no OUT/sft yet: a fresh LoRA
+    sft = recipe.stage_dir("sft")
+    shared = SharedBase.load(recipe.model, recipe.quantization)
+    shared.add_adapter("default", recipe.lora)
+    with torch.no_grad():
+        for name, p in shared.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    shared.save_adapter("default", sft, stage="sft")
+    folder = init_adapter_for(recipe, shared.info["fingerprint"])
+    assert folder == sft
+    model, _ = load_seqcls_model(recipe, load_tokenizer(recipe.model.name), folder)
+    saved = load_file(str(sft / "adapter_model.safetensors"))
+    got = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(got) == len(saved)
+    for key, value in saved.items():  # every SFT LoRA weight is where the reward LoRA starts
+        name = key.replace(".weight", ".default.weight")
+        torch.testing.assert_close(got[name], value)
+        assert got[name].requires_grad
+
+
+def test_adapter_from_another_base_is_refused(tiny_recipe, tmp_path, other_tiny_model_dir, trained):
+    _, out = trained
+    recipe = make_recipe(tiny_recipe, tmp_path)
+    recipe.model.name = str(other_tiny_model_dir)
+    recipe.reward.init_adapter = str(out)
+    with pytest.raises(ModelError, match="fingerprint .* but the loaded base"):
+        run_reward(recipe)
+    assert not recipe.stage_dir("reward").exists()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "p", "responses": ["only one"], "ranks": [1]}], "at least two"),
+    ([{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 1, 1]}], "all 3 responses are tied"),
+    ([{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2]}, {"prompt": "q", "responses": ["a", "b"]}],
+     "exactly one of 'ranks'"),
+    ([{"chosen": "a b", "other": 1}], "needs rankings"),
+    ([{"prompt": "p", "chosen": "a"}], "needs rankings"),
+])
+def test_bad_reward_data_is_refused_before_anything_is_written(tiny_recipe, tmp_path, rows, message):
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=rows)
+    with pytest.raises(DataError, match=message):
+        run_reward(recipe)
+    assert not recipe.stage_dir("reward").exists()
+
+
+def test_cli_exit_codes(tiny_recipe, tmp_path):
+    import yaml
+
+    from cli.main import app
+
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranks": [2, 2]}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe("none", data={"reward": {"path": str(tmp_path / "bad.jsonl")}})))
+    result = CliRunner().invoke(app, ["reward", str(recipe)])
+    assert result.exit_code == 2
+    assert "all 2 responses are tied" in result.output
+    result = CliRunner().invoke(app, ["reward", str(recipe), "--set", "reward.no_such_key=1"])
+    assert result.exit_code == 2 and "unknown key 'reward.no_such_key'" in result.output
