@@ -112,11 +112,12 @@ class _progress:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n: None
+        from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
         self.bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+                            TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
         self.bar.start()
         task = self.bar.add_task("prompts", total=self.total)
         return lambda n: self.bar.advance(task, n)

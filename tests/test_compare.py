@@ -1,0 +1,159 @@
+"""`compare`: K samples per prompt -> candidates.jsonl, ranked by a function or a reward adapter -> rankings.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_jsonl
+from typer.testing import CliRunner
+
+from lora_rlhf.base import SharedBase
+from lora_rlhf.compare import run_compare, sampling_adapter
+from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.errors import ModelError, RecipeError
+from lora_rlhf.labelers import normalize_judgement
+from lora_rlhf.reward import load_reward_data
+from lora_rlhf.scoring import score_texts
+
+LABELER = '''
+def by_length(prompt, responses):
+    return [len(r) + i / 10 for i, r in enumerate(responses)]  # distinct: never all tied
+
+def reversed_order(prompt, responses):
+    return {"order": list(range(len(responses)))[::-1]}
+
+def wrong_length(prompt, responses):
+    return [1.0]
+'''
+
+
+def make_reward_adapter(model_dir: Path, folder: Path, quantization: str = "none", offset: float = 0.0) -> Path:
+    """A small reward adapter (random LoRA + head) saved the way `lora-rlhf reward` saves one."""
+    shared = SharedBase.load(ModelConfig(name=str(model_dir), device="cpu"), QuantizationConfig(mode=quantization))
+    shared.add_adapter("reward", LoraSettings(r=4, alpha=8, dropout=0.0))
+    shared.add_head("reward")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in shared.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        shared.heads["reward"].linear.weight.normal_()
+    shared.save_adapter("reward", folder, stage="reward", reward_offset=offset)
+    return folder
+
+
+@pytest.fixture
+def setup(tiny_recipe, tmp_path):
+    (tmp_path / "labeler.py").write_text(LABELER)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "Hi there", "meta": {"src": 1}},
+                                             {"id": "b", "prompt": [{"role": "user", "content": "Name a fruit."}]},
+                                             {"id": "c", "prompt": "Count to three"}])
+
+    def make(labeler: str | None = None, **compare) -> object:
+        raw = tiny_recipe("none", data={"prompts": {"path": str(tmp_path / "prompts.jsonl")}},
+                          compare={"k": 3, "max_new_tokens": 4, "batch_size": 2, "labeler": labeler, **compare})
+        return recipe_from_dict(raw)
+
+    return make, tmp_path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_candidates_and_function_rankings(setup):
+    make, tmp = setup
+    recipe = make(f"{tmp / 'labeler.py'}:by_length")
+    out = run_compare(recipe, progress=False)
+    candidates = read_jsonl(out / "candidates.jsonl")
+    assert [c["id"] for c in candidates] == ["a", "b", "c"]
+    assert all(len(c["responses"]) == 3 and all(isinstance(r, str) for r in c["responses"]) for c in candidates)
+    assert candidates[0]["meta"] == {"src": 1}  # extra keys carried along
+    assert candidates[1]["prompt"] == [{"role": "user", "content": "Name a fruit."}]
+    rankings = read_jsonl(out / "rankings.jsonl")
+    for c, r in zip(candidates, rankings):
+        assert r["responses"] == c["responses"]
+        assert r["scores"] == [len(x) + i / 10 for i, x in enumerate(c["responses"])]
+        assert r["labeler"].endswith(":by_length")
+    # The rankings feed the reward stage as they are: 3 prompts x 3 pairs.
+    comparisons, _ = load_reward_data(recipe_from_dict({"data": {"reward": {"path": str(out / "rankings.jsonl")}}})
+                                      .data.reward)
+    assert len(comparisons) == 9
+
+
+def test_order_labeler_and_judgement_checks(setup):
+    make, tmp = setup
+    out = run_compare(make(f"{tmp / 'labeler.py'}:reversed_order", k=2), progress=False)
+    assert all(r["ranks"] == [2, 1] for r in read_jsonl(out / "rankings.jsonl"))
+    assert normalize_judgement([0.5, 0.5], 2, "x") == {"scores": [0.5, 0.5], "skipped": True}  # all tied
+    assert normalize_judgement({"ranks": [2, 1, 3]}, 3, "x") == {"ranks": [2, 1, 3]}
+    with pytest.raises(RecipeError, match="exactly one of 'scores', 'ranks' or 'order'"):
+        normalize_judgement({"ranks": [1, 2], "scores": [1, 2]}, 2, "x")
+
+
+def test_broken_labeler_stops_before_writing(setup):
+    make, tmp = setup
+    recipe = make(f"{tmp / 'labeler.py'}:wrong_length")
+    with pytest.raises(RecipeError, match="must give 3 finite numbers"):
+        run_compare(recipe, progress=False)
+    assert not recipe.stage_dir("compare").exists()
+    recipe = make(f"{tmp / 'labeler.py'}:no_such_function")
+    with pytest.raises(RecipeError, match="has no function 'no_such_function'"):
+        run_compare(recipe, progress=False)
+    assert not recipe.stage_dir("compare").exists()
+
+
+def test_reward_adapter_labeler_ranks_by_its_scores(setup, tiny_model_dir):
+    make, tmp = setup
+    adapter = make_reward_adapter(tiny_model_dir, tmp / "rm", offset=0.25)
+    recipe = make(str(adapter))
+    out = run_compare(recipe, progress=False)
+    rankings = read_jsonl(out / "rankings.jsonl")
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    shared.load_adapter("reward", adapter)
+    for r in rankings:
+        expected = score_texts(shared, [r["prompt"]] * 3, r["responses"])
+        torch.testing.assert_close(torch.tensor(r["scores"]), expected.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_reward_adapter_of_another_base_is_refused(setup, tiny_model_dir, other_tiny_model_dir):
+    make, tmp = setup
+    recipe = make(str(make_reward_adapter(tiny_model_dir, tmp / "rm")))
+    recipe.model.name = str(other_tiny_model_dir)
+    with pytest.raises(ModelError, match="fingerprint"):
+        run_compare(recipe, progress=False)
+    assert not recipe.stage_dir("compare").exists()
+
+
+def test_sampling_adapter_defaults_to_a_complete_sft_stage(setup):
+    make, _ = setup
+    recipe = make()
+    sft = recipe.stage_dir("sft")
+    sft.mkdir(parents=True)
+    assert sampling_adapter(recipe) is None  # no lora_rlhf.json: an unfinished SFT run is not used
+    (sft / "lora_rlhf.json").write_text("{}")
+    assert sampling_adapter(recipe) == str(sft)
+    recipe.compare.adapter = "elsewhere"
+    assert sampling_adapter(recipe) == "elsewhere"
+
+
+def test_cli_compare(setup):
+    from cli.main import app
+
+    make, tmp = setup
+    raw = {"output_dir": str(tmp / "run"), "model": {"name": make().model.name, "device": "cpu"},
+           "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
+           "data": {"prompts": {"path": str(tmp / "prompts.jsonl")}},
+           "compare": {"k": 2, "max_new_tokens": 3, "labeler": f"{tmp / 'labeler.py'}:by_length"}}
+    (tmp / "r.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "rankings.jsonl" in result.output and (tmp / "run" / "compare" / "rankings.jsonl").is_file()
+    result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml"), "--set", "compare.k=1"])
+    assert result.exit_code == 2 and "k must be at least 2" in result.output
+    result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml"), "--set", "data.prompts=null"])
+    assert result.exit_code == 2 and "no data.prompts section" in result.output

@@ -1,0 +1,55 @@
+"""`lora-rlhf score`: the CLI scores pairs with the library's one scoring path (offset applied)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_jsonl
+from test_compare import make_reward_adapter
+from typer.testing import CliRunner
+
+from cli.main import app
+from lora_rlhf.scoring import load_reward_base, score_texts
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    return make_reward_adapter(tiny_model_dir, tmp_path_factory.mktemp("rm") / "reward", offset=0.5)
+
+
+def test_score_one_pair_and_a_file(adapter, tmp_path):
+    shared = load_reward_base(adapter)
+    raw = score_texts(shared, ["Hi", "Hi", "Hi"], ["Hello!", "Go away.", "Hey"], apply_offset=False).tolist()
+    result = CliRunner().invoke(app, ["score", str(adapter), "--prompt", "Hi", "--response", "Hello!"])
+    assert result.exit_code == 0, result.output
+    assert float(result.stdout.strip()) == pytest.approx(raw[0] - 0.5, abs=1e-3)  # offset applied
+
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "response": "Go away.", "id": 7},
+                                          {"prompt": "Hi", "responses": ["Hello!", "Hey"]}])
+    result = CliRunner().invoke(app, ["score", str(adapter), "--file", str(tmp_path / "pairs.jsonl"),
+                                      "-o", str(tmp_path / "scored.jsonl")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert rows[0]["id"] == 7 and rows[0]["score"] == pytest.approx(raw[1] - 0.5, abs=1e-5)
+    assert rows[1]["scores"] == pytest.approx([raw[0] - 0.5, raw[2] - 0.5], abs=1e-5)
+
+
+def test_score_errors_exit_2(adapter, tmp_path, tiny_model_dir):
+    runner = CliRunner()
+    result = runner.invoke(app, ["score", str(adapter), "--prompt", "Hi"])
+    assert result.exit_code == 2 and "nothing to score" in result.output
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "Hi"}\n')
+    result = runner.invoke(app, ["score", str(adapter), "--file", str(tmp_path / "bad.jsonl")])
+    assert result.exit_code == 2 and "line 1 needs 'prompt' and 'response'" in result.output
+    result = runner.invoke(app, ["score", str(tmp_path / "missing"), "-p", "Hi", "--response", "x"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    # An adapter without a head (an SFT adapter) cannot score.
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (sft / name).write_bytes((adapter / name).read_bytes())
+    meta = json.loads((adapter / "lora_rlhf.json").read_text())
+    (sft / "lora_rlhf.json").write_text(json.dumps({**meta, "stage": "sft", "role": "policy", "head": None}))
+    result = runner.invoke(app, ["score", str(sft), "-p", "Hi", "--response", "x"])
+    assert result.exit_code == 2 and "not a reward adapter" in result.output
