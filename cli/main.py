@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import compare, generate, label, reward, score, sft
+from cli import compare, eval, generate, label, reward, score, sft
 
 app = typer.Typer(
     name="lora-rlhf",
@@ -26,6 +26,7 @@ app.command("score", help="Score prompt/response pairs with a reward adapter.  e
 app.command("generate", help="Answer one prompt with the base + an adapter.  e.g. lora-rlhf generate -a runs/x/sft 'Hi'")(generate.generate)
 app.command("chat", help="Interactive chat with the base + an adapter.  e.g. lora-rlhf chat -a runs/x/sft")(generate.chat)
 app.command("label", help="Rank candidate responses in a local web page (or --terminal) -> rankings.  e.g. lora-rlhf label cands.jsonl -o ranks.jsonl")(label.command)
+app.command("eval", help="Compare base, SFT, PPO(-ptx) on held-out prompts: scores, KL, win rates, alignment tax.  e.g. lora-rlhf eval recipe.yaml")(eval.command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,415 @@
+"""`lora-rlhf eval`: what each stage changed, measured on held-out prompts (the paper's section 4).
+
+For every policy (the bare base, OUT/sft, OUT/<stage>/policy such as PPO and PPO-ptx, or those named with
+--policy), on the held-out prompts of `data.eval`:
+
+    1. sample one response per prompt (same seed for every policy)
+    2. task score      `eval.labeler` (module:function, e.g. constraint compliance), all policies' responses
+                       to one prompt judged in one call
+    3. RM score        the reward adapter (OUT/reward), minus its reward_offset: SFT demonstrations score ~0
+    4. KL to reference mean over responses of sum_t log pi(y_t|x,y<t) - log pi_ref(y_t|x,y<t), by teacher
+                       forcing on the policy's own samples; the reference is the SFT adapter (or the bare base)
+    5. length          response tokens
+    6. win rates       every later policy against every earlier one (PPO vs SFT, PPO vs base, ...), judged by
+                       the labeler and by the RM; a tie counts half (the paper's "preferred 85 +- 3 % of the time")
+    7. alignment tax   perplexity on held-out general text (`eval.general_text`)
+
+The base is loaded once; each policy is its own named adapter on it. Writes OUT/eval/{results.json,
+responses.jsonl, report.md, *.png}. KL uses logits divided by the sampling temperature, i.e. the distribution
+the responses were drawn from (as PPO's penalty does); top_p truncation is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_rlhf.base import META_FILE, SharedBase, resolve_adapter
+from lora_rlhf.config import DatasetConfig, Recipe
+from lora_rlhf.data import check_text_or_messages, load_table, require_columns
+from lora_rlhf.errors import DataError, ModelError, RecipeError
+
+EVAL_DIR = "eval"
+BARE_BASE = ("base", "none")  # --policy NAME=base: the base model without any adapter
+PERPLEXITY_MAX_TOKENS = 256
+
+
+@dataclass
+class Policy:
+    name: str
+    adapter: Path | None  # None: the bare base
+    metrics: Path | None = None  # training curves (OUT/<stage>/metrics.jsonl) when there are any
+
+
+@dataclass
+class WinRate:
+    """`policy` against `baseline` over n prompts: a win scores 1, a tie 1/2."""
+
+    policy: str
+    baseline: str
+    judge: str
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def rate(self) -> float:
+        return (self.wins + 0.5 * self.ties) / self.n if self.n else float("nan")
+
+    @property
+    def stderr(self) -> float:
+        p = self.rate
+        return math.sqrt(p * (1 - p) / self.n) if self.n else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "baseline": self.baseline, "judge": self.judge, "wins": self.wins,
+                "ties": self.ties, "losses": self.losses, "n": self.n, "win_rate": self.rate,
+                "stderr": self.stderr}
+
+
+def win_rate(policy_scores: Sequence[float], baseline_scores: Sequence[float], policy: str = "a",
+             baseline: str = "b", judge: str = "labeler", tol: float = 1e-9) -> WinRate:
+    """Pairwise comparison of two policies' scores on the same prompts (|difference| <= tol is a tie)."""
+    if len(policy_scores) != len(baseline_scores):
+        raise ValueError(f"{len(policy_scores)} scores against {len(baseline_scores)}")
+    wins = sum(1 for a, b in zip(policy_scores, baseline_scores, strict=True) if a - b > tol)
+    losses = sum(1 for a, b in zip(policy_scores, baseline_scores, strict=True) if b - a > tol)
+    return WinRate(policy, baseline, judge, wins, len(policy_scores) - wins - losses, losses)
+
+
+# ---------------------------------------------------------------------------------------------- policies
+def _complete(folder: Path) -> bool:
+    return (folder / META_FILE).is_file() and (folder / "adapter_config.json").is_file()
+
+
+def discover_policies(recipe: Recipe) -> list[Policy]:
+    """base, then OUT/sft, then every OUT/<stage>/policy (ppo, ppo-ptx, ...) that is complete."""
+    out = Path(recipe.output_dir)
+    policies = [Policy("base", None)]
+    if _complete(out / "sft"):
+        policies.append(Policy("sft", out / "sft", _metrics_file(out / "sft")))
+    if out.is_dir():
+        stages = sorted(p for p in out.iterdir() if p.is_dir() and _complete(p / "policy"))
+        for stage in sorted(stages, key=lambda p: (p.name != "ppo", p.name)):
+            policies.append(Policy(stage.name, stage / "policy", _metrics_file(stage)))
+    return policies
+
+
+def _metrics_file(folder: Path) -> Path | None:
+    path = folder / "metrics.jsonl"
+    return path if path.is_file() else None
+
+
+def parse_policy_args(items: Sequence[str]) -> list[Policy]:
+    """["sft=runs/x/sft", "base=base"] -> policies; ADAPTER `base` or `none` is the bare base."""
+    policies, problems, names = [], [], set()
+    for item in items:
+        name, sep, adapter = item.partition("=")
+        name, adapter = name.strip(), adapter.strip()
+        if not sep or not name or not adapter:
+            problems.append(f"--policy '{item}' must look like NAME=ADAPTER_FOLDER (or NAME=base for the bare base)")
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            problems.append(f"--policy name '{name}' may use only letters, digits and _ . + -")
+        if name in names:
+            problems.append(f"--policy name '{name}' is given twice")
+        names.add(name)
+        if adapter.lower() in BARE_BASE:
+            policies.append(Policy(name, None))
+        else:
+            folder = Path(adapter).expanduser()
+            stage_metrics = _metrics_file(folder.parent) if folder.name == "policy" else _metrics_file(folder)
+            policies.append(Policy(name, folder, stage_metrics))
+    if problems:
+        raise RecipeError(problems, "--policy")
+    return policies
+
+
+def reference_adapter(recipe: Recipe) -> Path | None:
+    """The KL reference: ppo.sft_adapter, else OUT/sft when complete, else the bare base (None)."""
+    if recipe.ppo.sft_adapter:
+        return Path(recipe.ppo.sft_adapter)
+    sft = recipe.stage_dir("sft")
+    return sft if _complete(sft) else None
+
+
+def reward_adapter(recipe: Recipe) -> Path | None:
+    if recipe.ppo.reward_adapter:
+        return Path(recipe.ppo.reward_adapter)
+    folder = recipe.stage_dir("reward")
+    return folder if _complete(folder) else None
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_eval_prompts(cfg: DatasetConfig | None, seed: int) -> tuple[list[Any], list[str] | None]:
+    """(prompts, split kinds or None): a `prompt` column, and an optional `split_kind` column to group by."""
+    if cfg is None:
+        raise DataError("the recipe has no data.eval section, so there are no held-out prompts to evaluate on",
+                        fix="add `data: {eval: {path: prompts_eval.jsonl}}` with a `prompt` column "
+                            "(prompts never used in training)")
+    ds = load_table(cfg, seed, what="eval prompts")
+    require_columns(ds, {"prompt": ("prompt",)}, "eval prompts", cfg.path)
+    check_text_or_messages(ds, "prompt", cfg.path)
+    kinds = [str(k) for k in ds["split_kind"]] if "split_kind" in ds.column_names else None
+    return list(ds["prompt"]), kinds
+
+
+def load_general_text(path: str, limit: int) -> list[str]:
+    ds = load_table(DatasetConfig(path=path), what="eval.general_text")
+    require_columns(ds, {"text": ("text",)}, "eval.general_text", path)
+    check_text_or_messages(ds, "text", path, allow_messages=False)
+    return list(ds["text"])[:limit]
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+@torch.no_grad()
+def sequence_logprobs(shared: SharedBase, role: str | None, sequences: Sequence[list[int]],
+                      starts: Sequence[int], temperature: float = 1.0, batch_size: int = 8) -> list[torch.Tensor]:
+    """Teacher forcing: for each sequence, log p(token_t | tokens_<t) for t >= starts[i] -> tensor [len - start].
+
+    `role` None is the bare base. Logits are divided by `temperature` (> 0) first.
+    """
+    from lora_rlhf.scoring import batches
+
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
+    with shared.use(role) as model:
+        was_training = model.training
+        model.eval()  # LoRA dropout off
+        try:
+            for rows, ids, mask in batches(sequences, batch_size, shared.tokenizer.pad_token_id, shared.device):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                if temperature > 0 and temperature != 1.0:
+                    logits = logits / temperature
+                logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                for r, i in enumerate(rows):
+                    start = max(starts[i], 1)
+                    out[i] = logp[r, start - 1:len(sequences[i]) - 1].cpu()
+        finally:
+            model.train(was_training)
+    return out
+
+
+def encode_responses(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Chat prompt ids + response ids, tokenized apart (as generation saw them); and where each response starts."""
+    from lora_rlhf.generation import chat_text
+
+    sequences, starts = [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        p = tokenizer(chat_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        sequences.append(list(p) + list(r))
+        starts.append(len(p))
+    return sequences, starts
+
+
+def kl_to_reference(shared: SharedBase, role: str | None, ref_role: str | None, prompts: Sequence[Any],
+                    responses: Sequence[str], temperature: float, batch_size: int) -> list[float]:
+    """Per response: sum over its tokens of log pi(y|x) - log pi_ref(y|x) (k1; averages to KL(pi || pi_ref))."""
+    sequences, starts = encode_responses(shared.tokenizer, prompts, responses)
+    if role == ref_role:
+        return [0.0] * len(sequences)
+    logp = sequence_logprobs(shared, role, sequences, starts, temperature, batch_size)
+    ref = sequence_logprobs(shared, ref_role, sequences, starts, temperature, batch_size)
+    return [float((a - b).sum()) for a, b in zip(logp, ref, strict=True)]
+
+
+def perplexity(shared: SharedBase, role: str | None, texts: Sequence[str], batch_size: int = 8,
+               max_tokens: int = PERPLEXITY_MAX_TOKENS) -> float:
+    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens)."""
+    sequences = [shared.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+    logp = sequence_logprobs(shared, role, sequences, [1] * len(sequences), 1.0, batch_size)
+    tokens = sum(len(x) for x in logp)
+    if tokens == 0:
+        return float("nan")
+    return math.exp(-float(sum(x.sum() for x in logp)) / tokens)
+
+
+# ---------------------------------------------------------------------------------------------- labeler
+def labeler_scores(spec: str, prompts: Sequence[Any], responses_by_policy: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Judge all policies' responses to a prompt in one call; ranks (1 = best) become (K - rank) / (K - 1)."""
+    from lora_rlhf.labelers import function_labeler
+
+    judge = function_labeler(spec)
+    names = list(responses_by_policy)
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    for i, prompt in enumerate(prompts):
+        responses = [responses_by_policy[n][i] for n in names]
+        judgement = judge(prompt, responses)
+        if "scores" in judgement:
+            values = judgement["scores"]
+        else:
+            k = len(responses)
+            values = [(k - r) / (k - 1) if k > 1 else 1.0 for r in judgement["ranks"]]
+        for n, v in zip(names, values, strict=True):
+            scores[n].append(float(v))
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- run
+@dataclass
+class EvalResult:
+    policies: dict[str, dict[str, Any]]
+    win_rates: list[WinRate]
+    settings: dict[str, Any]
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[str, str] = field(default_factory=dict)  # policy -> metrics.jsonl
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "policies": self.policies,
+                "win_rates": [w.as_dict() for w in self.win_rates], "curves": self.curves}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str | Path | None = None,
+             log: Callable[[str], None] = lambda _: None) -> tuple[EvalResult, Path]:
+    """Evaluate `policies` (default: discovered from OUT) on data.eval; write OUT/eval; return (result, folder)."""
+    cfg = recipe.eval
+    # --- setup: every check that can fail on user input, before the model loads or anything is written
+    prompts, kinds = load_eval_prompts(recipe.data.eval, recipe.seed)
+    policies = policies if policies is not None else discover_policies(recipe)
+    if not policies:
+        raise RecipeError(["no policy to evaluate"], "--policy")
+    for p in policies:
+        if p.adapter is not None:
+            p.adapter = resolve_adapter(p.adapter)
+    ref_folder = reference_adapter(recipe)
+    if ref_folder is not None:
+        ref_folder = resolve_adapter(ref_folder)
+    rm_folder = reward_adapter(recipe)
+    general = load_general_text(cfg.general_text, cfg.general_max_texts) if cfg.general_text else None
+    if cfg.labeler:
+        from lora_rlhf.plugins import load_callable
+
+        load_callable(cfg.labeler, what="eval.labeler")
+    out = Path(out_dir) if out_dir is not None else recipe.stage_dir(EVAL_DIR)
+
+    # --- load the base once, each adapter once (a folder used twice, e.g. sft as policy and reference, is shared)
+    t0 = time.time()
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    roles: dict[Path, str] = {}
+
+    def role_for(folder: Path | None) -> str | None:
+        if folder is None:
+            return None
+        key = folder.resolve()
+        if key not in roles:
+            roles[key] = f"eval_{len(roles)}"
+            meta = shared.load_adapter(roles[key], folder, trainable=False)
+            if meta.get("head") is not None and meta.get("role") == "reward":
+                raise ModelError(f"'{folder}' is a reward adapter, not a policy",
+                                 fix="give policy adapters (OUT/sft, OUT/ppo/policy) to --policy")
+        return roles[key]
+
+    policy_roles = {p.name: role_for(p.adapter) for p in policies}
+    ref_role = role_for(ref_folder)
+    has_rm = rm_folder is not None
+    if has_rm:
+        shared.load_adapter("reward", rm_folder, trainable=False)
+        if "reward" not in shared.heads:
+            raise ModelError(f"reward adapter '{rm_folder}' has no scalar head (head.safetensors)",
+                             fix="point ppo.reward_adapter at the output folder of `lora-rlhf reward`")
+    log(f"loaded the base and {len(roles) + has_rm} adapter(s) in {time.time() - t0:.0f}s")
+
+    # 1. sample, 3. RM, 4. KL, 5. length, 7. perplexity
+    from lora_rlhf.generation import generate_responses
+    from lora_rlhf.scoring import score_texts
+
+    responses: dict[str, list[str]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    for p in policies:
+        role = policy_roles[p.name]
+        t = time.time()
+        torch.manual_seed(recipe.seed)
+        responses[p.name] = [r[0] for r in generate_responses(
+            shared, prompts, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
+        res: dict[str, Any] = {"adapter": str(p.adapter) if p.adapter else None}
+        sequences, starts = encode_responses(shared.tokenizer, prompts, responses[p.name])
+        res["length"] = _mean([len(s) - st for s, st in zip(sequences, starts, strict=True)])
+        res["_kl"] = kl_to_reference(shared, role, ref_role, prompts, responses[p.name], cfg.temperature,
+                                     cfg.batch_size)
+        res["kl"] = _mean(res["_kl"])
+        if has_rm:
+            res["_rm"] = score_texts(shared, prompts, responses[p.name], batch_size=cfg.batch_size).cpu().tolist()
+            res["rm_score"] = _mean(res["_rm"])
+        if general is not None:
+            res["perplexity"] = perplexity(shared, role, general, cfg.batch_size)
+        timings[p.name] = round(time.time() - t, 1)
+        results[p.name] = res
+        log(f"{p.name}: {len(prompts)} responses scored in {timings[p.name]:.0f}s")
+
+    # 2. task score
+    if cfg.labeler:
+        for name, values in labeler_scores(cfg.labeler, prompts, responses).items():
+            results[name]["_task"] = values
+            results[name]["task_score"] = _mean(values)
+            if kinds is not None:
+                results[name]["task_score_by_split"] = {
+                    k: _mean([v for v, kk in zip(values, kinds, strict=True) if kk == k]) for k in sorted(set(kinds))}
+
+    # 6. win rates: each later policy against each earlier one, by every judge we have
+    judges = [("labeler", "_task")] if cfg.labeler else []
+    judges += [("reward model", "_rm")] if has_rm else []
+    names = [p.name for p in policies]
+    wins = [win_rate(results[a][key], results[b][key], a, b, judge)
+            for judge, key in judges for i, a in enumerate(names) for b in names[:i]]
+
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row: dict[str, Any] = {"prompt": prompt, **({"split_kind": kinds[i]} if kinds else {})}
+        for name in names:
+            entry = {"response": responses[name][i], "kl": results[name]["_kl"][i]}
+            for key, label in (("_task", "task_score"), ("_rm", "rm_score")):
+                if key in results[name]:
+                    entry[label] = results[name][key][i]
+            row[name] = entry
+        rows.append(row)
+    for res in results.values():
+        for key in [k for k in res if k.startswith("_")]:
+            del res[key]
+    settings = {"eval_prompts": len(prompts), "reference": str(ref_folder) if ref_folder else "base",
+                "reward_adapter": str(rm_folder) if rm_folder else None, "labeler": cfg.labeler,
+                "general_text": cfg.general_text, "general_texts": len(general) if general else 0,
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "seed": recipe.seed, "seconds_per_policy": timings, "seconds_total": round(time.time() - t0, 1)}
+    result = EvalResult(results, wins, settings, rows,
+                        {p.name: str(p.metrics) for p in policies if p.metrics is not None})
+
+    from lora_rlhf.report import write_report
+
+    write_report(out, result, num_samples=cfg.num_samples)
+    return result, out
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean_json(data), indent=2, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def clean_json(value: Any) -> Any:
+    """NaN/inf -> null (JSON has no NaN), Paths -> strings, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,209 @@
+"""The evaluation report: OUT/eval/report.md (tables, plots, samples), results.json, responses.jsonl, PNGs.
+
+Everything here works from plain data (the results dict and metrics.jsonl files), so a report can be rebuilt
+or read by other tools without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+REWARD_KEY, KL_KEY = "objective/scores", "objective/kl"  # PPO's metrics.jsonl fields (TRL's names)
+
+COLUMNS = [  # (key in a policy's results, header, format)
+    ("task_score", "task score", "{:.3f}"),
+    ("rm_score", "RM score", "{:+.3f}"),
+    ("kl", "KL to ref (nats)", "{:.2f}"),
+    ("length", "length (tokens)", "{:.1f}"),
+    ("perplexity", "general-text ppl", "{:.2f}"),
+]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return spec.format(value)
+
+
+def policy_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per policy, one column per measured metric (unmeasured ones left out)."""
+    policies: dict[str, dict[str, Any]] = results["policies"]
+    columns = [c for c in COLUMNS if any(p.get(c[0]) is not None for p in policies.values())]
+    splits = sorted({k for p in policies.values() for k in (p.get("task_score_by_split") or {})})
+    header = ["policy"] + [c[1] for c in columns] + [f"task score ({s})" for s in splits]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, p in policies.items():
+        cells = [name] + [_fmt(p.get(key), spec) for key, _, spec in columns]
+        cells += [_fmt((p.get("task_score_by_split") or {}).get(s), "{:.3f}") for s in splits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def win_rate_table(results: dict[str, Any]) -> str:
+    rows = results.get("win_rates") or []
+    if not rows:
+        return "(no judge: set eval.labeler or train a reward model to get win rates)"
+    lines = ["| policy | vs | judge | win rate | wins / ties / losses |", "|---|---|---|---|---|"]
+    for w in rows:
+        rate = f"{100 * w['win_rate']:.0f} ± {100 * w['stderr']:.0f} %" if w["n"] else "-"
+        lines.append(f"| {w['policy']} | {w['baseline']} | {w['judge']} | {rate} | "
+                     f"{w['wins']} / {w['ties']} / {w['losses']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted run
+    return rows
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            xs.append(row.get("step", row.get("episode", i + 1)))
+            ys.append(value)
+    return xs, ys
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(curves: dict[str, str], path: Path) -> bool:
+    """Reward and KL over PPO steps, one line per run; False (no file) when no run logged them."""
+    series = {name: read_metrics(p) for name, p in curves.items() if Path(p).is_file()}
+    series = {n: rows for n, rows in series.items() if _series(rows, REWARD_KEY)[0] or _series(rows, KL_KEY)[0]}
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, rows in series.items():
+        for ax, key in zip(axes, (REWARD_KEY, KL_KEY), strict=True):
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker=".", label=name)
+    axes[0].set(title="reward during PPO", xlabel="PPO step", ylabel=REWARD_KEY)
+    axes[1].set(title="KL to the reference during PPO", xlabel="PPO step", ylabel=KL_KEY + " (nats)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_win_rates(win_rates: list[dict[str, Any]], path: Path) -> bool:
+    rows = [w for w in win_rates if w["n"]]
+    if not rows:
+        return False
+    plt = _pyplot()
+    labels = [f"{w['policy']} vs {w['baseline']}\n({w['judge']})" for w in rows]
+    rates = [100 * w["win_rate"] for w in rows]
+    errors = [100 * 1.96 * w["stderr"] for w in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.4))
+    ax.barh(range(len(rows)), rates, xerr=errors, color="tab:blue", alpha=0.8, capsize=3)
+    ax.axvline(50, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 100), xlabel="win rate (%, ties count half; bars: 95% interval)", title="head-to-head win rates")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_scores(policies: dict[str, dict[str, Any]], path: Path) -> bool:
+    keys = [(k, h) for k, h, _ in COLUMNS[:2] if any(p.get(k) is not None for p in policies.values())]
+    if not keys:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    names = list(policies)
+    for ax, (key, header) in zip(axes[0], keys, strict=True):
+        values = [policies[n].get(key) or 0.0 for n in names]
+        ax.bar(names, values, color="tab:green", alpha=0.8)
+        ax.set(title=header)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _sample_block(row: dict[str, Any], names: list[str]) -> str:
+    prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+    lines = [f"**Prompt{' (' + row['split_kind'] + ')' if row.get('split_kind') else ''}:** {prompt}", ""]
+    for name in names:
+        entry = row[name]
+        marks = ", ".join(f"{k.replace('_', ' ')} {entry[k]:.2f}" for k in ("task_score", "rm_score") if k in entry)
+        text = entry["response"].replace("\n", "\n    ")
+        lines.append(f"- *{name}*{' (' + marks + ')' if marks else ''}:\n\n    {text}\n")
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dict[str, Any]]) -> str:
+    s = results["settings"]
+    parts = [
+        "# Evaluation report", "",
+        f"{s['eval_prompts']} held-out prompts, one sample each (temperature {s['temperature']}, top_p {s['top_p']}, "
+        f"at most {s['max_new_tokens']} new tokens, seed {s['seed']}). "
+        f"KL reference: `{s['reference']}`. Reward model: `{s['reward_adapter'] or 'none'}`. "
+        f"Task labeler: `{s['labeler'] or 'none'}`.", "",
+        "## Policies", "", policy_table(results), "",
+        "- **task score**: mean of the labeler's score (for IFEval-lite: the fraction of constraints met).",
+        "- **RM score**: reward model output minus its offset (SFT demonstrations average 0).",
+        "- **KL to ref**: mean over responses of sum over tokens of log pi(y|x) - log pi_ref(y|x).",
+        "- **general-text ppl**: perplexity on held-out general text; a rise over the base is the alignment tax"
+        + (f" ({s['general_texts']} texts from `{s['general_text']}`)." if s.get("general_text") else
+           " (not measured: set eval.general_text)."),
+        "", "## Win rates", "", win_rate_table(results), "",
+    ]
+    for png in plots:
+        parts += [f"![{png}]({png})", ""]
+    if samples:
+        names = list(results["policies"])
+        parts += ["## Samples", ""] + [_sample_block(r, names) for r in samples]
+    parts += ["", f"Evaluated in {s['seconds_total']:.0f} s. Per-prompt responses and scores: `responses.jsonl`; "
+              "every number: `results.json`."]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(out: Path, result: Any, num_samples: int = 5) -> Path:
+    """Write results.json, responses.jsonl, the plots and report.md (last) into `out`; return report.md."""
+    from lora_rlhf.evaluate import clean_json, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = clean_json(result.as_dict())
+    write_json(out / "results.json", results)
+    (out / "responses.jsonl").write_text(
+        "".join(json.dumps(clean_json(r), ensure_ascii=False) + "\n" for r in result.responses))
+    plots = []
+    for name, make in (("scores.png", lambda p: plot_scores(results["policies"], p)),
+                       ("win_rates.png", lambda p: plot_win_rates(results["win_rates"], p)),
+                       ("ppo_curves.png", lambda p: plot_training_curves(results["curves"], p))):
+        if make(out / name):
+            plots.append(name)
+    report = out / "report.md"
+    tmp = out / "report.md.tmp"
+    tmp.write_text(render_markdown(results, plots, result.responses[:num_samples]))
+    tmp.replace(report)
+    return report

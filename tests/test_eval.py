@@ -1,0 +1,221 @@
+"""`lora-rlhf eval`: win-rate arithmetic, KL and perplexity by teacher forcing, the report and the CLI, on the
+tiny model with hand-made adapters standing in for the SFT, PPO, PPO-ptx and reward stages."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lora_rlhf.base import SharedBase
+from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.errors import DataError, RecipeError
+from lora_rlhf.evaluate import (
+    discover_policies,
+    kl_to_reference,
+    parse_policy_args,
+    perplexity,
+    run_eval,
+    win_rate,
+)
+from lora_rlhf.report import plot_training_curves, plot_win_rates
+from tests.conftest import write_jsonl
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LABELER = "def judge(prompt, responses):\n    return [min(len(r) // 10, 3) for r in responses]\n"
+
+
+def test_win_rate_counts_ties_as_half():
+    # policy vs baseline per prompt: win, tie, loss, win, tie -> (2 wins + 2 ties / 2) / 5 = 0.6
+    w = win_rate([1.0, 0.5, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 0.5, 0.5], "ppo", "sft")
+    assert (w.wins, w.ties, w.losses, w.n) == (2, 2, 1, 5)
+    assert w.rate == pytest.approx(0.6)
+    assert w.stderr == pytest.approx(math.sqrt(0.6 * 0.4 / 5))
+    # All ties is exactly even; the comparison is antisymmetric.
+    assert win_rate([1, 1], [1, 1]).rate == 0.5
+    assert win_rate([0.0, 0.5, 1.0], [1.0, 0.5, 0.0]).rate + win_rate([1.0, 0.5, 0.0], [0.0, 0.5, 1.0]).rate == 1.0
+    with pytest.raises(ValueError, match="3 scores against 2"):
+        win_rate([1, 2, 3], [1, 2])
+
+
+def test_policy_arguments():
+    policies = parse_policy_args(["base=base", "mine=some/folder"])
+    assert [(p.name, p.adapter) for p in policies] == [("base", None), ("mine", Path("some/folder"))]
+    with pytest.raises(RecipeError, match="must look like NAME=ADAPTER") as e:
+        parse_policy_args(["justafolder", "a=x", "a=y"])
+    assert "given twice" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+def _save_adapter(shared: SharedBase, role: str, folder: Path, stage: str, seed: int, head: bool = False,
+                  **extra) -> Path:
+    """A LoRA with random (non-zero) B matrices, so that it really changes the model, saved like a stage."""
+    shared.add_adapter(role, LoraSettings(r=4, alpha=8, dropout=0.0), trainable=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in shared.model.named_parameters():
+            if f"lora_B.{role}." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    if head:
+        shared.add_head(role)
+    shared.save_adapter(role, folder, stage=stage, **extra)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """OUT with sft, ppo/policy (+ metrics.jsonl), ppo-ptx/policy and reward, plus eval data and a labeler."""
+    root = tmp_path_factory.mktemp("eval-run")
+    out = root / "run"
+    shared = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"),
+                             for_training=False)
+    _save_adapter(shared, "sft", out / "sft", "sft", seed=1)
+    _save_adapter(shared, "ppo", out / "ppo" / "policy", "ppo", seed=2)
+    _save_adapter(shared, "ptx", out / "ppo-ptx" / "policy", "ppo", seed=3)
+    _save_adapter(shared, "reward", out / "reward", "reward", seed=4, head=True, reward_offset=0.25)
+    write_jsonl(out / "ppo" / "metrics.jsonl", [{"step": s, "objective/scores": 0.1 * s, "objective/kl": 0.5 * s}
+                                                for s in range(1, 6)])
+    prompts = [{"prompt": f"Describe topic number {i}. Avoid commas entirely.", "split_kind": k}
+               for i, k in enumerate(["seen", "seen", "unseen", "unseen"])]
+    write_jsonl(root / "eval.jsonl", prompts)
+    write_jsonl(root / "general.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * 3},
+                                         {"text": "Return the line number in the current file."}])
+    (root / "labeler.py").write_text(LABELER)
+    return root
+
+
+def _recipe(run_dir: Path, tiny_model_dir: Path, **eval_section):
+    return recipe_from_dict({
+        "output_dir": str(run_dir / "run"), "seed": 0,
+        "model": {"name": str(tiny_model_dir), "device": "cpu"}, "quantization": {"mode": "none"},
+        "data": {"eval": {"path": str(run_dir / "eval.jsonl")}},
+        "eval": {"max_new_tokens": 8, "num_samples": 2, "batch_size": 4, **eval_section},
+    })
+
+
+def test_discovers_base_sft_and_every_stage_policy(run_dir, tiny_model_dir):
+    policies = discover_policies(_recipe(run_dir, tiny_model_dir))
+    assert [p.name for p in policies] == ["base", "sft", "ppo", "ppo-ptx"]
+    assert policies[2].metrics == run_dir / "run" / "ppo" / "metrics.jsonl"
+
+
+def test_kl_of_a_policy_against_itself_is_zero_and_against_another_is_not(run_dir, tiny_model_dir):
+    shared = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"),
+                             for_training=False)
+    # The same weights under two names: the computed log-ratio must vanish exactly, token by token.
+    shared.load_adapter("a", run_dir / "run" / "ppo" / "policy")
+    shared.load_adapter("b", run_dir / "run" / "ppo" / "policy")
+    shared.load_adapter("sft", run_dir / "run" / "sft")
+    prompts, responses = ["Say hello.", "Count to three."], ["Hello there, friend.", "One two three"]
+    assert kl_to_reference(shared, "a", "b", prompts, responses, 0.7, 2) == [0.0, 0.0]
+    other = kl_to_reference(shared, "a", "sft", prompts, responses, 0.7, 2)
+    assert all(abs(v) > 1e-3 for v in other)
+    # Padding in a batch must not change a row's log-probs (batch of 2 vs one at a time).
+    single = [kl_to_reference(shared, "a", "sft", [p], [r], 0.7, 1)[0] for p, r in zip(prompts, responses, strict=True)]
+    assert single == pytest.approx(other, abs=1e-4)
+
+
+def test_perplexity_matches_the_models_own_loss(tiny_model_dir):
+    shared = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"),
+                             for_training=False)
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = shared.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = shared.model(input_ids=ids, labels=ids).loss
+    assert perplexity(shared, None, [text]) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+
+
+def test_eval_writes_a_report_holding_every_policy(run_dir, tiny_model_dir):
+    recipe = _recipe(run_dir, tiny_model_dir, labeler=f"{run_dir / 'labeler.py'}:judge",
+                     general_text=str(run_dir / "general.jsonl"))
+    result, out = run_eval(recipe)
+    names = ["base", "sft", "ppo", "ppo-ptx"]
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["policies"]) == names
+    for name in names:
+        p = data["policies"][name]
+        assert set(p) >= {"task_score", "rm_score", "kl", "length", "perplexity", "task_score_by_split"}
+        assert set(p["task_score_by_split"]) == {"seen", "unseen"}
+    # The reference is OUT/sft: SFT's KL to it is 0, the others' is not.
+    assert data["policies"]["sft"]["kl"] == 0.0
+    assert data["policies"]["ppo"]["kl"] != 0.0
+    assert data["settings"]["reference"].endswith("sft")
+    # 4 policies -> 6 pairs, judged by the labeler and by the reward model.
+    assert len(data["win_rates"]) == 12
+    assert {(w["policy"], w["baseline"]) for w in data["win_rates"]} >= {("ppo", "sft"), ("ppo", "base")}
+    # Win rates agree with the per-prompt labeler scores in responses.jsonl.
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    ppo_vs_sft = next(w for w in data["win_rates"] if (w["policy"], w["baseline"], w["judge"]) == ("ppo", "sft", "labeler"))
+    expected = win_rate([r["ppo"]["task_score"] for r in rows], [r["sft"]["task_score"] for r in rows])
+    assert ppo_vs_sft["win_rate"] == expected.rate
+    # RM scores have the reward adapter's offset taken off.
+    assert all(isinstance(r["base"]["rm_score"], float) for r in rows)
+    report = (out / "report.md").read_text()
+    table = report.split("## Policies")[1].split("## Win rates")[0]
+    for name in names:
+        assert f"| {name} |" in table
+    assert "task score (unseen)" in table
+    for png in ("scores.png", "win_rates.png", "ppo_curves.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in report
+
+
+def test_bad_input_fails_before_anything_is_written(run_dir, tiny_model_dir, tmp_path):
+    recipe = _recipe(run_dir, tiny_model_dir)
+    recipe.data.eval = None
+    with pytest.raises(DataError, match="no data.eval section"):
+        run_eval(recipe, out_dir=tmp_path / "a")
+    recipe = _recipe(run_dir, tiny_model_dir, general_text=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="does not exist"):
+        run_eval(recipe, out_dir=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_training_curve_and_win_rate_plots_are_pngs(tmp_path):
+    metrics = write_jsonl(tmp_path / "m.jsonl", [{"step": 1, "objective/scores": 0.1, "objective/kl": 0.0},
+                                                 {"step": 2, "objective/scores": 0.4, "objective/kl": 1.5}])
+    assert plot_training_curves({"ppo": str(metrics)}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
+    # Nothing to plot -> no file rather than an empty figure.
+    empty = write_jsonl(tmp_path / "e.jsonl", [{"step": 1, "loss": 1.0}])
+    assert not plot_training_curves({"ppo": str(empty)}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    w = win_rate([1, 0, 1], [0, 0, 0], "ppo", "sft").as_dict()
+    assert plot_win_rates([w], tmp_path / "w.png")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "w.png").shape[2] in (3, 4)
+
+
+def test_cli_prints_the_table_and_reports_errors(run_dir, tiny_model_dir, tmp_path):
+    from cli.main import app
+
+    recipe_path = tmp_path / "recipe.yaml"
+    import yaml
+
+    recipe_path.write_text(yaml.safe_dump({
+        "output_dir": str(run_dir / "run"), "model": {"name": str(tiny_model_dir), "device": "cpu"},
+        "quantization": {"mode": "none"}, "data": {"eval": {"path": str(run_dir / "eval.jsonl")}},
+        "eval": {"max_new_tokens": 6, "batch_size": 4}}))
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(recipe_path), "--policy", "base=base", "--policy",
+                              f"sft={run_dir / 'run' / 'sft'}", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert "| sft |" in res.stdout and "| base |" in res.stdout
+    # The given policies replace discovery; with no labeler the reward model alone judges, and without
+    # eval.general_text there is no perplexity.
+    data = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert list(data["policies"]) == ["base", "sft"]
+    assert [w["judge"] for w in data["win_rates"]] == ["reward model"]
+    assert "perplexity" not in data["policies"]["base"]
+    assert "| sft |" in (tmp_path / "ev" / "report.md").read_text()
+    res = runner.invoke(app, ["eval", str(recipe_path), "--policy", "oops"])
+    assert res.exit_code == 2
+    assert "NAME=ADAPTER" in res.output
+    res = runner.invoke(app, ["eval", str(recipe_path), "--policy", f"x={tmp_path / 'nowhere'}"])
+    assert res.exit_code == 2
+    assert "does not exist" in res.output
