@@ -186,6 +186,19 @@ class EvalSection:
 
 
 @dataclass
+class PipelineSection:
+    """`lora-rlhf pipeline`: which stages run, in order; complete stages are skipped."""
+
+    stages: list[Literal["data", "sft", "compare", "reward", "ppo", "ppo-ptx", "eval"]] = field(
+        default_factory=lambda: ["data", "sft", "compare", "reward", "ppo", "eval"])
+    """`ppo` is plain PPO (ptx_coef 0) into OUT/ppo; `ppo-ptx` uses ppo.ptx_coef into OUT/ppo-ptx."""
+    data_builder: str | None = None
+    """`module:function(recipe)` that writes the datasets the recipe names (the demo builds its own)."""
+    reward_eval_fraction: float = 0.1
+    """Held-out share of compare's rankings, for the reward model's pairwise accuracy."""
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/default"
     """Every stage writes below this folder."""
@@ -199,6 +212,7 @@ class Recipe:
     compare: CompareSection = field(default_factory=CompareSection)
     ppo: PPOSection = field(default_factory=PPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
     trainer_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})
     """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig)."""
 
