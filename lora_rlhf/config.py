@@ -193,7 +193,9 @@ class PipelineSection:
         default_factory=lambda: ["data", "sft", "compare", "reward", "ppo", "eval"])
     """`ppo` is plain PPO (ptx_coef 0) into OUT/ppo; `ppo-ptx` uses ppo.ptx_coef into OUT/ppo-ptx."""
     data_builder: str | None = None
-    """`module:function(recipe)` that writes the datasets the recipe names (the demo builds its own)."""
+    """`module:function(recipe, **data_builder_args)` that writes the datasets the recipe names (the demo's)."""
+    data_builder_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for data_builder (sizes, samples per prompt...)."""
     reward_eval_fraction: float = 0.1
     """Held-out share of compare's rankings, for the reward model's pairwise accuracy."""
 

@@ -84,7 +84,8 @@ def _run_stage(recipe: Recipe, stage: str) -> Path | None:
             return None  # the datasets are the user's own files; each stage validates what it reads
         from lora_rlhf.plugins import load_callable
 
-        load_callable(recipe.pipeline.data_builder, "pipeline.data_builder")(recipe)
+        builder = load_callable(recipe.pipeline.data_builder, "pipeline.data_builder")
+        builder(recipe, **recipe.pipeline.data_builder_args)
         return Path(recipe.output_dir) / "data"
     if stage == "sft":
         from lora_rlhf.sft import run_sft

@@ -1,0 +1,105 @@
+"""`lora-rlhf pipeline`: stage order, skip-when-complete, --force, and the demo end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app
+from lora_rlhf.config import load_recipe, recipe_from_dict
+from lora_rlhf.errors import RecipeError
+from lora_rlhf.pipeline import is_complete, run_pipeline, with_pipeline_defaults
+
+runner = CliRunner()
+
+
+def test_reward_reads_compare_rankings_by_default(tmp_path):
+    recipe = with_pipeline_defaults(recipe_from_dict({"output_dir": str(tmp_path)}))
+    assert recipe.data.reward.path == str(tmp_path / "compare" / "rankings.jsonl")
+    assert recipe.data.reward.eval_fraction == 0.1
+
+
+def test_ppo_ptx_stage_without_ptx_settings_fails_before_any_stage_runs(tmp_path):
+    recipe = recipe_from_dict({"output_dir": str(tmp_path / "run"), "pipeline": {"stages": ["sft", "ppo-ptx"]}})
+    with pytest.raises(RecipeError, match="'ppo-ptx' needs ppo.ptx_coef > 0 and a data.ptx dataset"):
+        run_pipeline(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_force_stage(tmp_path):
+    with pytest.raises(RecipeError, match="--force: unknown stage 'rm'"):
+        run_pipeline(recipe_from_dict({"output_dir": str(tmp_path)}), force=["rm"])
+
+
+def test_complete_stages_are_skipped_and_force_reruns(tmp_path, monkeypatch):
+    """Completion is the stage's own marker; the pipeline runs exactly the incomplete or forced stages."""
+    from lora_rlhf import pipeline
+
+    ran = []
+
+    def fake_stage(recipe, stage):
+        ran.append(stage)
+        marker = pipeline._complete_marker(recipe, stage)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("{}")
+
+    monkeypatch.setattr(pipeline, "_run_stage", fake_stage)
+    recipe = recipe_from_dict({"output_dir": str(tmp_path), "pipeline": {"stages": ["sft", "reward", "eval"]}})
+    run_pipeline(recipe)
+    assert ran == ["sft", "reward", "eval"]
+    ran.clear()
+    results = run_pipeline(recipe)
+    assert ran == [] and all(r.skipped for r in results)
+    (tmp_path / "reward" / "lora_rlhf.json").unlink()  # an interrupted reward stage
+    run_pipeline(recipe, force=["eval"])
+    assert ran == ["reward", "eval"]
+    assert is_complete(recipe, "reward")
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_quick_variant(tmp_path):
+    """The demo recipe with tiny sizes on the embedded 135M model: every stage, then a resume that skips all."""
+    out = tmp_path / "demo"
+    overrides = [
+        f"output_dir={out}",
+        f"data.sft.path={out}/data/sft.jsonl", f"data.prompts.path={out}/data/prompts_train.jsonl",
+        f"data.ptx.path={out}/data/ptx.jsonl", f"data.eval.path={out}/data/prompts_eval.jsonl",
+        f"eval.general_text={out}/data/general_eval.jsonl", "eval.general_max_texts=4", "eval.max_new_tokens=16",
+        "pipeline.data_builder_args={n_demos: 4, n_train: 8, n_eval: 4, n_ptx: 8, n_general: 4, "
+        "samples_per_prompt: 2, max_new_tokens: 16}",
+        "sft.num_train_epochs=1", "compare.k=3", "compare.max_new_tokens=16",
+        "reward.per_device_train_batch_size=6", "pipeline.reward_eval_fraction=0.25",
+        "ppo.total_episodes=8", "ppo.batch_size=4", "ppo.local_rollout_forward_batch_size=4",
+        "ppo.num_mini_batches=1", "ppo.num_ppo_epochs=1", "ppo.response_length=12", "ppo.save_steps=1",
+        "ppo.ptx_batch_size=2",
+    ]
+    args = ["pipeline", "recipes/demo_smollm2_cpu.yaml"] + [a for o in overrides for a in ("--set", o)]
+    started = time.perf_counter()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    first_run = time.perf_counter() - started
+    for path in ("data/sft.jsonl", "sft/lora_rlhf.json", "compare/candidates.jsonl", "compare/rankings.jsonl",
+                 "reward/lora_rlhf.json", "reward/head.safetensors", "ppo/policy/lora_rlhf.json",
+                 "ppo/value/head.safetensors", "ppo-ptx/policy/adapter_model.safetensors", "eval/report.md",
+                 "eval/results.json"):
+        assert (out / path).is_file(), path
+    results = json.loads((out / "eval" / "results.json").read_text())
+    report = (out / "eval" / "report.md").read_text()
+    for policy in ("base", "sft", "ppo", "ppo-ptx"):
+        assert policy in json.dumps(results), policy
+        assert re.search(rf"^\|\s*{re.escape(policy)}\s*\|", report, re.M), policy
+    ptx_recipe = yaml.safe_load((out / "ppo-ptx" / "recipe.yaml").read_text())
+    assert ptx_recipe["ppo"]["ptx_coef"] > 0
+    assert yaml.safe_load((out / "ppo" / "recipe.yaml").read_text())["ppo"]["ptx_coef"] == 0
+
+    started = time.perf_counter()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("skipped") == 7, again.output
+    assert time.perf_counter() - started < first_run / 5
+    assert load_recipe("recipes/demo_smollm2_cpu.yaml").output_dir == "runs/demo"
