@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from cli._common import handle_errors
-from lora_rlhf.merge import merge_adapter
 
 
 @handle_errors
@@ -21,6 +20,8 @@ def command(
                                                               "the adapter's lora_rlhf.json).")] = None,
 ) -> None:
     """Merge an adapter into its base and save a plain transformers model folder."""
+    from lora_rlhf.merge import merge_adapter  # torch: imported only when the command runs, not for --help
+
     result = merge_adapter(adapter, out_dir, dtype=dtype, model=model)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from cli._common import handle_errors
-from lora_rlhf import hub
 
 
 @handle_errors
@@ -17,6 +16,8 @@ def command(
     dest: Annotated[Path, typer.Argument(help="New folder to write (must not exist, or be empty).")],
 ) -> None:
     """Download adapters (safetensors and their JSON/YAML/Markdown files; never pickles)."""
+    from lora_rlhf import hub  # torch comes with it: import when the command runs, not for --help
+
     folders = hub.pull(repo, dest)
     typer.echo(f"Pulled {repo} into {dest}; adapters:")
     for folder in folders:

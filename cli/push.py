@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from cli._common import handle_errors
-from lora_rlhf import hub
 
 
 class What(str, Enum):
@@ -39,6 +38,8 @@ def command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the files and the card; upload nothing.")] = False,
 ) -> None:
     """Upload adapters (safetensors, JSON, YAML, Markdown only) with a model card each."""
+    from lora_rlhf import hub  # torch comes with it: import when the command runs, not for --help
+
     plan = hub.plan_push(output_dir, repo_id, what=what.value if what else None, revision=revision,
                          private=private, base_model=base_model, license=license)
     target = f"{plan.repo_id} (branch {plan.revision or 'main'}{', private' if private else ''})"
