@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import compare, eval, generate, label, reward, score, sft
+from cli import compare, eval, generate, label, ppo, reward, score, sft
 
 app = typer.Typer(
     name="lora-rlhf",
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.command("sft", help="Step 1: supervised fine-tuning of a LoRA/QLoRA adapter.  e.g. lora-rlhf sft recipe.yaml")(sft.command)
 app.command("compare", help="Step 2a: sample K responses per prompt (+ rank them with a labeler).  e.g. lora-rlhf compare recipe.yaml")(compare.command)
 app.command("reward", help="Step 2: train the reward model (LoRA + scalar head) on rankings.  e.g. lora-rlhf reward recipe.yaml")(reward.command)
+app.command("ppo", help="Step 3: PPO (+ptx) of the policy adapter against the reward, all roles on one base.  e.g. lora-rlhf ppo recipe.yaml")(ppo.command)
 app.command("score", help="Score prompt/response pairs with a reward adapter.  e.g. lora-rlhf score runs/x/reward -p Hi --response Hello")(score.command)
 app.command("generate", help="Answer one prompt with the base + an adapter.  e.g. lora-rlhf generate -a runs/x/sft 'Hi'")(generate.generate)
 app.command("chat", help="Interactive chat with the base + an adapter.  e.g. lora-rlhf chat -a runs/x/sft")(generate.chat)
