@@ -181,6 +181,8 @@ def sequence_logprobs(shared: SharedBase, role: str | None, sequences: Sequence[
 
     `role` None is the bare base. Logits are divided by `temperature` (> 0) first.
     """
+    from trl.trainer.utils import selective_log_softmax
+
     from lora_rlhf.scoring import batches
 
     out: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
@@ -190,9 +192,8 @@ def sequence_logprobs(shared: SharedBase, role: str | None, sequences: Sequence[
         try:
             for rows, ids, mask in batches(sequences, batch_size, shared.tokenizer.pad_token_id, shared.device):
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                if temperature > 0 and temperature != 1.0:
-                    logits = logits / temperature
-                logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                # Gather-then-logsumexp row by row: no second [B, T, vocab] tensor.
+                logp = selective_log_softmax(logits, ids[:, 1:], temperature if temperature > 0 else 1.0)
                 for r, i in enumerate(rows):
                     start = max(starts[i], 1)
                     out[i] = logp[r, start - 1:len(sequences[i]) - 1].cpu()
@@ -271,6 +272,26 @@ class EvalResult:
                 "win_rates": [w.as_dict() for w in self.win_rates], "curves": self.curves}
 
 
+class _Clock:
+    """Seconds spent per phase, for the log and results.json (where does evaluation time go)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.laps[name] = round(now - self.last, 1)
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.0f}s" for k, v in self.laps.items())
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
@@ -331,27 +352,31 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
 
     responses: dict[str, list[str]] = {}
     results: dict[str, dict[str, Any]] = {}
-    timings: dict[str, float] = {}
+    timings: dict[str, dict[str, float]] = {}
     for p in policies:
         role = policy_roles[p.name]
-        t = time.time()
+        clock = _Clock()
         torch.manual_seed(recipe.seed)
         responses[p.name] = [r[0] for r in generate_responses(
             shared, prompts, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
+        clock.lap("generate")
         res: dict[str, Any] = {"adapter": str(p.adapter) if p.adapter else None}
         sequences, starts = encode_responses(shared.tokenizer, prompts, responses[p.name])
         res["length"] = _mean([len(s) - st for s, st in zip(sequences, starts, strict=True)])
         res["_kl"] = kl_to_reference(shared, role, ref_role, prompts, responses[p.name], cfg.temperature,
                                      cfg.batch_size)
         res["kl"] = _mean(res["_kl"])
+        clock.lap("kl")
         if has_rm:
             res["_rm"] = score_texts(shared, prompts, responses[p.name], batch_size=cfg.batch_size).cpu().tolist()
             res["rm_score"] = _mean(res["_rm"])
+            clock.lap("rm")
         if general is not None:
             res["perplexity"] = perplexity(shared, role, general, cfg.batch_size)
-        timings[p.name] = round(time.time() - t, 1)
+            clock.lap("perplexity")
+        timings[p.name] = clock.laps
         results[p.name] = res
-        log(f"{p.name}: {len(prompts)} responses scored in {timings[p.name]:.0f}s")
+        log(f"{p.name}: {len(prompts)} responses scored in {clock.total:.0f}s ({clock})")
 
     # 2. task score
     if cfg.labeler:

@@ -188,12 +188,14 @@ def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dic
 
 
 def write_report(out: Path, result: Any, num_samples: int = 5) -> Path:
-    """Write results.json, responses.jsonl, the plots and report.md (last) into `out`; return report.md."""
+    """Write responses.jsonl, the plots, report.md and results.json into `out`; return report.md.
+
+    results.json goes last: its presence marks a finished evaluation (the pipeline skips the stage then).
+    """
     from lora_rlhf.evaluate import clean_json, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     results = clean_json(result.as_dict())
-    write_json(out / "results.json", results)
     (out / "responses.jsonl").write_text(
         "".join(json.dumps(clean_json(r), ensure_ascii=False) + "\n" for r in result.responses))
     plots = []
@@ -206,4 +208,5 @@ def write_report(out: Path, result: Any, num_samples: int = 5) -> Path:
     tmp = out / "report.md.tmp"
     tmp.write_text(render_markdown(results, plots, result.responses[:num_samples]))
     tmp.replace(report)
+    write_json(out / "results.json", results)
     return report

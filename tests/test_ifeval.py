@@ -126,6 +126,7 @@ def test_labelers_agree_and_use_the_documented_signatures():
                  "Snow is frozen water that falls softly from the grey winter sky, as you know."]  # both fail
     assert ife.compliance(prompt, responses) == [1.0, 0.5, 0.0]
     assert [ife.score(prompt, r) for r in responses] == [1.0, 0.5, 0.0]
+    assert ife.score(prompt, responses) == [1.0, 0.5, 0.0]  # a list in, a list out: usable as a labeler
     soft = ife.rank(prompt, responses)
     assert soft[0] == 1.0 and soft[0] > soft[1] > soft[2] > 0.0
     assert ife.reward([prompt] * 3, responses) == soft

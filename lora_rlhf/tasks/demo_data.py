@@ -18,6 +18,7 @@ deterministic for one seed on one Python.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import random
@@ -109,22 +110,28 @@ def build_prompts(seed: int, n_train: int, n_eval: int) -> tuple[list[dict], lis
 
 
 def _unique(rng: random.Random, n: int, make, taken: set[str], kind: str) -> tuple[list[dict], set[str]]:
-    rows, taken = [], set(taken)
-    for _ in range(50 * n + 100):
-        if len(rows) == n:
-            break
+    rows, taken, misses = [], set(taken), 0
+    # Give up after a long run of duplicates: the pool of combinations is (nearly) exhausted.
+    while len(rows) < n and misses < 2000:
         row = make()
-        if row["prompt"] not in taken:
-            taken.add(row["prompt"])
-            rows.append({**row, "split_kind": kind})
+        if row["prompt"] in taken:
+            misses += 1
+            continue
+        misses = 0
+        taken.add(row["prompt"])
+        rows.append({**row, "split_kind": kind})
     if len(rows) < n:
         raise ValueError(f"only {len(rows)} distinct {kind} prompts can be made; ask for fewer")
     return rows, taken
 
 
 # ---------------------------------------------------------------------------------------------- general text
-def stdlib_paragraphs(min_words: int = 25, max_words: int = 120) -> dict[str, list[str]]:
-    """module name -> prose paragraphs of its docstrings (code examples and tables left out), sorted."""
+@functools.cache
+def stdlib_paragraphs(min_words: int = 25, max_words: int = 120) -> dict[str, tuple[str, ...]]:
+    """module name -> prose paragraphs of its docstrings (code examples and tables left out), sorted.
+
+    Cached: parsing the standard library takes a few seconds and its files do not change in a process.
+    """
     lib = Path(sysconfig.get_paths()["stdlib"])
     out: dict[str, list[str]] = {}
     for path in sorted(lib.glob("*.py")):
@@ -142,7 +149,7 @@ def stdlib_paragraphs(min_words: int = 25, max_words: int = 120) -> dict[str, li
                 if _is_prose(para, min_words, max_words):
                     paragraphs.append(" ".join(para.split()))
         if paragraphs:
-            out[path.stem] = sorted(set(paragraphs))
+            out[path.stem] = tuple(sorted(set(paragraphs)))
     return out
 
 

@@ -296,8 +296,13 @@ def judge(prompt: str | list[dict[str, str]], response: str, specs: list[Spec] |
 
 
 # ---------------------------------------------------------------------------------------------- labelers
-def score(prompt: str | list[dict[str, str]], response: str) -> float:
-    """Strict compliance of one response: the fraction of the prompt's constraints it meets."""
+def score(prompt: str | list[dict[str, str]], response: str | list[str]) -> float | list[float]:
+    """Strict compliance of one response: the fraction of the prompt's constraints it meets.
+
+    Given a list of responses it returns a list (like `compliance`), so it also works as a labeler.
+    """
+    if isinstance(response, list):
+        return compliance(prompt, response)
     return judge(prompt, response).compliance
 
 
