@@ -417,7 +417,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
 
     from lora_rlhf.report import write_report
 
-    write_report(out, result, num_samples=cfg.num_samples)
+    write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)
     return result, out
 
 

@@ -131,16 +131,17 @@ def plot_win_rates(win_rates: list[dict[str, Any]], path: Path) -> bool:
 
 
 def plot_scores(policies: dict[str, dict[str, Any]], path: Path) -> bool:
-    keys = [(k, h) for k, h, _ in COLUMNS[:2] if any(p.get(k) is not None for p in policies.values())]
+    keys = [(k, h) for k, h, _ in COLUMNS if any(p.get(k) is not None for p in policies.values())]
     if not keys:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
     names = list(policies)
     for ax, (key, header) in zip(axes[0], keys, strict=True):
         values = [policies[n].get(key) or 0.0 for n in names]
         ax.bar(names, values, color="tab:green", alpha=0.8)
-        ax.set(title=header)
+        ax.set_title(header, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -160,6 +161,52 @@ def _sample_block(row: dict[str, Any], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+NOTES = {
+    "task_score": "- **task score**: mean of the labeler's score (for IFEval-lite: the fraction of constraints met).",
+    "rm_score": "- **RM score**: reward model output minus its offset (SFT demonstrations average 0).",
+    "kl": "- **KL to ref**: mean over responses of the sum over tokens of log pi(y|x) - log pi_ref(y|x), at the "
+          "sampling temperature (as PPO's penalty).",
+    "length": "- **length**: response tokens (a PPO policy that games its reward often writes longer).",
+    "perplexity": "- **general-text ppl**: perplexity on held-out general text; a rise over the base is the "
+                  "alignment tax",
+}
+
+
+def _metric_notes(policies: dict[str, dict[str, Any]], settings: dict[str, Any]) -> list[str]:
+    notes = [note for key, note in NOTES.items() if any(p.get(key) is not None for p in policies.values())]
+    if any(p.get("perplexity") is not None for p in policies.values()):
+        notes[-1] += f" ({settings['general_texts']} texts from `{settings['general_text']}`)."
+    else:
+        notes.append("- Alignment tax not measured: set eval.general_text to a held-out `text` file.")
+    return notes
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """One line per trained policy: task/RM score against the base and SFT, win rate vs SFT, perplexity change."""
+    policies = results["policies"]
+    baselines = [b for b in ("sft", "base") if b in policies]
+    lines = []
+    for name, p in policies.items():
+        if name in ("base", "sft") or not baselines:
+            continue
+        parts = []
+        for key, label in (("task_score", "task score"), ("rm_score", "RM score")):
+            if p.get(key) is not None:
+                others = ", ".join(f"{b} {policies[b][key]:.3f}" for b in baselines if policies[b].get(key) is not None)
+                parts.append(f"{label} {p[key]:.3f}" + (f" ({others})" if others else ""))
+        for w in results.get("win_rates") or []:
+            if w["policy"] == name and w["baseline"] == baselines[0] and w["n"]:
+                parts.append(f"preferred to {w['baseline']} {100 * w['win_rate']:.0f} ± {100 * w['stderr']:.0f} % "
+                             f"of the time ({w['judge']})")
+        base_ppl = policies.get("base", {}).get("perplexity")
+        if p.get("perplexity") is not None and base_ppl:
+            parts.append(f"general-text perplexity {p['perplexity']:.2f} vs base {base_ppl:.2f} "
+                         f"({100 * (p['perplexity'] / base_ppl - 1):+.0f} %)")
+        if parts:
+            lines.append(f"- **{name}**: " + "; ".join(parts) + ".")
+    return lines
+
+
 def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dict[str, Any]]) -> str:
     s = results["settings"]
     parts = [
@@ -168,13 +215,9 @@ def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dic
         f"at most {s['max_new_tokens']} new tokens, seed {s['seed']}). "
         f"KL reference: `{s['reference']}`. Reward model: `{s['reward_adapter'] or 'none'}`. "
         f"Task labeler: `{s['labeler'] or 'none'}`.", "",
+        *(["## Summary", "", *summary(results), ""] if summary(results) else []),
         "## Policies", "", policy_table(results), "",
-        "- **task score**: mean of the labeler's score (for IFEval-lite: the fraction of constraints met).",
-        "- **RM score**: reward model output minus its offset (SFT demonstrations average 0).",
-        "- **KL to ref**: mean over responses of sum over tokens of log pi(y|x) - log pi_ref(y|x).",
-        "- **general-text ppl**: perplexity on held-out general text; a rise over the base is the alignment tax"
-        + (f" ({s['general_texts']} texts from `{s['general_text']}`)." if s.get("general_text") else
-           " (not measured: set eval.general_text)."),
+        *_metric_notes(results["policies"], s),
         "", "## Win rates", "", win_rate_table(results), "",
     ]
     for png in plots:
@@ -187,17 +230,18 @@ def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dic
     return "\n".join(parts) + "\n"
 
 
-def write_report(out: Path, result: Any, num_samples: int = 5) -> Path:
+def write_report(out: Path, results: dict[str, Any], responses: list[dict[str, Any]], num_samples: int = 5) -> Path:
     """Write responses.jsonl, the plots, report.md and results.json into `out`; return report.md.
 
-    results.json goes last: its presence marks a finished evaluation (the pipeline skips the stage then).
+    `results` is EvalResult.as_dict() (or a results.json read back). results.json goes last: its presence marks
+    a finished evaluation (the pipeline skips the stage then).
     """
     from lora_rlhf.evaluate import clean_json, write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    results = clean_json(result.as_dict())
+    results = clean_json(results)
     (out / "responses.jsonl").write_text(
-        "".join(json.dumps(clean_json(r), ensure_ascii=False) + "\n" for r in result.responses))
+        "".join(json.dumps(clean_json(r), ensure_ascii=False) + "\n" for r in responses))
     plots = []
     for name, make in (("scores.png", lambda p: plot_scores(results["policies"], p)),
                        ("win_rates.png", lambda p: plot_win_rates(results["win_rates"], p)),
@@ -206,7 +250,7 @@ def write_report(out: Path, result: Any, num_samples: int = 5) -> Path:
             plots.append(name)
     report = out / "report.md"
     tmp = out / "report.md.tmp"
-    tmp.write_text(render_markdown(results, plots, result.responses[:num_samples]))
+    tmp.write_text(render_markdown(results, plots, responses[:num_samples]))
     tmp.replace(report)
     write_json(out / "results.json", results)
     return report

@@ -22,7 +22,7 @@ from lora_rlhf.evaluate import (
     run_eval,
     win_rate,
 )
-from lora_rlhf.report import plot_training_curves, plot_win_rates
+from lora_rlhf.report import plot_training_curves, plot_win_rates, write_report
 from tests.conftest import write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,6 +159,7 @@ def test_eval_writes_a_report_holding_every_policy(run_dir, tiny_model_dir):
     for name in names:
         assert f"| {name} |" in table
     assert "task score (unseen)" in table
+    assert "## Summary" in report and "preferred to sft" in report
     for png in ("scores.png", "win_rates.png", "ppo_curves.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in report
@@ -173,6 +174,28 @@ def test_bad_input_fails_before_anything_is_written(run_dir, tiny_model_dir, tmp
     with pytest.raises(DataError, match="does not exist"):
         run_eval(recipe, out_dir=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_report_from_plain_results_summarises_what_each_trained_policy_changed(tmp_path):
+    results = {
+        "settings": {"eval_prompts": 4, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 8, "seed": 0,
+                     "reference": "run/sft", "reward_adapter": None, "labeler": "x:y", "general_text": "g.jsonl",
+                     "general_texts": 2, "seconds_total": 1.0},
+        "policies": {"base": {"task_score": 0.25, "kl": 9.0, "length": 30.0, "perplexity": 20.0},
+                     "sft": {"task_score": 0.5, "kl": 0.0, "length": 20.0, "perplexity": 22.0},
+                     "ppo": {"task_score": 0.75, "kl": 2.5, "length": 25.0, "perplexity": 25.0}},
+        "win_rates": [win_rate([1, 1, 0.5, 0], [0, 0.5, 0.5, 0], "ppo", "sft").as_dict()],
+        "curves": {},
+    }
+    rows = [{"prompt": "Describe snow. Avoid commas entirely.", "base": {"response": "a"}, "sft": {"response": "b"},
+             "ppo": {"response": "c"}}]
+    report = write_report(tmp_path, results, rows, num_samples=1).read_text()
+    # ppo: 2 wins + 2 ties of 4 -> 75 %; stderr sqrt(.75 * .25 / 4) = 22 %; ppl 25 vs 20 -> +25 %.
+    assert ("- **ppo**: task score 0.750 (sft 0.500, base 0.250); preferred to sft 75 ± 22 % of the time "
+            "(labeler); general-text perplexity 25.00 vs base 20.00 (+25 %).") in report
+    assert "| ppo | 0.750 | 2.50 | 25.0 | 25.00 |" in report
+    assert "RM score" not in report.split("## Win rates")[0]  # not measured, not shown
+    assert json.loads((tmp_path / "results.json").read_text())["policies"]["ppo"]["kl"] == 2.5
 
 
 def test_training_curve_and_win_rate_plots_are_pngs(tmp_path):
