@@ -81,7 +81,7 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
             responses = generate_responses(
                 shared, [r["prompt"] for r in chunk], role=role, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_p=cfg.top_p, num_return_sequences=cfg.k, batch_size=cfg.batch_size)
-            for row, answers in zip(chunk, responses):
+            for row, answers in zip(chunk, responses, strict=True):
                 line = {"id": row["id"], "prompt": row["prompt"], "responses": answers,
                         **{k: v for k, v in row.items() if k not in ("id", "prompt")}}
                 candidates.append(line)
@@ -104,7 +104,8 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 class _progress:
-    """A rich progress bar with ETA over prompts; `advance(n)` moves it. Disabled: a no-op."""
+    """Progress over prompts with ETA: a rich bar on a terminal, one line per batch in a log (a bar redrawn
+    with carriage returns is unreadable there). `advance(n)` moves it; disabled, a no-op."""
 
     def __init__(self, total: int, enabled: bool = True):
         self.total, self.enabled, self.bar = total, enabled, None
@@ -113,14 +114,39 @@ class _progress:
         if not self.enabled:
             return lambda n: None
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return self._lines()
         self.bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+                            TextColumn("ETA"), TimeRemainingColumn(), console=console)
         self.bar.start()
         task = self.bar.add_task("prompts", total=self.total)
         return lambda n: self.bar.advance(task, n)
+
+    def _lines(self) -> Callable[[int], None]:
+        import sys
+        import time
+
+        started, done = time.monotonic(), 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            elapsed = time.monotonic() - started
+            eta = elapsed / done * (self.total - done)
+            print(f"sampled {done}/{self.total} prompts, {elapsed:.0f}s elapsed, ETA {eta:.0f}s",
+                  file=sys.stderr, flush=True)
+
+        return advance
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:

@@ -14,7 +14,7 @@ gives no comparison rather than failing the run.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,3 @@ def adapter_labeler(spec: str, shared_base: Any, batch_size: int = 16) -> Judge:
 def load_labeler(spec: str, shared_base: Any) -> Judge:
     """A function labeler or a reward-adapter labeler, validated (imported / loaded) before any sampling."""
     return function_labeler(spec) if is_function_spec(spec) else adapter_labeler(spec, shared_base)
-
-
-def label_all(judge: Judge, prompts: Sequence[Prompt], responses: Sequence[list[str]]) -> list[dict[str, Any]]:
-    return [judge(p, r) for p, r in zip(prompts, responses)]

@@ -29,9 +29,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
-from lora_rlhf.base import (META_FILE, SharedBase, base_fingerprint, check_adapter_base, compute_dtype,
-                            disable_cpu_weight_repacking, load_tokenizer, lora_config, quantization_config,
-                            resolve_adapter, resolve_device, write_adapter_meta)
+from lora_rlhf.base import (
+    META_FILE,
+    SharedBase,
+    base_fingerprint,
+    check_adapter_base,
+    compute_dtype,
+    disable_cpu_weight_repacking,
+    load_tokenizer,
+    lora_config,
+    quantization_config,
+    resolve_adapter,
+    resolve_device,
+    write_adapter_meta,
+)
 from lora_rlhf.config import DatasetConfig, Recipe, save_recipe
 from lora_rlhf.data import load_sft_data, load_table
 from lora_rlhf.errors import DataError, ModelError
@@ -303,7 +314,7 @@ def save_reward_adapter(model: Any, tokenizer: Any, out: Path) -> ScalarHead:
 def seqcls_scores(model: Any, tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str],
                   batch_size: int = 8) -> torch.Tensor:
     """Scores of the trained sequence classifier itself (the reference the saved adapter must reproduce)."""
-    sequences = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    sequences = [encode(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     device = next(model.parameters()).device
     scores = torch.empty(len(sequences), dtype=torch.float32)
     model.eval()
@@ -370,6 +381,11 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     args = reward_training_args(recipe, out, device_type, held_out is not None)
     train_ds, dropped = tokenize_comparisons(train, tokenizer, args.max_length)
     eval_ds = tokenize_comparisons(held_out, tokenizer, args.max_length)[0] if held_out else None
+    if eval_ds is not None and len(eval_ds) == 0:
+        from transformers.trainer_utils import IntervalStrategy
+
+        # Every held-out pair is longer than max_length: no trainer eval; the pairwise accuracy below still runs.
+        eval_ds, args.eval_strategy = None, IntervalStrategy.NO
     if len(train_ds) == 0:
         raise DataError(f"all {len(train)} training comparisons are longer than reward.max_length={args.max_length}",
                         fix="raise reward.max_length, or shorten the prompts/responses")
@@ -396,6 +412,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,
+                               "global_step": result.global_step, "resumed_from": checkpoint,
                                "train_pairs": len(train_ds), "pairs_dropped_too_long": dropped,
                                "init_adapter": str(init_adapter) if init_adapter else None}
     losses = [r["loss"] for r in callback.history if "loss" in r]

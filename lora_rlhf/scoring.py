@@ -74,7 +74,7 @@ def score_texts(shared_base: Any, prompts: Sequence[Prompt], responses: Sequence
         raise ModelError(f"role '{role}' has no scalar head, so it cannot score",
                          fix="load a reward adapter (the output folder of `lora-rlhf reward`) for this role")
     tokenizer = shared_base.tokenizer
-    sequences = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    sequences = [encode(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     scores = torch.empty(len(sequences), dtype=torch.float32, device=shared_base.device)
     model = shared_base.model
     was_training = model.training

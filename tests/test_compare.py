@@ -75,7 +75,7 @@ def test_candidates_and_function_rankings(setup):
     assert candidates[0]["meta"] == {"src": 1}  # extra keys carried along
     assert candidates[1]["prompt"] == [{"role": "user", "content": "Name a fruit."}]
     rankings = read_jsonl(out / "rankings.jsonl")
-    for c, r in zip(candidates, rankings):
+    for c, r in zip(candidates, rankings, strict=True):
         assert r["responses"] == c["responses"]
         assert r["scores"] == [len(x) + i / 10 for i, x in enumerate(c["responses"])]
         assert r["labeler"].endswith(":by_length")

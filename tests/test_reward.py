@@ -16,8 +16,15 @@ from lora_rlhf.base import META_FILE, SharedBase, load_tokenizer
 from lora_rlhf.config import recipe_from_dict
 from lora_rlhf.errors import DataError, ModelError
 from lora_rlhf.heads import gather_last
-from lora_rlhf.reward import (_grouped_trainer_class, init_adapter_for, load_seqcls_model, reward_training_args,
-                              run_reward, seqcls_scores, tokenize_comparisons)
+from lora_rlhf.reward import (
+    _grouped_trainer_class,
+    init_adapter_for,
+    load_seqcls_model,
+    reward_training_args,
+    run_reward,
+    seqcls_scores,
+    tokenize_comparisons,
+)
 from lora_rlhf.scoring import batches, encode, score_texts
 
 WORDS = "red blue green small large quick slow happy sad bright dark warm cold soft loud".split()
@@ -61,7 +68,7 @@ def trained(tiny_model_dir, tmp_path_factory):
                                          "model": {"name": str(tiny_model_dir), "device": "cpu"},
                                          "quantization": {"mode": q}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                                          **s},
-                         tmp, "none", num_train_epochs=3, learning_rate=3e-3, per_device_train_batch_size=8)
+                         tmp, "none", num_train_epochs=2, learning_rate=3e-3, per_device_train_batch_size=8)
     return recipe, run_reward(recipe)
 
 
@@ -113,7 +120,7 @@ def _causal_and_seqcls_scores(recipe, out):
     responses = [x for r in rows for x in r["responses"]]
     shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
     shared.load_adapter("reward", out)
-    seqs = [encode(shared.tokenizer, p, r) for p, r in zip(prompts, responses)]
+    seqs = [encode(shared.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     causal = torch.empty(len(seqs))
     with torch.no_grad():
         for idx, ids, mask in batches(seqs, 5, shared.tokenizer.pad_token_id, "cpu"):
@@ -152,10 +159,16 @@ def test_offset_makes_the_demonstrations_score_zero_on_average(trained):
     torch.testing.assert_close(raw - centred, torch.full_like(raw, meta["reward_offset"]))
 
 
-def test_normalize_false_keeps_raw_scores(tiny_recipe, tmp_path):
-    recipe = make_recipe(tiny_recipe, tmp_path, rows=banana_rankings(2), max_steps=1, normalize=False)
-    meta = json.loads((run_reward(recipe) / META_FILE).read_text())
-    assert meta["reward_offset"] == 0.0
+def test_resume_continues_from_the_last_checkpoint_and_normalize_false(tiny_recipe, tmp_path):
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=banana_rankings(4), max_steps=1, normalize=False,
+                         save_strategy="steps", save_steps=1, per_device_train_batch_size=4)
+    out = run_reward(recipe)
+    assert json.loads((out / META_FILE).read_text())["reward_offset"] == 0.0  # normalize: false
+    assert (out / "checkpoints" / "checkpoint-1").is_dir()
+    recipe.trainer_args["reward"]["max_steps"] = 2
+    metrics = json.loads((run_reward(recipe, resume=True) / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-1") and metrics["global_step"] == 2
+    assert "resume from" in (out / "train.log").read_text()
 
 
 def test_grouped_batches_hold_all_pairs_of_a_prompt(tiny_recipe, tmp_path):
