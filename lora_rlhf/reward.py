@@ -267,13 +267,14 @@ def _score_layer(model: Any) -> torch.nn.Linear:
     return score.modules_to_save[ADAPTER] if hasattr(score, "modules_to_save") else score
 
 
-def fix_dtypes(model: Any, dtype: torch.dtype) -> None:
-    """Undo RewardTrainer's bf16 cast of trainable weights on a quantized base (DESIGN gotcha): LoRA weights in
-    the compute dtype, the head in fp32 reading hidden states cast to fp32 - exactly as ScalarHead does on the
-    causal base, so the saved head reproduces the trained scores."""
+def fix_dtypes(model: Any) -> None:
+    """Undo RewardTrainer's bf16 cast of trainable weights on a quantized base (DESIGN gotcha: fp32 hidden states
+    then meet a bf16 `score` and the forward fails). LoRA weights go back to fp32, PEFT's default and what the
+    causal base loads them as; the head stays fp32 and reads hidden states cast to fp32, exactly as ScalarHead
+    does on the causal base, so the saved adapter reproduces the trained scores."""
     for name, p in model.named_parameters():
-        if p.requires_grad and "lora_" in name and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+        if p.requires_grad and "lora_" in name and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     score = _score_layer(model)
     score.float()
     score.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
@@ -407,7 +408,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     trainer = _grouped_trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         callbacks=[callback], group_by_prompt=recipe.reward.group_by_prompt)
-    fix_dtypes(trainer.model, dtype)
+    fix_dtypes(trainer.model)
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
