@@ -28,10 +28,23 @@ def conversation(prompt: Prompt, response: str) -> list[dict[str, str]]:
 
 
 def encode(tokenizer: Any, prompt: Prompt, response: str) -> list[int]:
-    """Token ids of prompt + response as the reward model reads them (training and scoring alike)."""
+    """Token ids of prompt + response as the reward model reads them (training and scoring alike).
+
+    The sequence ends at the assistant turn's end-of-turn token: that is where generation stops, so a rollout
+    that ended (chat prompt ids + sampled ids up to the stop token) is this same sequence and its score is read
+    at the same position. What the template appends after it (SmolLM2: a newline) is dropped.
+    """
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(conversation(prompt, response), tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        ids = list(tokenizer.apply_chat_template(conversation(prompt, response), tokenize=True,
+                                                 return_dict=True)["input_ids"])
+        eos = tokenizer.eos_token_id
+        if eos in ids:
+            end = len(ids) - ids[::-1].index(eos)
+            # Only a whitespace tail is cut: an eos inside the prompt (a template whose turns end otherwise)
+            # must not cut the response away.
+            if tokenizer.decode(ids[end:]).strip() == "":
+                ids = ids[:end]
+        return ids
     # No chat template (a base model): plain concatenation, closed by EOS so the last token marks the end.
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
     return tokenizer(text + response + (tokenizer.eos_token or ""))["input_ids"]

@@ -33,8 +33,8 @@ FAST = {"eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "repor
 
 def answer(rng: random.Random, good: bool) -> str:
     words = rng.sample(WORDS, 3)
-    if good:  # the preference to learn: answers that mention "banana" win
-        words.insert(rng.randrange(4), "banana")
+    if good:  # the preference to learn: answers that mention "banana" (never first: one token spelling) win
+        words.insert(rng.randrange(1, 4), "banana")
     return " ".join(words)
 
 

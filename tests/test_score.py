@@ -53,3 +53,18 @@ def test_score_errors_exit_2(adapter, tmp_path, tiny_model_dir):
     (sft / "lora_rlhf.json").write_text(json.dumps({**meta, "stage": "sft", "role": "policy", "head": None}))
     result = runner.invoke(app, ["score", str(sft), "-p", "Hi", "--response", "x"])
     assert result.exit_code == 2 and "not a reward adapter" in result.output
+
+
+def test_encode_is_the_sequence_a_finished_rollout_has(tiny_model_dir):
+    # PPO scores a rollout on its own ids: chat prompt (with the generation prompt) + sampled tokens up to the
+    # stop token. The RM is trained and scored on `encode`, so the two must be the same token sequence.
+    from lora_rlhf.base import load_tokenizer
+    from lora_rlhf.generation import chat_text
+    from lora_rlhf.scoring import encode
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    for prompt, response in [("Tell me about cats.", "Cats are small, furry animals."),
+                             ([{"role": "user", "content": "Name a fruit."}], "banana")]:
+        rollout = (tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
+                   + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        assert encode(tok, prompt, response) == rollout
