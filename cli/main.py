@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import compare, eval, generate, label, ppo, reward, score, sft
+from cli import compare, eval, generate, label, merge, pipeline, ppo, pull, push, reward, score, sft
 
 app = typer.Typer(
     name="lora-rlhf",
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 
 # --- commands (keep one line each; the help text is the first line of the command's docstring) ---
+app.command("pipeline", help="The whole recipe: data -> SFT -> compare -> reward -> PPO(-ptx) -> eval; resumes.  e.g. lora-rlhf pipeline recipes/demo_smollm2_cpu.yaml")(pipeline.command)
 app.command("sft", help="Step 1: supervised fine-tuning of a LoRA/QLoRA adapter.  e.g. lora-rlhf sft recipe.yaml")(sft.command)
 app.command("compare", help="Step 2a: sample K responses per prompt (+ rank them with a labeler).  e.g. lora-rlhf compare recipe.yaml")(compare.command)
 app.command("reward", help="Step 2: train the reward model (LoRA + scalar head) on rankings.  e.g. lora-rlhf reward recipe.yaml")(reward.command)
@@ -27,6 +28,9 @@ app.command("score", help="Score prompt/response pairs with a reward adapter.  e
 app.command("generate", help="Answer one prompt with the base + an adapter.  e.g. lora-rlhf generate -a runs/x/sft 'Hi'")(generate.generate)
 app.command("chat", help="Interactive chat with the base + an adapter.  e.g. lora-rlhf chat -a runs/x/sft")(generate.chat)
 app.command("label", help="Rank candidate responses in a local web page (or --terminal) -> rankings.  e.g. lora-rlhf label cands.jsonl -o ranks.jsonl")(label.command)
+app.command("push", help="Upload adapters with model cards to the Hugging Face Hub.  e.g. lora-rlhf push runs/x user/my-rlhf --what all")(push.command)
+app.command("pull", help="Download an adapter repo from the Hub (safetensors only).  e.g. lora-rlhf pull user/my-rlhf adapters/")(pull.command)
+app.command("merge", help="Merge an adapter into a bf16/fp16/fp32 copy of its base for serving.  e.g. lora-rlhf merge runs/x/sft merged/")(merge.command)
 app.command("eval", help="Compare base, SFT, PPO(-ptx) on held-out prompts: scores, KL, win rates, alignment tax.  e.g. lora-rlhf eval recipe.yaml")(eval.command)
 
 
