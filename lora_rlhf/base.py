@@ -119,11 +119,28 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, for_train
     elif for_training and model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    if device.type == "cpu" and quant.mode != "none":
+        release_checkpoint_file(model)
     for p in model.parameters():
         p.requires_grad_(False)
     info = {"name_or_path": model_cfg.name, "revision": model_cfg.revision,
             "fingerprint": base_fingerprint(model.config), "quantization": quant.mode}
     return model, tokenizer, info
+
+
+def release_checkpoint_file(model: nn.Module) -> None:
+    """Give the unquantized weights of a quantized CPU model their own memory, so the checkpoint can be unmapped.
+
+    On the CPU transformers memory-maps the safetensors file and leaves embeddings and norms as views into it;
+    that keeps the whole file mapped, and every page read while quantizing stays resident in the process. Copying
+    these few tensors frees the mapping: the 135M base then holds ~0.8 GB instead of ~1.1 GB of RSS.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            for _, t in tensors:
+                if t.is_floating_point():  # quantized weights are uint8/int8 and already own their memory
+                    t.data = t.data.clone()
 
 
 def disable_cpu_weight_repacking(model: nn.Module) -> None:

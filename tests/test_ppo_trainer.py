@@ -100,7 +100,21 @@ def owner(name: str) -> str:
     return _adapter_of(name) or "base"
 
 
-def test_one_step_trains_policy_value_and_head_and_nothing_else(tiny_recipe, adapters):
+def base_weight_census() -> tuple[set[int], set[int]]:
+    """Storages of every 4-bit weight and every embedding matrix alive in the process."""
+    import bitsandbytes as bnb
+
+    gc.collect()
+    objects = gc.get_objects()
+    quantized = {o.data_ptr() for o in objects if isinstance(o, bnb.nn.Params4bit)}
+    embeddings = {o.weight.data_ptr() for o in objects if isinstance(o, torch.nn.Embedding)}
+    return quantized, embeddings
+
+
+def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_recipe, adapters):
+    import bitsandbytes as bnb
+
+    quantized_before, embeddings_before = base_weight_census()
     trainer = trainer_with_adapters(tiny_recipe, adapters)
     sb = trainer.models["policy"]
     assert all(trainer.models[r] is sb for r in ("reference", "reward", "value"))  # one base, four roles
@@ -123,6 +137,14 @@ def test_one_step_trains_policy_value_and_head_and_nothing_else(tiny_recipe, ada
     # and still frozen after the adapter switches of the step
     for name, p in sb.model.named_parameters():
         assert p.requires_grad == (_adapter_of(name) in ("policy", "value")), name
+
+    # All four roles and a PPO step later, the process holds exactly one more set of 4-bit weights and one more
+    # embedding matrix than before: one copy of the base.
+    quantized_after, embeddings_after = base_weight_census()
+    n_linear4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in sb.model.modules())
+    assert n_linear4bit == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert len(quantized_after - quantized_before) == n_linear4bit
+    assert len(embeddings_after - embeddings_before) == 1
 
 
 def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters):
@@ -170,28 +192,6 @@ def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, adap
         hook.remove()
     assert batch.lengths.tolist() == [trainer.cfg.response_length] * 4 and not batch.ended.any()
     assert (batch.responses == eos).all() and batch.response_mask.all()
-
-
-def test_exactly_one_copy_of_the_base_weights(tiny_recipe, adapters):
-    """All four roles on one base: the process holds one set of 4-bit weights and one embedding matrix more
-    than before, also after a PPO step."""
-    import bitsandbytes as bnb
-
-    def census():
-        gc.collect()
-        quantized = {o.data_ptr() for o in gc.get_objects() if isinstance(o, bnb.nn.Params4bit)}
-        embeddings = {o.weight.data_ptr() for o in gc.get_objects() if isinstance(o, torch.nn.Embedding)}
-        return quantized, embeddings
-
-    q0, e0 = census()
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
-    trainer.step()
-    q1, e1 = census()
-    sb = trainer.models["policy"]
-    n_linear4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in sb.model.modules())
-    assert n_linear4bit == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
-    assert len(q1 - q0) == n_linear4bit
-    assert len(e1 - e0) == 1
 
 
 def test_nan_reward_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_recipe, reward_file, prompts_file,
@@ -249,3 +249,67 @@ def test_ptx_rows_target_only_the_completion(tiny_model_dir):
     ids, labels = tokenize_row(tok, {"prompt": [{"role": "user", "content": "Hi"}], "completion": "Hello"}, 512)
     assert tok.decode([t for t in labels if t != IGNORE]).startswith("Hello")
     assert len(tokenize_row(tok, {"text": "word " * 100}, 16)[0]) == 16
+
+
+def build_banana_model(folder: Path, p_target: float = 0.1) -> Path:
+    """A tiny model with a reward the policy can learn in a few dozen steps.
+
+    A random tiny model's next-token distribution is nearly uniform over 49k tokens and has no feature shared by
+    all contexts, so no LoRA update makes one token likelier everywhere. Here biases give the final hidden states
+    a shared direction, and the lm_head row of " banana" points along it, tuned so that p(banana) is ~10 %.
+    """
+    from conftest import build_tiny_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = build_tiny_model(folder.with_name(folder.name + "-src"), tie_word_embeddings=False, mlp_bias=True,
+                           attention_bias=True)
+    model, tok = AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src)
+    target = tok.encode(" banana", add_special_tokens=False)[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        hidden = model.model(torch.randint(100, 40000, (32, 24), generator=g)).last_hidden_state.flatten(0, 1)
+        direction = (hidden / hidden.norm(dim=-1, keepdim=True)).mean(0)
+        lo, hi = 0.0, 50.0
+        for _ in range(30):  # bisect the row's length until p(banana) averages p_target
+            scale = (lo + hi) / 2
+            model.lm_head.weight[target] = scale * direction / direction.norm()
+            p = model.lm_head(hidden).softmax(-1)[:, target].mean().item()
+            lo, hi = (scale, hi) if p < p_target else (lo, scale)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path):
+    """Reward: +1 per " banana" in the response. Within 20 PPO steps the policy says it far more often, while the
+    KL penalty keeps it close to the reference."""
+    model_dir = build_banana_model(tmp_path / "banana-llama")
+    (tmp_path / "banana.py").write_text("def reward(prompts, responses):\n"
+                                        "    return [float(r.count('banana')) for r in responses]\n")
+    recipe = recipe_from_dict(tiny_recipe(
+        model={"name": str(model_dir), "device": "cpu"},
+        ppo={**FAST_PPO, "reward_fn": f"{tmp_path}/banana.py:reward", "total_episodes": 160, "batch_size": 8,
+             "local_rollout_forward_batch_size": 8, "response_length": 8, "num_ppo_epochs": 2,
+             "num_mini_batches": 2, "learning_rate": 1e-3, "kl_coef": 0.1}))
+    trainer = build_trainer(recipe, resolve_sources(recipe), PROMPTS)
+    sb = trainer.models["policy"]
+    target = sb.tokenizer.encode(" banana", add_special_tokens=False)[0]
+
+    def p_banana() -> float:  # exact, no sampling noise: p(" banana") as the first token of each answer
+        q, mask = rollout.left_pad(rollout.encode_prompts(sb.tokenizer, PROMPTS), sb.tokenizer.pad_token_id, sb.device)
+        with torch.no_grad(), sb.use("policy") as model:
+            logits = model(input_ids=q, attention_mask=mask, position_ids=rollout.position_ids(mask)).logits[:, -1]
+        return logits.softmax(-1)[:, target].mean().item()
+
+    p_before = p_banana()
+    history = [trainer.step()[0] for _ in range(trainer.num_steps)]
+    scores = [m["objective/scores"] for m in history]
+    kls = [m["objective/kl"] for m in history]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > 2 * first and last - first > 0.5, scores
+    assert p_banana() > 2 * p_before
+    assert max(kls[-5:]) < 10.0, kls  # nats per 8-token response: the penalty holds the policy near the reference

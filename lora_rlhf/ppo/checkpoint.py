@@ -99,7 +99,7 @@ def load_checkpoint(folder: Path, models: Mapping[str, SharedBase], optimizer: t
         if role in sb.heads:
             saved = ScalarHead.load(folder / role, sb.device)
             with torch.no_grad():
-                for p, q in zip(sb.heads[role].parameters(), saved.parameters()):
+                for p, q in zip(sb.heads[role].parameters(), saved.parameters(), strict=True):
                     p.copy_(q)
     extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])

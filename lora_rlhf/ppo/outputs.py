@@ -74,7 +74,7 @@ class RunLog:
 
     def samples(self, step: int, prompts: list[Any], texts: list[str], scores: list[float]) -> None:
         rows = [{"step": step, "prompt": prompt_text(p), "response": r, "score": s}
-                for p, r, s in list(zip(prompts, texts, scores))[:SAMPLES_SHOWN]]
+                for p, r, s in list(zip(prompts, texts, scores, strict=True))[:SAMPLES_SHOWN]]
         with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         lines = [f"samples at step {step}:", f"  {'score':>8} | {'prompt':<40} | response"]

@@ -152,7 +152,7 @@ def generate(models: Mapping[str, SharedBase], prompts: list[Any], cfg: PPOSecti
     raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
     responses, lengths, ended = truncate_after_stop(raw, stop_id, pad_id)
     response_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    texts = tokenizer.batch_decode([r[:n] for r, n in zip(responses.tolist(), lengths.tolist())],
+    texts = tokenizer.batch_decode([r[:n] for r, n in zip(responses.tolist(), lengths.tolist(), strict=True)],
                                    skip_special_tokens=True)
     return Batch(prompts=list(prompts), query_responses=torch.cat([query, responses], 1),
                  attention_mask=torch.cat([query_mask, response_mask], 1), context_length=query.shape[1],

@@ -23,24 +23,32 @@ How this differs from TRL 1.12's PPOTrainer (whose config names we keep):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import random
 import signal
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_rlhf.base import SharedBase
-from lora_rlhf.config import Recipe
-from lora_rlhf.errors import LoraRlhfError
+from lora_rlhf.base import META_FILE, ROLES, SharedBase
+from lora_rlhf.config import Recipe, recipe_to_dict, save_recipe
+from lora_rlhf.data import load_prompts
+from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
+from lora_rlhf.ppo import checkpoint as ckpt
 from lora_rlhf.ppo import losses, rollout
 from lora_rlhf.ppo.kl import RunningMoments, make_kl_controller
-from lora_rlhf.ppo.ptx import PtxData, epoch_order, ptx_loss
+from lora_rlhf.ppo.outputs import RunLog, write_run_info
+from lora_rlhf.ppo.ptx import PtxData, epoch_order, load_ptx_rows, ptx_loss
+from lora_rlhf.ppo.roles import Sources, resolve_sources, setup_roles
 from lora_rlhf.ppo.rollout import Batch, RewardSource
+from lora_rlhf.ppo.tracking import check_trackers
 
 log = logging.getLogger("lora_rlhf.ppo")
 
@@ -100,6 +108,7 @@ class PPOTrainer:
 
         # 5. Optimise the policy and value adapters (and the value head) on this batch.
         self._train_mode(True)
+        lr = self.scheduler.get_last_lr()[0]
         stats = self._optimise(batch, advantages, returns)
         self.scheduler.step()
         t3 = time.perf_counter()
@@ -118,7 +127,7 @@ class PPOTrainer:
             **stats,
             "val/ended": batch.ended.float().mean().item(),
             "val/response_length": batch.lengths.float().mean().item(),
-            "kl_coef": kl_coef, "lr": self.scheduler.get_last_lr()[0],
+            "kl_coef": kl_coef, "lr": lr,
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/optimisation": t3 - t2,
             "time/step": t3 - t0, "tokens/s": n_tokens / (t3 - t0), "episodes/s": len(batch.prompts) / (t3 - t0),
             "memory/peak_gb": peak_memory_gb(device),
@@ -261,22 +270,11 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     resume: True continues from OUT/<stage>/checkpoint (which must exist); False refuses to start over an
     existing run; None (the pipeline's default) continues when there is a checkpoint and starts otherwise.
     """
-    import json
-
-    from lora_rlhf.base import META_FILE
-    from lora_rlhf.config import recipe_to_dict, save_recipe
-    from lora_rlhf.data import load_prompts
-    from lora_rlhf.ppo import checkpoint as ckpt
-    from lora_rlhf.ppo.outputs import RunLog, write_run_info
-    from lora_rlhf.ppo.ptx import load_ptx_rows
-    from lora_rlhf.ppo.roles import resolve_sources
-    from lora_rlhf.ppo.tracking import check_trackers
-
     cfg, out = recipe.ppo, recipe.stage_dir(stage)
     # Setup. Everything the user gave is checked before anything is written or loaded.
     sources = resolve_sources(recipe)
     prompts = load_prompts(recipe.data.prompts, recipe.seed)
-    ptx_rows = _ptx_rows(recipe, load_ptx_rows)
+    ptx_rows = _ptx_rows(recipe)
     check_trackers(cfg.report_to)
     existing = ckpt.find_checkpoint(out)
     compat = _resume_fields(recipe, sources)
@@ -314,14 +312,9 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     return final
 
 
-def build_trainer(recipe: Recipe, sources: Any, prompts: list[Any],
+def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any],
                   ptx_rows: list[dict[str, Any]] | None = None) -> PPOTrainer:
     """Load the base once, put the four roles on it, and return a trainer at step 0."""
-    import random
-
-    from lora_rlhf.base import ROLES
-    from lora_rlhf.ppo.roles import setup_roles
-
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     sb = SharedBase.load(recipe.model, recipe.quantization)
@@ -331,10 +324,8 @@ def build_trainer(recipe: Recipe, sources: Any, prompts: list[Any],
     return PPOTrainer(recipe, models, prompts, reward, ptx)
 
 
-def fit(trainer: PPOTrainer, runlog: Any, out: Any, compat: dict[str, Any]) -> dict[str, float]:
+def fit(trainer: PPOTrainer, runlog: RunLog, out: Path, compat: dict[str, Any]) -> dict[str, float]:
     """PPO steps until total_episodes, with step 6 (log / samples / checkpoint) after each."""
-    from lora_rlhf.ppo import checkpoint as ckpt
-
     cfg = trainer.cfg
     metrics: dict[str, float] = {}
     if trainer.step_index >= trainer.num_steps:
@@ -358,21 +349,19 @@ def fit(trainer: PPOTrainer, runlog: Any, out: Any, compat: dict[str, Any]) -> d
     return metrics
 
 
-def _ptx_rows(recipe: Recipe, load_ptx_rows: Any) -> list[dict[str, Any]] | None:
+def _ptx_rows(recipe: Recipe) -> list[dict[str, Any]] | None:
     if recipe.ppo.ptx_coef <= 0:
         if recipe.data.ptx is not None:
             log.warning("data.ptx is ignored: ppo.ptx_coef is 0 (set it > 0 for PPO-ptx)")
         return None
     if recipe.data.ptx is None:
-        from lora_rlhf.errors import DataError
-
         raise DataError(f"ppo.ptx_coef is {recipe.ppo.ptx_coef} but the recipe has no data.ptx for PPO-ptx's "
                         "language-modelling loss", fix="add `data: {ptx: {path: text.jsonl}}` (text or "
                         "prompt/completion rows), or set ppo.ptx_coef: 0")
     return load_ptx_rows(recipe.data.ptx, recipe.seed)
 
 
-def _resume_fields(recipe: Recipe, sources: Any) -> dict[str, Any]:
+def _resume_fields(recipe: Recipe, sources: Sources) -> dict[str, Any]:
     """Settings a checkpoint only fits when unchanged."""
     lora = recipe.lora
     return {"model.name": recipe.model.name, "quantization.mode": recipe.quantization.mode,
@@ -381,17 +370,13 @@ def _resume_fields(recipe: Recipe, sources: Any) -> dict[str, Any]:
 
 
 def _check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    from lora_rlhf.errors import RecipeError
-
-    problems = [f"{k} was {saved[k]!r} when the checkpoint was written, now {now.get(k)!r}"
-                for k in saved if saved[k] != now.get(k)]
-    if problems:
-        raise RecipeError(problems + ["fix: resume with the recipe the run started with (OUT/ppo/recipe.yaml)"],
-                          source="--resume")
+    changed = [f"{k} was {saved[k]!r} when the checkpoint was written, now {now.get(k)!r}"
+               for k in saved if saved[k] != now.get(k)]
+    if changed:
+        raise RecipeError(changed, source="--resume: the checkpoint does not fit this recipe (resume with the "
+                                          "recipe the run started with, saved as OUT/ppo/recipe.yaml)")
 
 
-def _last_metrics(out: Any) -> dict[str, float]:
-    import json
-
+def _last_metrics(out: Path) -> dict[str, float]:
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
     return json.loads(lines[-1]) if lines else {}

@@ -1,0 +1,116 @@
+"""`lora-rlhf ppo` through the CLI: outputs on disk, PPO-ptx, and the user errors that exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def run_dir(tiny_model_dir, tmp_path) -> Path:
+    """A recipe folder with prompts and ptx text; OUT/sft and OUT/reward hold finished steps 1 and 2."""
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "ptx.jsonl").write_text("".join(json.dumps({"text": f"Some general text number {i}."}) + "\n"
+                                                for i in range(5)))
+    return tmp_path
+
+
+def write_recipe(folder: Path, model_dir: Path, **ppo) -> Path:
+    recipe = {"output_dir": str(folder / "run"), "seed": 0, "model": {"name": str(model_dir), "device": "cpu"},
+              "quantization": {"mode": "4bit"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+              "data": {"prompts": {"path": "prompts.jsonl"}, "ptx": {"path": "ptx.jsonl"}},
+              "ppo": {**FAST_PPO, **ppo}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cli_ppo_writes_every_output(run_dir, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    make_adapters(tiny_model_dir, run_dir / "run")  # OUT/sft and OUT/reward: found without being named
+    recipe = write_recipe(run_dir, tiny_model_dir, ptx_coef=0.5, ptx_batch_size=2)
+    result = runner.invoke(app, ["ppo", str(recipe), "--set", "ppo.kl_coef=0.1"])
+    assert result.exit_code == 0, result.output
+    assert "PPO policy written to" in result.output
+    out = run_dir / "run" / "ppo"
+
+    meta = json.loads((out / "policy" / "lora_rlhf.json").read_text())
+    assert (meta["stage"], meta["role"]) == ("ppo", "policy")
+    assert json.loads((out / "value" / "lora_rlhf.json").read_text())["head"]["file"] == "head.safetensors"
+    assert (out / "value" / "head.safetensors").is_file()
+    # a plain PEFT folder: no lora-rlhf needed to use the policy
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "policy"))
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # 8 episodes / batch of 4
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "policy/approxkl",
+                "policy/clipfrac", "loss/policy", "loss/value", "loss/ptx", "val/ratio", "kl_coef", "tokens/s",
+                "time/generation", "time/scoring", "time/optimisation"):
+        assert key in metrics[-1], key
+    assert metrics[-1]["kl_coef"] == 0.1  # the --set override reached the trainer
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and {"prompt", "response", "score"} <= set(samples[0])
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["ppo"]["kl_coef"] == 0.1
+    log = (out / "train.log").read_text()
+    assert "step 2/2" in log and "samples at step 1" in log
+    run = json.loads((out / "run.json").read_text())
+    assert run["roles"]["reward"].endswith("reward") and run["roles"]["reference"].endswith("sft")
+    assert json.loads((out / "metrics.json").read_text())["step"] == 2
+
+    # a second run over the finished one must be asked for explicitly
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 2 and "--resume" in result.output
+    # and a checkpoint only continues with the settings it was written with
+    result = runner.invoke(app, ["ppo", str(recipe), "--resume", "--set", "lora.r=4"])
+    assert result.exit_code == 2 and "lora.r was 8" in result.output
+
+
+def test_cli_ppo_without_a_reward_exits_2(run_dir, tiny_model_dir):
+    recipe = write_recipe(run_dir, tiny_model_dir)
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 2
+    assert "PPO has no reward" in result.output and "lora-rlhf reward" in result.output
+    assert not (run_dir / "run" / "ppo").exists()  # nothing written before the check
+
+
+def test_cli_ppo_resume_without_checkpoint_exits_2(run_dir, tiny_model_dir):
+    (run_dir / "my_rewards.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    recipe = write_recipe(run_dir, tiny_model_dir, reward_fn=f"{run_dir}/my_rewards.py:score")
+    result = runner.invoke(app, ["ppo", str(recipe), "--resume"])
+    assert result.exit_code == 2 and "holds no PPO checkpoint" in result.output
+
+
+def test_cli_ppo_bad_reward_function_exits_2(run_dir, tiny_model_dir):
+    recipe = write_recipe(run_dir, tiny_model_dir, reward_fn="no_such_module_xyz:score")
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 2 and "no_such_module_xyz" in result.output
+
+
+def test_cli_ppo_ptx_without_data_exits_2(run_dir, tiny_model_dir):
+    recipe = write_recipe(run_dir, tiny_model_dir, ptx_coef=1.0, reward_fn=f"{run_dir}/r.py:f")
+    (run_dir / "r.py").write_text("def f(p, r):\n    return [0.0] * len(r)\n")
+    result = runner.invoke(app, ["ppo", str(recipe), "--set", "data.ptx=null"])
+    assert result.exit_code == 2 and "no data.ptx" in result.output
+
+
+def test_cli_ppo_missing_tracker_package_exits_2(run_dir, tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    (run_dir / "r.py").write_text("def f(p, r):\n    return [0.0] * len(r)\n")
+    recipe = write_recipe(run_dir, tiny_model_dir, reward_fn=f"{run_dir}/r.py:f", report_to=["wandb"])
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 2 and "pip install wandb" in result.output
+    assert not (run_dir / "run" / "ppo").exists()
