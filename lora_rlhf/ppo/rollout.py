@@ -17,9 +17,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
+from trl.trainer.utils import selective_log_softmax
 
 from lora_rlhf.base import SharedBase
 from lora_rlhf.data import as_messages
+from lora_rlhf.errors import DataError
 from lora_rlhf.ppo.config import PPOSection
 
 RewardFn = Callable[[list[Any], list[str]], list[float]]
@@ -172,8 +174,6 @@ def response_logprobs(model: Any, batch: Batch, temperature: float) -> tuple[tor
 
     Padding positions get log-prob 0, so they add nothing to sums and ratios there are exactly 1.
     """
-    from trl.trainer.utils import selective_log_softmax
-
     logits = response_logits(model, batch) / temperature
     logprobs = selective_log_softmax(logits, batch.responses)
     return logprobs * batch.response_mask, logits
@@ -221,8 +221,7 @@ def score(models: Mapping[str, SharedBase], batch: Batch, reward: RewardSource, 
 
 
 def function_scores(reward: RewardSource, batch: Batch) -> torch.Tensor:
-    from lora_rlhf.errors import DataError
-
+    """Call the user's reward function on (prompts, decoded responses); check it returned one number each."""
     result = reward.fn(list(batch.prompts), list(batch.texts))
     try:
         values = [float(x) for x in result]

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import resource
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from trl.trainer.utils import entropy_from_logits
 
 from lora_rlhf.base import META_FILE, ROLES, SharedBase
 from lora_rlhf.config import Recipe, recipe_to_dict, save_recipe
@@ -187,8 +189,6 @@ class PPOTrainer:
             check_finite(loss, "policy loss", step)
             (loss * scale).backward()
         with torch.no_grad():
-            from trl.trainer.utils import entropy_from_logits
-
             stats["policy/entropy"].append(losses.masked_mean(entropy_from_logits(logits.float()), mask).item())
         del logits
         with value_sb.use("value"):
@@ -235,8 +235,6 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
