@@ -43,10 +43,10 @@ def test_switching_roles_keeps_both_trainable_adapters_learning_and_frozen_ones_
         opt.step()
         opt.zero_grad()
     for role in ("policy", "value"):
-        changed = [not torch.equal(a, b) for a, b in zip(trainable[role], shared.trainable_parameters(role))]
+        changed = [not torch.equal(a, b) for a, b in zip(trainable[role], shared.trainable_parameters(role), strict=True)]
         assert all(changed), f"{role}: {changed.count(False)} tensors did not move"
     for role in ("reference", "reward"):
-        same = [torch.equal(a, b) for a, b in zip(frozen[role], shared.trainable_parameters(role))]
+        same = [torch.equal(a, b) for a, b in zip(frozen[role], shared.trainable_parameters(role), strict=True)]
         assert all(same), role
         assert not any(p.requires_grad for p in shared.trainable_parameters(role))
 
@@ -112,7 +112,7 @@ def test_embedded_model_is_a_plain_hf_folder_and_pads_with_a_distinct_token():
     from lora_rlhf.models import resolve_model
 
     folder = resolve_model("smollm2-135m-instruct")
-    config = json.loads((folder and open(f"{folder}/config.json").read()))
+    config = json.loads(folder and open(f"{folder}/config.json").read())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     tok = load_tokenizer(folder)
     # <|im_end|> is SmolLM2's end of turn and sits inside every chat prompt: padding must be another token.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import yaml
+from conftest import write_jsonl
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import write_jsonl
 
 runner = CliRunner()
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
 from lora_rlhf.base import SharedBase
 from lora_rlhf.config import recipe_from_dict
 from lora_rlhf.sft import train_sft
