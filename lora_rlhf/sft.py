@@ -94,7 +94,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
         processing_class=shared.tokenizer,
         callbacks=[callback],
     )
-    shared.cast_adapters_to_compute_dtype()  # undo TRL's bf16 cast of QLoRA adapters when computing in fp32
+    shared.keep_adapters_in_fp32()  # undo TRL's bf16 cast of QLoRA adapters
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
