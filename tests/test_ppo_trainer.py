@@ -283,7 +283,6 @@ def build_banana_model(folder: Path, p_target: float = 0.1) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path):
     """Reward: +1 per " banana" in the response. Within 20 PPO steps the policy says it far more often, while the
     KL penalty keeps it close to the reference."""
@@ -310,6 +309,7 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path)
     scores = [m["objective/scores"] for m in history]
     kls = [m["objective/kl"] for m in history]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    print(f"scores {scores}\nkl {kls}")  # shown with -s / on failure: the margins of the assertions below
     assert last > 2 * first and last - first > 0.5, scores
     assert p_banana() > 2 * p_before
     assert max(kls[-5:]) < 10.0, kls  # nats per 8-token response: the penalty holds the policy near the reference

@@ -15,6 +15,7 @@ import torch
 
 from lora_rlhf.config import DatasetConfig
 from lora_rlhf.data import check_text_or_messages, load_table, require_columns
+from lora_rlhf.errors import DataError
 
 PTX_FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion")}
 IGNORE = -100
@@ -62,7 +63,11 @@ class PtxData:
     def build(cls, rows: list[dict[str, Any]], tokenizer: Any, max_length: int, seed: int) -> PtxData:
         examples = [tokenize_row(tokenizer, r, max_length) for r in rows]
         # A row whose completion was cut off entirely has no target: drop it rather than divide by zero later.
-        return cls([e for e in examples if any(t != IGNORE for t in e[1][1:])], seed)
+        examples = [e for e in examples if any(t != IGNORE for t in e[1][1:])]
+        if not examples:
+            raise DataError(f"no data.ptx row keeps a target token within ptx_max_length ({max_length})",
+                            fix="raise ppo.ptx_max_length, or use shorter prompts in data.ptx")
+        return cls(examples, seed)
 
     def next_batch(self, size: int, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
         """The next `size` rows, right padded: input_ids, attention_mask, labels [size, T]."""

@@ -293,10 +293,11 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     models, sb = trainer.models, trainer.models["policy"]
     if resume:
         trainer.load_state_dict(ckpt.load_checkpoint(existing, models, trainer.optimizer, trainer.scheduler))
-        log.info("resumed from %s at step %d", existing, trainer.step_index)
     write_run_info(out, {"base": sb.info, "device": str(sb.device), "roles": sources.describe(),
                          "num_steps": trainer.num_steps}, trainer.step_index if resume else None)
     runlog = RunLog(out, cfg, recipe_to_dict(recipe), trainer.step_index, trainer.num_steps, progress)
+    log.info("PPO: %d steps of %d episodes; roles: %s%s", trainer.num_steps, cfg.batch_size, sources.describe(),
+             f"; resumed at step {trainer.step_index}" if resume else "")
     try:
         final = fit(trainer, runlog, out, compat)
     finally:
