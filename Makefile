@@ -48,6 +48,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_sft.py
+	$(PYTHON) bench/bench_forward_backward.py
 	$(PYTHON) bench/bench_ppo_memory.py
 
 clean:

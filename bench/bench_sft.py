@@ -95,7 +95,9 @@ def run_trl(precision: str, steps: int, data: Path, out: Path) -> list[float]:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     timer = _step_timer()
-    args = SFTConfig(output_dir=str(out), max_steps=steps, use_cpu=True, bf16=False, **SETTINGS)
+    # Our recipe default: no gradient checkpointing (TRL's SFTConfig defaults to it); identical settings in both.
+    args = SFTConfig(output_dir=str(out), max_steps=steps, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     **SETTINGS)
     SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
                processing_class=tokenizer, callbacks=[timer]).train()
     return timer.times

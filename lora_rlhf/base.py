@@ -378,7 +378,8 @@ def resolve_adapter(source: str | Path) -> Path:
             raise ModelError(f"'{source}' holds no adapter_config.json, so it is not a PEFT adapter folder",
                              fix="point at the output folder of `lora-rlhf sft`/`reward`/`ppo` (e.g. runs/x/sft)")
         return path
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    repo_id = str(source).partition(":")[0].partition("@")[0]  # a revision ("feature/x") may hold slashes
+    if str(source).startswith((".", "/", "~")) or repo_id.count("/") != 1:
         raise ModelError(f"adapter folder '{source}' does not exist",
                          fix="check the path; run the stage that writes it first")
     from lora_rlhf.hub import download_adapter

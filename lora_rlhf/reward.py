@@ -420,7 +420,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     if losses:
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
     if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(callback.final_eval(trainer))
     # --- save the adapter for the causal base; keep reference scores of the trained model
     check = (held_out or train)[:CHECK_ROWS]
     check_prompts = [c.prompt for c in check] + [c.prompt for c in check]

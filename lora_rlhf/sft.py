@@ -104,7 +104,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     if losses:
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
     if held_out is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(callback.final_eval(trainer))
         metrics["eval_rows"] = len(held_out)
     # --- save: adapter + tokenizer + metadata last
     write_metrics(out, metrics)

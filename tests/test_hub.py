@@ -165,3 +165,18 @@ def test_mistyped_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(ModelError, match="adapter folder 'runs/sfft' does not exist"):
         resolve_adapter("runs/sfft")
+
+
+def test_revision_with_a_slash_is_a_hub_reference(tmp_path, monkeypatch):
+    """Branches like 'feature/x' are common; the one-slash check must look at the repo id only."""
+    import lora_rlhf.hub as hub_module
+    from lora_rlhf.base import resolve_adapter
+
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(hub_module, "download_adapter", lambda ref: asked.append(ref) or tmp_path)
+    assert resolve_adapter("alice/rlhf@feature/x:reward") == tmp_path
+    assert asked == ["alice/rlhf@feature/x:reward"]
+    assert hub.parse_ref("alice/rlhf@feature/x:reward") == hub.HubRef("alice/rlhf", "feature/x", "reward")
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_adapter("a/b/c@main")

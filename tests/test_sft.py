@@ -107,3 +107,22 @@ def test_resume_continues_from_the_last_checkpoint(sft_run):
     steps = [r["step"] for r in log if "loss" in r]
     assert steps[-1] == 35 and 35 - 5 in steps
     assert metrics["epoch"] > 0
+
+
+def test_final_eval_reuses_an_eval_logged_at_the_last_step():
+    """Evaluating the final weights twice (epoch-end eval, then again after train) doubled the held-out pass."""
+    import logging
+    from types import SimpleNamespace
+
+    from lora_rlhf.runlog import LogCallback
+
+    calls = []
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=8), evaluate=lambda: calls.append(1) or {"eval_loss": 9.0})
+    callback = LogCallback(logging.getLogger("test-final-eval"))
+    state = SimpleNamespace(global_step=4)
+    callback.on_log(None, state, None, logs={"eval_loss": 2.0, "eval_accuracy": 0.5})
+    assert callback.final_eval(trainer) == {"eval_loss": 9.0} and calls == [1]  # logged eval is stale: evaluate
+    state.global_step = 8
+    callback.on_log(None, state, None, logs={"loss": 1.0})
+    callback.on_log(None, state, None, logs={"eval_loss": 1.5, "eval_accuracy": 0.75, "epoch": 2.0})
+    assert callback.final_eval(trainer) == {"eval_loss": 1.5, "eval_accuracy": 0.75} and calls == [1]
