@@ -60,6 +60,7 @@ class LogCallback(TrainerCallback):
         whole pass over the held-out set (25 s of the demo's reward stage) for identical numbers.
         """
         evals = [r for r in self.history if "eval_loss" in r]
-        if evals and evals[-1]["step"] == trainer.state.global_step:
+        best_reloaded = getattr(getattr(trainer, "args", None), "load_best_model_at_end", False)
+        if evals and evals[-1]["step"] == trainer.state.global_step and not best_reloaded:
             return {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
         return trainer.evaluate()

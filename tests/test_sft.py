@@ -117,7 +117,8 @@ def test_final_eval_reuses_an_eval_logged_at_the_last_step():
     from lora_rlhf.runlog import LogCallback
 
     calls = []
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=8), evaluate=lambda: calls.append(1) or {"eval_loss": 9.0})
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=8),
+                              evaluate=lambda: calls.append(1) or {"eval_loss": 9.0})
     callback = LogCallback(logging.getLogger("test-final-eval"))
     state = SimpleNamespace(global_step=4)
     callback.on_log(None, state, None, logs={"eval_loss": 2.0, "eval_accuracy": 0.5})
@@ -126,3 +127,5 @@ def test_final_eval_reuses_an_eval_logged_at_the_last_step():
     callback.on_log(None, state, None, logs={"loss": 1.0})
     callback.on_log(None, state, None, logs={"eval_loss": 1.5, "eval_accuracy": 0.75, "epoch": 2.0})
     assert callback.final_eval(trainer) == {"eval_loss": 1.5, "eval_accuracy": 0.75} and calls == [1]
+    trainer.args = SimpleNamespace(load_best_model_at_end=True)  # the final model is another checkpoint: evaluate
+    assert callback.final_eval(trainer) == {"eval_loss": 9.0} and calls == [1, 1]
