@@ -395,10 +395,11 @@ def resolve_adapter(source: str | Path) -> Path:
             raise ModelError(f"'{source}' holds no adapter_config.json, so it is not a PEFT adapter folder",
                              fix="point at the output folder of `lora-rlhf sft`/`reward`/`ppo` (e.g. runs/x/sft)")
         return path
-    repo_id = str(source).partition(":")[0].partition("@")[0]  # a revision ("feature/x") may hold slashes
+    from lora_rlhf.hub import download_adapter, split_ref
+
+    repo_id = split_ref(str(source))[0]  # only the repo id: a revision ("feature/x") may hold slashes
     if str(source).startswith((".", "/", "~")) or repo_id.count("/") != 1:
         raise ModelError(f"adapter folder '{source}' does not exist",
                          fix="check the path; run the stage that writes it first")
-    from lora_rlhf.hub import download_adapter
 
     return download_adapter(str(source))

@@ -56,10 +56,16 @@ class HubRef:
             f":{self.subfolder}" if self.subfolder else "")
 
 
-def parse_ref(ref: str) -> HubRef:
-    """'user/name@rev:sub' -> HubRef('user/name', 'rev', 'sub')."""
+def split_ref(ref: str) -> tuple[str, str, str]:
+    """'user/name@rev:sub' -> ('user/name', 'rev', 'sub'), unchecked ('' for a missing part)."""
     rest, _, sub = ref.partition(":")
     repo_id, _, rev = rest.partition("@")
+    return repo_id, rev, sub
+
+
+def parse_ref(ref: str) -> HubRef:
+    """'user/name@rev:sub' -> HubRef('user/name', 'rev', 'sub')."""
+    repo_id, rev, sub = split_ref(ref)
     if not _REPO_ID.match(repo_id):
         raise ModelError(f"'{ref}' is not a Hub reference (expected user/name, user/name@revision or "
                          "user/name:subfolder)", fix="check the spelling, or give a local adapter folder")
