@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -44,10 +46,30 @@ def command(
     if labeler is not None or terminal:
         labeler = check_labeler(labeler or getpass.getuser())
     session = LabelSession.open(candidates, out)  # validates both files before anything is written
-    if terminal:
-        _terminal(session, labeler)
-    else:
-        _serve(session, labeler, host, port)
+    with _stop_on_signals():
+        if terminal:
+            _terminal(session, labeler)
+        else:
+            _serve(session, labeler, host, port)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT and SIGTERM into KeyboardInterrupt while labelling, whatever the parent set.
+
+    A process started from a background job (`make test &`, nohup, some CI runners) inherits SIGINT as ignored,
+    so Python would never raise KeyboardInterrupt, and SIGTERM would kill it without the closing message. Every
+    submission is appended under a lock as it arrives, so stopping between requests loses nothing.
+    """
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _terminal(session, labeler: str) -> None:

@@ -12,25 +12,34 @@ from transformers import TrainerCallback
 
 LOG_FILE = "train.log"
 METRICS_FILE = "metrics.json"
+_OURS = "_lora_rlhf_stage_log"  # marks the handlers stage_logger attached
 
 
 def stage_logger(folder: Path, stage: str) -> logging.Logger:
-    """A logger writing to `folder/train.log` (appending, so a resumed run keeps its history)."""
+    """A logger writing to `folder/train.log` (appending, so a resumed run keeps its history).
+
+    Our file handler is attached whatever other handlers the logger has: a test harness or a program embedding
+    the library may have added its own, and a resumed run must still reach the file. `close_logger` closes it.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"lora_rlhf.{stage}.{folder.resolve()}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if not logger.handlers:
-        handler = logging.FileHandler(folder / LOG_FILE)
+    path = str((folder / LOG_FILE).resolve())
+    if not any(getattr(h, _OURS, False) and h.baseFilename == path for h in logger.handlers):
+        handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        setattr(handler, _OURS, True)
         logger.addHandler(handler)
     return logger
 
 
 def close_logger(logger: logging.Logger) -> None:
+    """Flush and close the file handlers `stage_logger` attached; other handlers are not ours to remove."""
     for handler in list(logger.handlers):
-        handler.close()
-        logger.removeHandler(handler)
+        if getattr(handler, _OURS, False):
+            handler.close()
+            logger.removeHandler(handler)
 
 
 def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:

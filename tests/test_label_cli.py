@@ -75,18 +75,29 @@ def test_usage_errors(tmp_path):
     assert res.exit_code == 2 and "labeler name 'no spaces please' is not valid" in res.output
 
 
-def test_serve_prints_url_binds_loopback_and_stops_on_ctrl_c(tmp_path):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig, background", [
+    (signal.SIGINT, False),
+    (signal.SIGINT, True),   # started from a background job: SIGINT arrives inherited as ignored
+    (signal.SIGTERM, False),
+    (signal.SIGTERM, True),
+])
+def test_serve_prints_url_binds_loopback_and_stops_on_ctrl_c(tmp_path, sig, background):
     (tmp_path / "c.jsonl").write_text(GOOD + "\n")
     proc = subprocess.Popen([sys.executable, "-m", "cli.label", str(tmp_path / "c.jsonl"), "--out",
                              str(tmp_path / "r.jsonl"), "--labeler", "dana"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=_ignore_sigint if background else None)
     try:
         first = proc.stdout.readline()
         assert first.startswith("Labelling page: http://127.0.0.1:") and first.strip().endswith("/?labeler=dana")
         url = first.split(": ", 1)[1].strip()
         with urllib.request.urlopen(url.replace("/?labeler=dana", "/api/next?labeler=dana"), timeout=10) as r:
             assert json.loads(r.read())["item"]["id"] == "a"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
