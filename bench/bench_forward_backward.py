@@ -21,8 +21,8 @@ import time
 def child(args: argparse.Namespace, quant: str, dtype: str) -> dict:
     import torch
 
-    from lora_rlhf.base import SharedBase
-    from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig
+    from lora_rlhf.core.base import SharedBase
+    from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
 
     torch.manual_seed(0)
     sb = SharedBase.load(ModelConfig(name=args.model, dtype=dtype), QuantizationConfig(mode=quant))

@@ -3,7 +3,7 @@
     python bench/bench_ppo_memory.py                      # 135M embedded model, a few small PPO steps
     python bench/bench_ppo_memory.py --batch-size 8 --response-length 32 --steps 3
 
-Both configurations run the same PPO code (lora_rlhf.ppo) on the same prompts, lengths and settings, with the
+Both configurations run the same PPO code (lora_rlhf.stages.ppo) on the same prompts, lengths and settings, with the
 same LoRA adapters for every role (an SFT adapter as policy/reference, a reward adapter + head as reward/value):
 
     shared     one base in 4-bit NF4, the four roles as adapters on it (what `lora-rlhf ppo` does)
@@ -60,7 +60,7 @@ def reset_hwm() -> bool:
 
 
 def make_recipe(args: argparse.Namespace, work: Path, quantization: str):
-    from lora_rlhf.config import recipe_from_dict
+    from lora_rlhf.recipe.config import recipe_from_dict
 
     return recipe_from_dict({
         "output_dir": str(work / f"run-{quantization}"), "seed": 0,
@@ -78,8 +78,8 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     """Random (but fixed) SFT and reward adapters, written once for both configurations."""
     import torch
 
-    from lora_rlhf.base import SharedBase
-    from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig
+    from lora_rlhf.core.base import SharedBase
+    from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
 
     sb = SharedBase.load(ModelConfig(name=args.model, device=args.device), QuantizationConfig(mode="4bit"))
     lora = LoraSettings(r=16, alpha=32, dropout=0.0)
@@ -105,6 +105,46 @@ def own_memory(model) -> None:
                 t.data = t.data.clone()
 
 
+class SeparateBases:
+    """Four SharedBase objects, one role each, behind the one-base interface the PPO code uses: the memory
+    layout TRL's PPO required, for comparison only. `use(role)` runs that role's own base."""
+
+    def __init__(self, bases: dict) -> None:
+        import torch
+
+        self.bases, self.active = bases, bases["policy"]
+        self.tokenizer, self.info = self.active.tokenizer, self.active.info
+        self.heads = {role: sb.heads[role] for role, sb in bases.items() if role in sb.heads}
+        for sb in bases.values():  # PPO compares two forwards of one policy: no dropout (as roles.disable_dropout)
+            for module in sb.model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+
+    @property
+    def device(self):
+        return self.active.device
+
+    def use(self, role: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def run():
+            self.active = self.bases[role]
+            with self.active.use(role) as model:
+                yield model
+        return run()
+
+    def backbone(self):
+        return self.active.backbone()
+
+    def trainable_parameters(self, role: str) -> list:
+        return self.bases[role].trainable_parameters(role)
+
+    def train(self, on: bool = True) -> None:
+        for sb in self.bases.values():
+            sb.train(on)
+
+
 def child(args: argparse.Namespace, work: Path, mode: str) -> dict:
     import bitsandbytes  # noqa: F401 - library memory counts in the after-imports baseline, not in loading
     import peft  # noqa: F401
@@ -112,9 +152,10 @@ def child(args: argparse.Namespace, work: Path, mode: str) -> dict:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    from lora_rlhf.base import ROLES, SharedBase
-    from lora_rlhf.ppo.roles import resolve_sources, setup_roles
-    from lora_rlhf.ppo.trainer import PPOTrainer, build_trainer
+    from lora_rlhf.core.base import SharedBase
+    from lora_rlhf.stages.ppo.roles import resolve_sources
+    from lora_rlhf.stages.ppo.rollout import RewardSource
+    from lora_rlhf.stages.ppo.trainer import PPOTrainer, build_trainer
 
     torch.set_num_threads(args.threads)
     after_imports = rss_mb()
@@ -125,13 +166,17 @@ def child(args: argparse.Namespace, work: Path, mode: str) -> dict:
         trainer = build_trainer(recipe, sources, prompts)
     else:
         torch.manual_seed(recipe.seed)
-        models = {}
-        for role in ROLES:  # four separate fp32 bases, one role each
-            models[role] = SharedBase.load(recipe.model, recipe.quantization)
-            own_memory(models[role].model)
-        reward = setup_roles(models, recipe, sources)
-        trainer = PPOTrainer(recipe, models, prompts, reward)
-    device = trainer.models["policy"].device
+        bases = {}
+        for role in ("policy", "reference", "reward", "value"):  # four separate fp32 bases, one role each
+            bases[role] = SharedBase.load(recipe.model, recipe.quantization)
+            own_memory(bases[role].model)
+        bases["reference"].load_adapter("reference", sources.sft, trainable=False)
+        bases["policy"].load_adapter("policy", sources.sft, trainable=True)
+        meta = bases["reward"].load_adapter("reward", sources.reward_adapter, trainable=False)
+        bases["value"].load_adapter("value", sources.reward_adapter, trainable=True)
+        reward = RewardSource(description=str(sources.reward_adapter), offset=float(meta.get("reward_offset") or 0))
+        trainer = PPOTrainer(recipe, SeparateBases(bases), prompts, reward)
+    device = trainer.sb.device
     loaded = rss_mb()
     trainer.step()  # warm-up (kernels, allocator, caches)
     if device.type == "cuda":

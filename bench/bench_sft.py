@@ -7,7 +7,7 @@ Each configuration runs in a fresh subprocess so that peak memory (ru_maxrss, th
 mark; on CUDA torch.cuda.max_memory_allocated as well) belongs to it alone. Seconds/step is the median over
 the timed steps after `--warmup` untimed ones. "trl" runs `trl.SFTTrainer` directly on a model prepared the
 usual QLoRA way (BitsAndBytesConfig -> prepare_model_for_kbit_training -> get_peft_model) with identical
-SFTConfig arguments; "ours" runs `lora_rlhf.sft.train_sft` from a recipe. Runs alternate ours/trl `--repeats`
+SFTConfig arguments; "ours" runs `lora_rlhf.stages.sft.train_sft` from a recipe. Runs alternate ours/trl `--repeats`
 times and the overhead is the ratio of the medians, so drift on a shared machine hits both alike.
 """
 
@@ -48,8 +48,8 @@ def _step_timer():
 
 
 def run_ours(precision: str, steps: int, data: Path, out: Path) -> list[float]:
-    from lora_rlhf.config import recipe_from_dict
-    from lora_rlhf.sft import train_sft
+    from lora_rlhf.recipe.config import recipe_from_dict
+    from lora_rlhf.stages.sft import train_sft
 
     timer = _step_timer()
     recipe = recipe_from_dict({
@@ -80,7 +80,7 @@ def run_trl(precision: str, steps: int, data: Path, out: Path) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lora_rlhf.models import prepare_embedded
+    from lora_rlhf.core.models import prepare_embedded
 
     path = prepare_embedded("smollm2-135m-instruct")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -11,8 +11,8 @@ from cli._common import RecipeArg, SetOpt, handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Sample compare.k responses per prompt (data.prompts) -> candidates.jsonl; with compare.labeler also
     rankings.jsonl, ready for `lora-rlhf reward`."""
-    from lora_rlhf.compare import CANDIDATES, RANKINGS, run_compare
-    from lora_rlhf.config import load_recipe
+    from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.compare import CANDIDATES, RANKINGS, run_compare
 
     cfg = load_recipe(recipe, set_ or [])
     out = run_compare(cfg)

@@ -22,9 +22,9 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Report folder 
 def command(recipe: RecipeArg, policy: PolicyOpt = None, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Task score, reward-model score, KL to the reference, length, win rates and the alignment tax of each
     policy on data.eval; writes OUT/eval/report.md (+ results.json, responses.jsonl, plots)."""
-    from lora_rlhf.config import load_recipe
-    from lora_rlhf.evaluate import parse_policy_args, run_eval
-    from lora_rlhf.report import policy_table, win_rate_table
+    from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.eval.evaluate import parse_policy_args, run_eval
+    from lora_rlhf.stages.eval.report import policy_table, win_rate_table
 
     cfg = load_recipe(recipe, set_ or [])
     policies = parse_policy_args(policy) if policy else None

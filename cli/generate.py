@@ -22,9 +22,9 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, h
 
 
 def _load(adapter: str | None, recipe: Path | None, model: str | None, set_: list[str] | None):
-    from lora_rlhf.chat import load_for_chat
+    from lora_rlhf.stages.inference import open_adapter
 
-    return load_for_chat(adapter=adapter, recipe=recipe, model=model, overrides=set_ or [])
+    return open_adapter(adapter, "policy", recipe=recipe, model=model, overrides=set_ or [])
 
 
 @handle_errors
@@ -38,7 +38,7 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Answer one prompt with the base + an adapter, through the model's chat template."""
-    from lora_rlhf.generation import generate_responses
+    from lora_rlhf.core.generation import generate_responses
 
     shared, role = _load(adapter, recipe, model, set_)
     [[answer]] = generate_responses(shared, [prompt], role=role, max_new_tokens=max_new_tokens,
@@ -56,7 +56,7 @@ def chat(
     set_: SetOpt = None,
 ) -> None:
     """Interactive chat (the conversation is kept; /reset clears it, /quit or Ctrl-D leaves)."""
-    from lora_rlhf.generation import generate_responses
+    from lora_rlhf.core.generation import generate_responses
 
     shared, role = _load(adapter, recipe, model, set_)
     typer.echo(f"Chatting with {'adapter ' + adapter if adapter else 'the bare base'}. /reset clears, /quit leaves.")

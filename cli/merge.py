@@ -20,7 +20,9 @@ def command(
                                                               "the adapter's lora_rlhf.json).")] = None,
 ) -> None:
     """Merge an adapter into its base and save a plain transformers model folder."""
-    from lora_rlhf.merge import merge_adapter  # torch: imported only when the command runs, not for --help
+    from lora_rlhf.hub.merge import (
+        merge_adapter,  # torch: imported only when the command runs, not for --help
+    )
 
     result = merge_adapter(adapter, out_dir, dtype=dtype, model=model)
     for note in result.notes:

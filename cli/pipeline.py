@@ -17,8 +17,8 @@ ForceOpt = Annotated[
 @handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None, force: ForceOpt = None) -> None:
     """Run data -> SFT -> compare + rank -> reward -> PPO(-ptx) -> eval into one output folder."""
-    from lora_rlhf.config import load_recipe
-    from lora_rlhf.pipeline import run_pipeline
+    from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.pipeline import run_pipeline
 
     cfg = load_recipe(recipe, set_ or [])
     typer.echo(f"pipeline: {' -> '.join(cfg.pipeline.stages)} into {cfg.output_dir}")

@@ -10,8 +10,8 @@ from cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
 @handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
     """Optimise the policy adapter against the reward model (or ppo.reward_fn) with PPO; Ctrl-C saves a checkpoint."""
-    from lora_rlhf.config import load_recipe
-    from lora_rlhf.ppo.trainer import train_ppo
+    from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.ppo.trainer import train_ppo
 
     cfg = load_recipe(recipe, set_ or [])
     metrics = train_ppo(cfg, resume=resume)

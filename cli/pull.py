@@ -16,7 +16,9 @@ def command(
     dest: Annotated[Path, typer.Argument(help="New folder to write (must not exist, or be empty).")],
 ) -> None:
     """Download adapters (safetensors and their JSON/YAML/Markdown files; never pickles)."""
-    from lora_rlhf import hub  # torch comes with it: import when the command runs, not for --help
+    from lora_rlhf.hub import (
+        client as hub,  # torch comes with it: import when the command runs, not for --help
+    )
 
     folders = hub.pull(repo, dest)
     typer.echo(f"Pulled {repo} into {dest}; adapters:")

@@ -9,13 +9,9 @@ from typing import Annotated
 import typer
 
 from cli._common import handle_errors
+from lora_rlhf.hub import WHAT_CHOICES
 
-
-class What(str, Enum):
-    policy = "policy"
-    reward = "reward"
-    value = "value"
-    all = "all"
+What = Enum("What", {name: name for name in WHAT_CHOICES}, type=str)
 
 
 @handle_errors
@@ -38,7 +34,9 @@ def command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the files and the card; upload nothing.")] = False,
 ) -> None:
     """Upload adapters (safetensors, JSON, YAML, Markdown only) with a model card each."""
-    from lora_rlhf import hub  # torch comes with it: import when the command runs, not for --help
+    from lora_rlhf.hub import (
+        client as hub,  # torch comes with it: import when the command runs, not for --help
+    )
 
     plan = hub.plan_push(output_dir, repo_id, what=what.value if what else None, revision=revision,
                          private=private, base_model=base_model, license=license)

@@ -12,8 +12,8 @@ from cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
 @handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
     """Train a reward adapter on ranked comparisons or chosen/rejected pairs (data.reward) with TRL's RewardTrainer."""
-    from lora_rlhf.config import load_recipe
-    from lora_rlhf.reward import run_reward
+    from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.reward import run_reward
 
     cfg = load_recipe(recipe, set_ or [])
     out = run_reward(cfg, resume=resume)

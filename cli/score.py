@@ -26,13 +26,14 @@ def command(
     set_: SetOpt = None,
 ) -> None:
     """Score (prompt, response) pairs: the head's output minus the adapter's reward_offset (higher is better)."""
+    from lora_rlhf.core.scoring import score_texts
     from lora_rlhf.errors import DataError
-    from lora_rlhf.scoring import load_reward_base, read_pairs, score_rows, score_texts
+    from lora_rlhf.stages.inference import open_adapter, read_pairs, score_rows
 
     if file is None and (prompt is None or response is None):
         raise DataError("nothing to score", fix="give --prompt P --response R, or --file pairs.jsonl")
     rows = read_pairs(file) if file is not None else None  # validated before the model loads
-    shared = load_reward_base(adapter, recipe=recipe, model=model, overrides=set_ or [])
+    shared, _ = open_adapter(adapter, "reward", recipe=recipe, model=model, overrides=set_ or [])
     if rows is None:
         typer.echo(f"{float(score_texts(shared, [prompt], [response], batch_size=batch_size)[0]):.4f}")
         return

@@ -10,8 +10,8 @@ from cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
 @handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
     """Train a LoRA/QLoRA adapter on the recipe's demonstrations (data.sft) with TRL's SFTTrainer."""
-    from lora_rlhf.config import load_recipe
-    from lora_rlhf.sft import run_sft
+    from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.sft import run_sft
 
     cfg = load_recipe(recipe, set_ or [])
     out = run_sft(cfg, resume=resume)

@@ -27,8 +27,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 def build_tiny_model(folder: Path, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_rlhf.base import load_tokenizer
-    from lora_rlhf.models import prepare_embedded
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.core.models import prepare_embedded
 
     tokenizer = load_tokenizer(str(prepare_embedded("smollm2-135m-instruct")))
     torch.manual_seed(seed)
@@ -51,6 +51,21 @@ def other_tiny_model_dir(tmp_path_factory) -> Path:
     """A base of another shape: adapters trained on `tiny_model_dir` must be refused on it."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-wide"), hidden_size=96, intermediate_size=192,
                             num_attention_heads=4, num_key_value_heads=2)
+
+
+def randomize_adapter(sb, role: str, std: float = 0.05, seed: int = 0, head_bias: float | None = None) -> None:
+    """Give `role` a non-zero LoRA update (PEFT starts B at zero, i.e. the bare base) and, when it has one, a random
+    head: an adapter that really differs from the base and from every other adapter, so copies and reloads can
+    be told apart from fresh ones."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sb.trainable_parameters(role) if role in sb.trainable else sb._params[role]:
+            if p.ndim > 1:  # LoRA A and B (the head's weight is handled below)
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        if role in sb.heads:
+            sb.heads[role].linear.weight.copy_(torch.randn(sb.heads[role].linear.weight.shape, generator=generator))
+            if head_bias is not None:
+                sb.heads[role].linear.bias.fill_(head_bias)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

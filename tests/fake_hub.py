@@ -300,8 +300,8 @@ def make_run_folder(out: Path, base_dir: Path, quantization: str = "4bit") -> Pa
     """A run folder laid out as the stages write it (docs/FORMATS.md), built with SharedBase on a tiny base:
     OUT/sft, OUT/reward, OUT/ppo/{policy,value} (+ recipe/metrics once for PPO), OUT/eval/report.md, plus
     files that must never be uploaded (train.log, a pickled training_args.bin, a checkpoint folder)."""
-    from lora_rlhf.base import SharedBase
-    from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig
+    from lora_rlhf.core.base import SharedBase
+    from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
 
     sb = SharedBase.load(ModelConfig(name=str(base_dir), device="cpu"), QuantizationConfig(mode=quantization),
                          for_training=False)

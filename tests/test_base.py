@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_adapter
 
-from lora_rlhf.base import SharedBase, load_tokenizer
-from lora_rlhf.config import recipe_from_dict
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.errors import ModelError
+from lora_rlhf.recipe.config import recipe_from_dict
 
 
 @pytest.fixture
@@ -19,6 +21,8 @@ def shared(tiny_model_dir):
     base.add_adapter("reference", recipe.lora, trainable=False)
     base.add_adapter("reward", recipe.lora, trainable=False)
     base.add_head("reward")
+    randomize_adapter(base, "reference", seed=1)  # non-zero: a copy that skipped tensors would differ
+    randomize_adapter(base, "reward", seed=2)
     base.copy_adapter("reference", "policy", trainable=True)
     base.copy_adapter("reward", "value", trainable=True)
     return base
@@ -53,10 +57,30 @@ def test_switching_roles_keeps_both_trainable_adapters_learning_and_frozen_ones_
 
 def test_copy_adapter_starts_identical(shared):
     ids = shared.tokenizer(["a b c"], return_tensors="pt")
+    shared.train(False)  # LoRA dropout off: two passes differ by it otherwise
     with torch.no_grad():
         r = shared.scalar("reward", ids.input_ids, ids.attention_mask)
         v = shared.scalar("value", ids.input_ids, ids.attention_mask)
-    assert torch.equal(r, v)
+        with shared.use("reference") as m:
+            ref = m(**ids).logits
+        with shared.use("policy") as m:
+            policy = m(**ids).logits
+        with shared.use(None) as m:
+            bare = m(**ids).logits
+    assert torch.equal(r, v) and torch.equal(ref, policy)
+    assert not torch.allclose(policy, bare, atol=1e-4)  # the copied adapter is not the zero update of a fresh one
+    for role, copy in (("reference", "policy"), ("reward", "value")):
+        for a, b in zip(shared.trainable_parameters(role) if role in shared.trainable else shared._params[role],
+                        shared.trainable_parameters(copy), strict=False):
+            assert torch.equal(a, b)
+
+
+def test_copy_adapter_fails_rather_than_skip_a_tensor(shared, monkeypatch):
+    from lora_rlhf.core import base as base_module
+
+    monkeypatch.setattr(base_module, "_rename_adapter", lambda name, src, dst: name + ".nowhere")
+    with pytest.raises(ModelError, match="cannot copy adapter 'reference' to 'spare'"):
+        shared.copy_adapter("reference", "spare")
 
 
 def test_reference_without_adapter_is_the_bare_base(tiny_model_dir):
@@ -94,6 +118,8 @@ def test_saved_reward_adapter_round_trips_with_its_head(shared, tmp_path, tiny_m
     recipe = recipe_from_dict({"model": {"name": str(tiny_model_dir)}})
     fresh = SharedBase.load(recipe.model, recipe.quantization)
     fresh.load_adapter("reward", folder)
+    shared.train(False)  # dropout off in both (the adapter is non-zero, so dropout would change the output)
+    fresh.train(False)
     ids = shared.tokenizer(["a b c"], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(shared.scalar("reward", ids.input_ids, ids.attention_mask),
@@ -109,7 +135,7 @@ def test_missing_adapter_folder_and_non_adapter_folder(shared, tmp_path):
 
 
 def test_embedded_model_is_a_plain_hf_folder_and_pads_with_a_distinct_token():
-    from lora_rlhf.models import resolve_model
+    from lora_rlhf.core.models import resolve_model
 
     folder = resolve_model("smollm2-135m-instruct")
     config = json.loads(folder and open(f"{folder}/config.json").read())

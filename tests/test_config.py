@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lora_rlhf.config import load_recipe, recipe_from_dict, recipe_to_dict, save_recipe
 from lora_rlhf.errors import RecipeError
+from lora_rlhf.recipe.config import load_recipe, recipe_from_dict, recipe_to_dict, save_recipe
 
 
 def test_defaults_use_the_embedded_model_in_4bit():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from lora_rlhf.base import SharedBase
-from lora_rlhf.config import ModelConfig, QuantizationConfig
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.recipe.config import ModelConfig, QuantizationConfig
 from lora_rlhf.tasks import demo_data, ifeval_lite
 
 

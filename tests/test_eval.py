@@ -11,10 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lora_rlhf.base import SharedBase
-from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.text import prompt_ids, response_ids
 from lora_rlhf.errors import DataError, RecipeError
-from lora_rlhf.evaluate import (
+from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.stages.eval.evaluate import (
     discover_policies,
     kl_to_reference,
     parse_policy_args,
@@ -22,7 +23,7 @@ from lora_rlhf.evaluate import (
     run_eval,
     win_rate,
 )
-from lora_rlhf.report import plot_training_curves, plot_win_rates, write_report
+from lora_rlhf.stages.eval.report import plot_training_curves, plot_win_rates, write_report
 from tests.conftest import write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,11 +112,14 @@ def test_kl_of_a_policy_against_itself_is_zero_and_against_another_is_not(run_di
     shared.load_adapter("b", run_dir / "run" / "ppo" / "policy")
     shared.load_adapter("sft", run_dir / "run" / "sft")
     prompts, responses = ["Say hello.", "Count to three."], ["Hello there, friend.", "One two three"]
-    assert kl_to_reference(shared, "a", "b", prompts, responses, 0.7, 2) == [0.0, 0.0]
-    other = kl_to_reference(shared, "a", "sft", prompts, responses, 0.7, 2)
+    queries = [prompt_ids(shared.tokenizer, p) for p in prompts]
+    seqs = [q + response_ids(shared.tokenizer, r) for q, r in zip(queries, responses, strict=True)]
+    starts = [len(q) for q in queries]
+    assert kl_to_reference(shared, "a", "b", seqs, starts, 0.7, 2) == [0.0, 0.0]
+    other = kl_to_reference(shared, "a", "sft", seqs, starts, 0.7, 2)
     assert all(abs(v) > 1e-3 for v in other)
     # Padding in a batch must not change a row's log-probs (batch of 2 vs one at a time).
-    single = [kl_to_reference(shared, "a", "sft", [p], [r], 0.7, 1)[0] for p, r in zip(prompts, responses, strict=True)]
+    single = [kl_to_reference(shared, "a", "sft", [s], [st], 0.7, 1)[0] for s, st in zip(seqs, starts, strict=True)]
     assert single == pytest.approx(other, abs=1e-4)
 
 

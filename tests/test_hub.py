@@ -9,9 +9,9 @@ import shutil
 import pytest
 from fake_hub import make_run_folder
 
-from lora_rlhf import hub
-from lora_rlhf.card import base_model_id, read_front_matter
 from lora_rlhf.errors import ModelError
+from lora_rlhf.hub import client as hub
+from lora_rlhf.hub.card import base_model_id, read_front_matter
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja", "recipe.yaml", "metrics.json", "README.md"}
@@ -159,7 +159,7 @@ def test_redact_hides_known_and_token_shaped_strings():
 
 
 def test_mistyped_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
-    from lora_rlhf.base import resolve_adapter
+    from lora_rlhf.hub.client import local_adapter as resolve_adapter
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -169,8 +169,8 @@ def test_mistyped_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
 
 def test_revision_with_a_slash_is_a_hub_reference(tmp_path, monkeypatch):
     """Branches like 'feature/x' are common; the one-slash check must look at the repo id only."""
-    import lora_rlhf.hub as hub_module
-    from lora_rlhf.base import resolve_adapter
+    import lora_rlhf.hub.client as hub_module
+    from lora_rlhf.hub.client import local_adapter as resolve_adapter
 
     monkeypatch.chdir(tmp_path)
     asked = []

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from lora_rlhf import hub
-from lora_rlhf.base import SharedBase
-from lora_rlhf.card import read_front_matter
-from lora_rlhf.config import ModelConfig, QuantizationConfig
+from lora_rlhf.core.base import SharedBase
 from lora_rlhf.errors import ModelError
+from lora_rlhf.hub import client as hub
+from lora_rlhf.hub.card import read_front_matter
+from lora_rlhf.recipe.config import ModelConfig, QuantizationConfig
 
 TOKEN = "hf_" + "FakeToken42" * 3
 runner = CliRunner()
@@ -93,7 +93,7 @@ def test_hub_reference_with_revision_and_subfolder_loads_adapter_and_head(run_di
     assert "reward/head.safetensors" not in fake_hub.files("alice/rm", "main")  # the branch only
 
     sb = load_base(tiny_model_dir)
-    meta = sb.load_adapter("reward", "alice/rm@exp:reward")
+    meta = sb.load_adapter("reward", hub.local_adapter("alice/rm@exp:reward"))
     assert meta["role"] == "reward" and meta["reward_offset"] == 0.25
     local = load_file(str(run_dir / "reward" / "head.safetensors"))
     assert torch.equal(sb.heads["reward"].linear.weight.detach(), local["weight"])
@@ -115,7 +115,7 @@ def test_hub_adapter_on_another_base_is_refused_naming_both(run_dir, fake_hub, o
     assert runner.invoke(app, ["push", str(run_dir / "sft"), "alice/sft"]).exit_code == 0
     sb = load_base(other_tiny_model_dir)
     with pytest.raises(ModelError) as err:
-        sb.load_adapter("policy", "alice/sft")
+        sb.load_adapter("policy", hub.local_adapter("alice/sft"))
     message = str(err.value)
     recorded = json.loads((run_dir / "sft" / "lora_rlhf.json").read_text())["base"]
     assert f"trained on base '{tiny_model_dir}'" in message and recorded["fingerprint"] in message

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from lora_rlhf.config import DatasetConfig
 from lora_rlhf.labeling import LabelSession, parse_order
-from lora_rlhf.reward import load_reward_data
+from lora_rlhf.recipe.config import DatasetConfig
+from lora_rlhf.stages.reward import load_reward_data
 
 
 def test_labelled_file_feeds_the_reward_loader(tmp_path):

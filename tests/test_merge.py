@@ -7,15 +7,16 @@ import shutil
 
 import pytest
 import torch
+from conftest import randomize_adapter
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cli.main import app
-from lora_rlhf.base import SharedBase
-from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.heads import gather_last
 from lora_rlhf.errors import ModelError
-from lora_rlhf.heads import gather_last
-from lora_rlhf.merge import merge_adapter
+from lora_rlhf.hub.merge import merge_adapter
+from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
 
 runner = CliRunner()
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000], [8, 9, 10, 11, 12, 13, 14]])
@@ -32,13 +33,9 @@ def adapters(tiny_model_dir, tmp_path_factory):
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
     sb.add_adapter("policy", lora)
     sb.add_adapter("reward", lora)
-    head = sb.add_head("reward")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in sb.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5)
-        head.linear.bias.fill_(0.3)
+    sb.add_head("reward")
+    randomize_adapter(sb, "policy", std=0.5, seed=1)
+    randomize_adapter(sb, "reward", std=0.5, seed=2, head_bias=0.3)
     sb.save_adapter("policy", root / "policy", "sft")
     sb.save_adapter("reward", root / "reward", "reward", reward_offset=0.1)
     with torch.no_grad(), sb.use("policy") as model:

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from lora_rlhf.ppo import losses
-from lora_rlhf.ppo.config import PPOSection
-from lora_rlhf.ppo.kl import KLController, RunningMoments, make_kl_controller
-from lora_rlhf.ppo.rollout import truncate_after_stop
+from lora_rlhf.recipe.ppo import PPOSection
+from lora_rlhf.stages.ppo import losses
+from lora_rlhf.stages.ppo.kl import KLController, RunningMoments, make_kl_controller
+from lora_rlhf.stages.ppo.rollout import truncate_after_stop
 
 T = torch.tensor
 

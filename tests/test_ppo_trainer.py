@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_adapter
 
-from lora_rlhf.base import SharedBase, _adapter_of
-from lora_rlhf.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
-from lora_rlhf.ppo import rollout
-from lora_rlhf.ppo.checkpoint import STATE_FILE
-from lora_rlhf.ppo.ptx import IGNORE, tokenize_row
-from lora_rlhf.ppo.roles import resolve_sources
-from lora_rlhf.ppo.trainer import NonFiniteError, build_trainer, train_ppo
+from lora_rlhf.core import text
+from lora_rlhf.core.base import SharedBase, _adapter_of
+from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.stages.ppo import rollout
+from lora_rlhf.stages.ppo.checkpoint import STATE_FILE
+from lora_rlhf.stages.ppo.ptx import IGNORE, tokenize_row
+from lora_rlhf.stages.ppo.roles import resolve_sources
+from lora_rlhf.stages.ppo.trainer import NonFiniteError, build_trainer, train_ppo
 
 PROMPTS = ["Say something.", "Tell me a story about a cat.", [{"role": "user", "content": "Hi!"}], "2+2?"]
 REWARD_OFFSET = 0.25
@@ -46,14 +48,12 @@ def make_adapters(model_dir: Path, out: Path) -> tuple[Path, Path]:
     """An SFT adapter and a reward adapter (+ head, offset) as steps 1 and 2 would leave them."""
     sb = SharedBase.load(ModelConfig(name=str(model_dir), device="cpu"), QuantizationConfig(mode="4bit"))
     lora = LoraSettings(r=8, alpha=16, dropout=0.0)
-    torch.manual_seed(1)
     sb.add_adapter("policy", lora)
     sb.add_adapter("reward", lora)
     sb.add_head("reward")
-    with torch.no_grad():  # non-zero B: the SFT policy differs from the base, the reward model from both
-        for name, p in sb.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    # non-zero B: the SFT policy differs from the base, the reward model from both
+    randomize_adapter(sb, "policy", seed=1)
+    randomize_adapter(sb, "reward", seed=2)
     sb.save_adapter("policy", out / "sft", stage="sft")
     sb.save_adapter("reward", out / "reward", stage="reward", reward_offset=REWARD_OFFSET)
     return out / "sft", out / "reward"
@@ -116,8 +116,8 @@ def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_reci
 
     quantized_before, embeddings_before = base_weight_census()
     trainer = trainer_with_adapters(tiny_recipe, adapters)
-    sb = trainer.models["policy"]
-    assert all(trainer.models[r] is sb for r in ("reference", "reward", "value"))  # one base, four roles
+    sb = trainer.sb
+    assert set(sb.roles) == {"reference", "policy", "reward", "value"}  # one base, four roles
     before = snapshot(sb)
     assert any(v.dtype == torch.uint8 for k, v in before.items() if owner(k) == "base")  # really 4-bit
     trainer.step()
@@ -151,10 +151,10 @@ def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters
     """Left-padded queries, right-padded responses: every per-token number equals a plain forward of that one
     sequence without padding, and the score is the reward head at its last token minus the offset."""
     trainer = trainer_with_adapters(tiny_recipe, adapters, temperature=0.7)
-    sb, cfg = trainer.models["policy"], trainer.cfg
+    sb, cfg = trainer.sb, trainer.cfg
     trainer._train_mode(False)
-    batch = rollout.score(trainer.models, rollout.generate(trainer.models, PROMPTS, cfg), trainer.reward, cfg)
-    assert len(set(len(ids) for ids in rollout.encode_prompts(sb.tokenizer, PROMPTS))) > 1  # padding happened
+    batch = rollout.score(trainer.sb, rollout.generate(trainer.sb, PROMPTS, cfg), trainer.reward, cfg)
+    assert len(set(len(ids) for ids in [text.prompt_ids(sb.tokenizer, p) for p in PROMPTS])) > 1  # padding happened
     with torch.no_grad():
         for i in range(len(PROMPTS)):
             ids = batch.query_responses[i][batch.attention_mask[i].bool()].unsqueeze(0)
@@ -177,17 +177,17 @@ def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters
 
 def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, adapters):
     trainer = trainer_with_adapters(tiny_recipe, adapters)
-    sb = trainer.models["policy"]
+    sb = trainer.sb
     eos = sb.tokenizer.eos_token_id
     bias = torch.zeros(sb.model.config.vocab_size)
     bias[eos] = 1e4  # the model now always says end-of-turn
     hook = sb.model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
     try:
-        batch = rollout.generate(trainer.models, PROMPTS, trainer.cfg)
+        batch = rollout.generate(trainer.sb, PROMPTS, trainer.cfg)
         assert batch.lengths.tolist() == [1] * 4 and batch.ended.all()
         assert batch.responses[:, 0].tolist() == [eos] * 4
         trainer.cfg.stop_token = None  # no stop token: every generated token is real, end-of-turn included
-        batch = rollout.generate(trainer.models, PROMPTS, trainer.cfg)
+        batch = rollout.generate(trainer.sb, PROMPTS, trainer.cfg)
     finally:
         hook.remove()
     assert batch.lengths.tolist() == [trainer.cfg.response_length] * 4 and not batch.ended.any()
@@ -237,7 +237,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_recipe, reward_
 
 
 def test_ptx_rows_target_only_the_completion(tiny_model_dir):
-    from lora_rlhf.base import load_tokenizer
+    from lora_rlhf.core.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     ids, labels = tokenize_row(tok, {"text": "plain pretraining text"}, 64)
@@ -295,11 +295,11 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path)
              "local_rollout_forward_batch_size": 8, "response_length": 8, "num_ppo_epochs": 2,
              "num_mini_batches": 2, "learning_rate": 1e-3, "kl_coef": 0.1}))
     trainer = build_trainer(recipe, resolve_sources(recipe), PROMPTS)
-    sb = trainer.models["policy"]
+    sb = trainer.sb
     target = sb.tokenizer.encode(" banana", add_special_tokens=False)[0]
 
     def p_banana() -> float:  # exact, no sampling noise: p(" banana") as the first token of each answer
-        q, mask = rollout.left_pad(rollout.encode_prompts(sb.tokenizer, PROMPTS), sb.tokenizer.pad_token_id, sb.device)
+        q, mask = text.pad([text.prompt_ids(sb.tokenizer, p) for p in PROMPTS], sb.tokenizer.pad_token_id, "left", sb.device)
         with torch.no_grad(), sb.use("policy") as model:
             logits = model(input_ids=q, attention_mask=mask, position_ids=rollout.position_ids(mask)).logits[:, -1]
         return logits.softmax(-1)[:, target].mean().item()
@@ -313,3 +313,28 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path)
     assert last > 2 * first and last - first > 0.5, scores
     assert p_banana() > 2 * p_before
     assert max(kls[-5:]) < 10.0, kls  # nats per 8-token response: the penalty holds the policy near the reference
+
+
+def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zero(tiny_recipe, adapters, monkeypatch):
+    """Before any update the policy IS the SFT reference: the sampled tokens' log-probs under both are
+    bit-identical (KL 0), and the first mini-batch's ratio is exactly 1 (approxkl 0). The SFT adapter is
+    non-zero, so this holds because policy = copy of reference, not because both are the bare base."""
+    from lora_rlhf.stages.ppo import losses
+
+    trainer = trainer_with_adapters(tiny_recipe, adapters)
+    sb, cfg = trainer.sb, trainer.cfg
+    torch.manual_seed(0)
+    sb.train(False)
+    batch = rollout.score(sb, rollout.generate(sb, PROMPTS, cfg), trainer.reward, cfg)
+    assert torch.equal(batch.logprobs, batch.ref_logprobs)
+    with torch.no_grad(), sb.use(None) as model:
+        bare = rollout.response_logprobs(model, batch, cfg.temperature)[0]
+    assert not torch.allclose(bare, batch.ref_logprobs, atol=1e-4)  # the reference is not the bare base
+
+    first = []
+    real = losses.policy_loss
+    monkeypatch.setattr(losses, "policy_loss", lambda *a, **k: first.append(real(*a, **k)) or first[-1])
+    metrics, _ = trainer.step()
+    stats = first[0][1]
+    assert stats["approxkl"].item() == 0.0 and stats["ratio"].item() == 1.0
+    assert metrics["objective/kl"] == 0.0

@@ -7,14 +7,14 @@ import itertools
 import pytest
 
 from lora_rlhf.errors import DataError
-from lora_rlhf.rankings import (
+from lora_rlhf.stages.rankings import (
     pairs_from_ranks,
     pairs_from_scores,
     preferences_to_comparisons,
     rankings_to_comparisons,
     to_comparisons,
 )
-from lora_rlhf.reward import PromptGroupBatchSampler
+from lora_rlhf.stages.reward import PromptGroupBatchSampler
 
 
 def ranking(k: int, **extra) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_rlhf.config import load_recipe
+from lora_rlhf.recipe.config import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

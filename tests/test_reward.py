@@ -8,15 +8,19 @@ import random
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import randomize_adapter, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lora_rlhf.base import META_FILE, SharedBase, load_tokenizer
-from lora_rlhf.config import recipe_from_dict
+from lora_rlhf.core.adapters import META_FILE
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.heads import gather_last
+from lora_rlhf.core.loading import load_tokenizer
+from lora_rlhf.core.scoring import score_texts
+from lora_rlhf.core.text import batches, encode
 from lora_rlhf.errors import DataError, ModelError
-from lora_rlhf.heads import gather_last
-from lora_rlhf.reward import (
+from lora_rlhf.recipe.config import recipe_from_dict
+from lora_rlhf.stages.reward import (
     _grouped_trainer_class,
     init_adapter_for,
     load_seqcls_model,
@@ -25,7 +29,6 @@ from lora_rlhf.reward import (
     seqcls_scores,
     tokenize_comparisons,
 )
-from lora_rlhf.scoring import batches, encode, score_texts
 
 WORDS = "red blue green small large quick slow happy sad bright dark warm cold soft loud".split()
 FAST = {"eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "report_to": "none"}
@@ -126,7 +129,7 @@ def _causal_and_seqcls_scores(recipe, out):
         for idx, ids, mask in batches(seqs, 5, shared.tokenizer.pad_token_id, "cpu"):
             causal[idx] = gather_last(shared.scalar("reward", ids, mask), mask)
     via_api = score_texts(shared, prompts, responses, apply_offset=False)
-    tokenizer = load_tokenizer(str(out))
+    tokenizer = load_tokenizer(recipe.model)
     model, _ = load_seqcls_model(recipe, tokenizer, out)
     return causal, via_api, seqcls_scores(model, tokenizer, prompts, responses), model
 
@@ -174,7 +177,7 @@ def test_resume_continues_from_the_last_checkpoint_and_normalize_false(tiny_reci
 def test_grouped_batches_hold_all_pairs_of_a_prompt(tiny_recipe, tmp_path):
     rows = [{"prompt": f"Q{i}", "responses": ["a", "b", "c"], "ranks": [1, 2, 3]} for i in range(8)]  # 3 pairs each
     recipe = make_recipe(tiny_recipe, tmp_path, rows=rows, per_device_train_batch_size=4)
-    from lora_rlhf.reward import load_reward_data
+    from lora_rlhf.stages.reward import load_reward_data
 
     train, _ = load_reward_data(recipe.data.reward, recipe.seed)
     tokenizer = load_tokenizer(recipe.model.name)
@@ -183,7 +186,7 @@ def test_grouped_batches_hold_all_pairs_of_a_prompt(tiny_recipe, tmp_path):
 
     def prompts_per_batch(group_by_prompt: bool) -> list[list[str]]:
         trainer = _grouped_trainer_class()(
-            model=model, args=reward_training_args(recipe, tmp_path / "o", "cpu", False), train_dataset=dataset,
+            model=model, args=reward_training_args(recipe, tmp_path / "o", False), train_dataset=dataset,
             processing_class=tokenizer, group_by_prompt=group_by_prompt)
         out = []
         for batch in trainer.get_train_dataloader():
@@ -201,16 +204,13 @@ def test_grouped_batches_hold_all_pairs_of_a_prompt(tiny_recipe, tmp_path):
 
 def test_init_from_the_sft_adapter(tiny_recipe, tmp_path):
     recipe = make_recipe(tiny_recipe, tmp_path)
-    assert init_adapter_for(recipe, "unused") is None  # no OUT/sft yet: a fresh LoRA
+    assert init_adapter_for(recipe) is None  # no OUT/sft yet: a fresh LoRA
     sft = recipe.stage_dir("sft")
     shared = SharedBase.load(recipe.model, recipe.quantization)
     shared.add_adapter("default", recipe.lora)
-    with torch.no_grad():
-        for name, p in shared.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
+    randomize_adapter(shared, "default", std=1.0)
     shared.save_adapter("default", sft, stage="sft")
-    folder = init_adapter_for(recipe, shared.info["fingerprint"])
+    folder = init_adapter_for(recipe)
     assert folder == sft
     model, _ = load_seqcls_model(recipe, load_tokenizer(recipe.model.name), folder)
     saved = load_file(str(sft / "adapter_model.safetensors"))

@@ -10,7 +10,8 @@ from test_compare import make_reward_adapter
 from typer.testing import CliRunner
 
 from cli.main import app
-from lora_rlhf.scoring import load_reward_base, score_texts
+from lora_rlhf.core.scoring import score_texts
+from lora_rlhf.stages.inference import open_adapter
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def adapter(tiny_model_dir, tmp_path_factory):
 
 
 def test_score_one_pair_and_a_file(adapter, tmp_path):
-    shared = load_reward_base(adapter)
+    shared, _ = open_adapter(adapter, "reward")
     raw = score_texts(shared, ["Hi", "Hi", "Hi"], ["Hello!", "Go away.", "Hey"], apply_offset=False).tolist()
     result = CliRunner().invoke(app, ["score", str(adapter), "--prompt", "Hi", "--response", "Hello!"])
     assert result.exit_code == 0, result.output
@@ -58,13 +59,12 @@ def test_score_errors_exit_2(adapter, tmp_path, tiny_model_dir):
 def test_encode_is_the_sequence_a_finished_rollout_has(tiny_model_dir):
     # PPO scores a rollout on its own ids: chat prompt (with the generation prompt) + sampled tokens up to the
     # stop token. The RM is trained and scored on `encode`, so the two must be the same token sequence.
-    from lora_rlhf.base import load_tokenizer
-    from lora_rlhf.generation import chat_text
-    from lora_rlhf.scoring import encode
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.core.text import encode, prompt_ids
 
     tok = load_tokenizer(str(tiny_model_dir))
     for prompt, response in [("Tell me about cats.", "Cats are small, furry animals."),
                              ([{"role": "user", "content": "Name a fruit."}], "banana")]:
-        rollout = (tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
+        rollout = (prompt_ids(tok, prompt)
                    + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
         assert encode(tok, prompt, response) == rollout

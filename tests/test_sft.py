@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,9 +12,9 @@ import yaml
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from lora_rlhf.base import SharedBase
-from lora_rlhf.config import recipe_from_dict
-from lora_rlhf.sft import train_sft
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.recipe.config import recipe_from_dict
+from lora_rlhf.stages.sft import train_sft
 
 DEMOS = [{"prompt": p, "completion": "banana banana banana"}
          for p in ["Say the magic word.", "What is the magic word?", "Tell me the word.", "Magic word please."]]
@@ -75,7 +77,7 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_identical_logits(sft_ru
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_rlhf.base import disable_cpu_weight_repacking, quantization_config
+    from lora_rlhf.core.loading import disable_cpu_weight_repacking, quantization_config
 
     recipe, out, shared, _ = sft_run
     ids = shared.tokenizer(["Say the magic word."], return_tensors="pt")
@@ -95,9 +97,13 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_identical_logits(sft_ru
     assert not torch.allclose(reloaded, bare, atol=1e-3)  # the adapter is really applied
 
 
-def test_resume_continues_from_the_last_checkpoint(sft_run):
+def test_resume_continues_from_the_last_checkpoint(sft_run, tmp_path):
+    # A copy of the finished run and of its recipe: the module's other tests keep seeing the original.
     recipe, out, _, _ = sft_run
     assert (out / "checkpoints" / "checkpoint-30").is_dir()
+    recipe = copy.deepcopy(recipe)
+    recipe.output_dir = str(tmp_path / "run")
+    shutil.copytree(out, recipe.stage_dir("sft"))
     recipe.trainer_args["sft"]["max_steps"] = 35
     out2, _ = train_sft(recipe, resume=True)
     metrics = json.loads((out2 / "metrics.json").read_text())
@@ -114,7 +120,7 @@ def test_final_eval_reuses_an_eval_logged_at_the_last_step():
     import logging
     from types import SimpleNamespace
 
-    from lora_rlhf.runlog import LogCallback
+    from lora_rlhf.core.logs import LogCallback
 
     calls = []
     trainer = SimpleNamespace(state=SimpleNamespace(global_step=8),

@@ -8,11 +8,11 @@ and are counted separately. When a labeler judged a prompt twice (concatenated f
 
 from __future__ import annotations
 
-import json
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from lora_rlhf.core.io import read_jsonl
 from lora_rlhf.errors import DataError
 from lora_rlhf.labeling.judgement import FLAG_LABELS
 
@@ -44,20 +44,11 @@ def compute_stats(path: str | Path, missing_ok: bool = False) -> dict[str, Any]:
         if missing_ok:
             return compute_stats_from_rows([], path)
         raise DataError(f"rankings file '{path}' does not exist", fix="label something first: lora-rlhf label ...")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"rankings file '{path}' line {lineno}: bad JSON ({e.msg})",
-                                fix="repair or delete that line") from None
-            if not isinstance(row, dict) or "id" not in row:
-                raise DataError(f"rankings file '{path}' line {lineno}: needs an object with an 'id'",
-                                fix="see docs/FORMATS.md, Rankings")
-            rows.append((lineno, row))
+    rows = read_jsonl(path, "rankings file")
+    for lineno, row in rows:
+        if not isinstance(row, dict) or "id" not in row:
+            raise DataError(f"rankings file '{path}' line {lineno}: needs an object with an 'id'",
+                            fix="see docs/FORMATS.md, Rankings")
     return compute_stats_from_rows(rows, path)
 
 

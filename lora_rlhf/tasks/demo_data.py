@@ -20,13 +20,14 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import json
 import random
 import re
 import sysconfig
 from pathlib import Path
 from typing import Any
 
+from lora_rlhf.core.generation import generate_responses
+from lora_rlhf.core.io import write_jsonl_atomic
 from lora_rlhf.tasks import ifeval_lite as ife
 
 # Subjects of the requests. The last EVAL_ONLY_TOPICS never appear in training prompts.
@@ -181,12 +182,6 @@ def general_text(seed: int, n_ptx: int, n_general: int, eval_fraction: float = 0
 
 
 # ---------------------------------------------------------------------------------------------- files
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 def build(out_dir: str | Path, seed: int = 0, n_train: int = 256, n_eval: int = 64, n_ptx: int = 512,
           n_general: int = 128) -> dict[str, Path]:
     """Write the demo's prompt and text files into `out_dir`; return {name: path}."""
@@ -199,7 +194,7 @@ def build(out_dir: str | Path, seed: int = 0, n_train: int = 256, n_eval: int = 
     paths = {}
     for name, rows in files.items():
         paths[name] = out / f"{name}.jsonl"
-        write_jsonl(paths[name], rows)
+        write_jsonl_atomic(paths[name], rows)
     return paths
 
 
@@ -229,8 +224,6 @@ def build_demonstrations(shared_base: Any, prompts: list[Any], n: int = 4, out_p
     sample complies (`repaired: true` in the row), and dropped when the repair fails too. Writes `out_path`
     (prompt/completion JSONL) when given and returns the rows.
     """
-    from lora_rlhf.generation import generate_responses
-
     samples = generate_responses(shared_base, prompts, role, max_new_tokens, temperature, top_p, n,
                                  batch_size=batch_size)
     rows: list[dict] = []
@@ -239,7 +232,7 @@ def build_demonstrations(shared_base: Any, prompts: list[Any], n: int = 4, out_p
         if best is not None:
             rows.append({"prompt": prompt, **best})
     if out_path is not None:
-        write_jsonl(Path(out_path), rows)
+        write_jsonl_atomic(Path(out_path), rows)
     return rows
 
 

@@ -9,14 +9,15 @@ apart from the prompts that compare and PPO see, as the paper kept its SFT, RM a
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from lora_rlhf.config import Recipe
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from lora_rlhf.errors import RecipeError
+from lora_rlhf.recipe.config import Recipe
 from lora_rlhf.tasks import demo_data
 
 
@@ -31,8 +32,6 @@ def build_data(recipe: Recipe, n_demos: int = 64, n_train: int = 128, n_eval: in
                n_general: int = 64, samples_per_prompt: int = 4, max_new_tokens: int = 64,
                batch_size: int = 16) -> dict[str, Any]:
     """Write data.sft, data.prompts, data.eval, data.ptx and eval.general_text; return build statistics."""
-    from lora_rlhf.base import SharedBase
-
     if not recipe.eval.general_text:
         raise RecipeError(["the demo data builder writes eval.general_text, but the recipe does not name it"])
     targets = {"prompts_eval": _target(recipe, "eval"), "ptx": _target(recipe, "ptx"),
@@ -41,17 +40,17 @@ def build_data(recipe: Recipe, n_demos: int = 64, n_train: int = 128, n_eval: in
     with tempfile.TemporaryDirectory() as tmp:
         paths = demo_data.build(tmp, seed=recipe.seed, n_train=n_demos + n_train, n_eval=n_eval, n_ptx=n_ptx,
                                 n_general=n_general)
-        train = [json.loads(line) for line in paths["prompts_train"].read_text().splitlines()]
+        train = [row for _, row in read_jsonl(paths["prompts_train"])]
         demo_rows, rl_rows = train[:n_demos], train[n_demos:]
         for name, target in targets.items():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(paths[name], target)
-    demo_data.write_jsonl(prompts_path, rl_rows)
+    write_jsonl_atomic(prompts_path, rl_rows)
     shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
     demos = demo_data.build_demonstrations(shared, [r["prompt"] for r in demo_rows], n=samples_per_prompt,
                                            max_new_tokens=max_new_tokens, batch_size=batch_size)
     sft_path.parent.mkdir(parents=True, exist_ok=True)
-    demo_data.write_jsonl(sft_path, [{"prompt": d["prompt"], "completion": d["completion"]} for d in demos])
+    write_jsonl_atomic(sft_path, [{"prompt": d["prompt"], "completion": d["completion"]} for d in demos])
     stats = demo_data.demonstration_stats(demos, len(demo_rows))
-    (sft_path.parent / "demonstrations_stats.json").write_text(json.dumps(stats, indent=2))
+    write_json_atomic(sft_path.parent / "demonstrations_stats.json", stats)
     return stats

@@ -1,0 +1,66 @@
+"""Text generation from the shared base with any role's adapter, through the model's chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lora_rlhf.core.text import Prompt, pad, prompt_ids
+
+
+@torch.no_grad()
+def generate_ids(shared_base: Any, prompts: Sequence[Prompt], role: str | None = "policy",
+                 max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 1.0,
+                 num_return_sequences: int = 1, batch_size: int = 8,
+                 on_batch: Callable[[int], None] | None = None) -> list[list[tuple[list[int], list[int]]]]:
+    """Sample `num_return_sequences` answers per prompt with adapter `role` (None = bare base).
+
+    Returns, per prompt, (prompt ids, answer ids) for each sample: the exact ids the model conditioned on and
+    produced (up to and including the end-of-turn token when it stopped; padding dropped), so that anything
+    computed afterwards (log-probs, KL) sees the same ids. Prompts are left-padded so every row's answer
+    starts at the same position; the KV cache makes each new token cost one forward over one position.
+    `temperature` 0 decodes greedily. `on_batch(n)` is called with the number of prompts finished.
+    """
+    tokenizer = shared_base.tokenizer
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                  num_return_sequences=num_return_sequences, pad_token_id=pad_id, eos_token_id=eos)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    out: list[list[tuple[list[int], list[int]]]] = []
+    with shared_base.use(role) as model:
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+                ids, mask = pad(chunk, pad_id, "left", shared_base.device)
+                generated = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
+                for i, query in enumerate(chunk):
+                    rows = generated[i * num_return_sequences:(i + 1) * num_return_sequences]
+                    out.append([(query, _until_stop(row, eos)) for row in rows])
+                if on_batch is not None:
+                    on_batch(len(chunk))
+        finally:
+            model.train(was_training)
+    return out
+
+
+def _until_stop(ids: list[int], eos: int | None) -> list[int]:
+    """Generated ids up to and including the first end-of-turn token (what follows it is padding)."""
+    if eos is not None and eos in ids:
+        return ids[:ids.index(eos) + 1]
+    return ids
+
+
+def generate_responses(shared_base: Any, prompts: Sequence[Prompt], role: str | None = "policy",
+                       max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 1.0,
+                       num_return_sequences: int = 1, batch_size: int = 8,
+                       on_batch: Callable[[int], None] | None = None) -> list[list[str]]:
+    """`generate_ids`, decoded: one list of answer strings per prompt (special tokens dropped, stripped)."""
+    samples = generate_ids(shared_base, prompts, role, max_new_tokens, temperature, top_p, num_return_sequences,
+                           batch_size, on_batch)
+    decode = shared_base.tokenizer.decode
+    return [[decode(answer, skip_special_tokens=True).strip() for _, answer in per_prompt] for per_prompt in samples]

@@ -1,0 +1,84 @@
+"""Files written so that an interruption never leaves half of one, and JSONL read with line-numbered errors.
+
+Every file another step relies on is written to a temporary sibling and renamed into place (atomic on POSIX):
+a reader sees the old file or the new one, never a mix. JSON has no NaN or inf: they are written as null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lora_rlhf.errors import DataError
+
+
+def clean_json(value: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), Paths -> strings, tuples -> lists, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = False) -> None:
+    write_text_atomic(path, json.dumps(clean_json(data), indent=2, ensure_ascii=False, sort_keys=sort_keys))
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[Any]) -> None:
+    write_text_atomic(path, "".join(json.dumps(clean_json(r), ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line; a bad line is one DataError naming its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} '{path}' does not exist or is not a file", fix="check the path")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(text)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{what} '{path}' line {lineno}: bad JSON ({e.msg})",
+                                fix="one JSON object per line; repair or delete that line") from None
+    return rows
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Fill a temporary sibling of `dest`, then rename it to `dest`: an interruption leaves no half-filled folder.
+
+    An existing `dest` must be empty unless `replace` (then it is removed just before the rename); the
+    temporary folder is removed on any error.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest) if replace else dest.rmdir()
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

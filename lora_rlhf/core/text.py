@@ -1,0 +1,91 @@
+"""Text to token ids, one way for every stage: chat templates, prompts, prompt + response, padding.
+
+    prompt_ids(tok, prompt)             the prompt up to where the assistant's answer begins: what generation
+                                        (PPO rollouts, compare, eval, chat) conditions on
+    encode(tok, prompt, response)       prompt + response as the reward model reads it (training and scoring)
+    pad(sequences, pad_id, side)        token lists -> (ids [B, T], attention mask [B, T])
+
+A model without a chat template gets the plain text with the tokenizer's special tokens (its BOS), the same
+in every stage, so a KL or a log-prob is computed on the very ids that were sampled. Masks are built from
+lengths, never from token identity (SmolLM2's pad-like end-of-turn token sits inside every chat prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from trl.trainer.utils import pad as trl_pad
+
+Prompt = str | list[dict[str, str]]
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """A prompt as chat messages: strings become one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def plain_text(prompt: Prompt) -> str:
+    """A prompt without a chat template: the messages' contents, one per line."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of `prompt`, ending where the assistant's answer begins."""
+    if has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(plain_text(prompt))["input_ids"])
+
+
+def response_ids(tokenizer: Any, response: str) -> list[int]:
+    """A response's own ids, as they follow `prompt_ids` (no special tokens added)."""
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+
+
+def encode(tokenizer: Any, prompt: Prompt, response: str) -> list[int]:
+    """Token ids of prompt + response as the reward model reads them (training and scoring alike).
+
+    The sequence ends at the assistant turn's end-of-turn token: that is where generation stops, so a rollout
+    that ended (prompt ids + sampled ids up to the stop token) is this same sequence and its score is read
+    at the same position. What the template appends after it (SmolLM2: a newline) is dropped.
+    """
+    if has_chat_template(tokenizer):
+        conversation = as_messages(prompt) + [{"role": "assistant", "content": response}]
+        ids = list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+        eos = tokenizer.eos_token_id
+        if eos in ids:
+            end = len(ids) - ids[::-1].index(eos)
+            # Only a whitespace tail is cut: an eos inside the prompt (a template whose turns end otherwise)
+            # must not cut the response away.
+            if tokenizer.decode(ids[end:]).strip() == "":
+                ids = ids[:end]
+        return ids
+    # No chat template (a base model): the prompt's ids (BOS included) + the response, closed by EOS so the last
+    # token marks the end.
+    return prompt_ids(tokenizer, prompt) + response_ids(tokenizer, response + (tokenizer.eos_token or ""))
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, T], attention mask [B, T]) padded on `side` to the longest."""
+    ids = [torch.tensor(list(s), dtype=torch.long) for s in sequences]
+    masks = [torch.ones(len(s), dtype=torch.long) for s in sequences]
+    return (trl_pad(ids, padding_value=pad_id, padding_side=side).to(device),
+            trl_pad(masks, padding_value=0, padding_side=side).to(device))
+
+
+def batches(sequences: Sequence[list[int]], batch_size: int, pad_id: int,
+            device: torch.device | str) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(row indices, input_ids [B, T], attention_mask [B, T]) right-padded, rows sorted by length so that a
+    batch holds similar lengths (less padding)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids, mask = pad([sequences[i] for i in rows], pad_id, "right", device)
+        yield rows, ids, mask

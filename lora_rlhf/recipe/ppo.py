@@ -1,0 +1,134 @@
+"""PPO settings. Names and meanings follow TRL's PPOConfig (<= 1.12) so a TRL recipe ports over; the paper's
+additions TRL lacked (PPO-ptx, adaptive KL, reward normalisation) are marked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# ppo.report_to: tracker -> the package that must be importable for it (stages/ppo/tracking.py)
+TRACKERS = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
+
+
+@dataclass
+class PPOSection:
+    # --- where the roles come from
+    sft_adapter: str | None = None
+    """Policy init and frozen reference (default: OUT/sft when it exists; else fresh policy, bare-base reference)."""
+    reward_adapter: str | None = None
+    """Reward adapter folder or Hub id (default: OUT/reward)."""
+    reward_fn: str | None = None
+    """Instead of a reward adapter, `module:function` (prompts, responses -> scores). Value starts fresh."""
+
+    # --- rollout
+    total_episodes: int = 256
+    """Prompts rolled out over the whole run."""
+    batch_size: int = 16
+    """Episodes per PPO step (rollout batch)."""
+    local_rollout_forward_batch_size: int = 16
+    """Episodes per forward pass while generating and scoring: memory vs. speed."""
+    response_length: int = 64
+    """Maximum new tokens per response."""
+    temperature: float = 0.7
+    top_k: int = 0
+    """0 disables top-k."""
+    top_p: float = 1.0
+    stop_token: Literal["eos"] | None = "eos"
+    """`eos`: stop at the tokenizer's end-of-turn token; null: always generate response_length tokens."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that did not end with the stop token (after normalisation)."""
+
+    # --- reward shaping
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty to the reference."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """k1: log-ratio (unbiased, high variance). k3: (r - 1) - log r (unbiased, low variance, always >= 0)."""
+    adaptive_kl: bool = False
+    """[paper/Ziegler 2019] adapt kl_coef towards target_kl."""
+    target_kl: float = 6.0
+    """Target total KL per response (nats) for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Adaptive controller horizon in episodes: larger = slower changes."""
+    normalize_reward: bool = True
+    """[ours] Standardise RM scores with running mean/std so kl_coef means the same across reward models."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards of a batch before GAE."""
+
+    # --- advantage and losses
+    gamma: float = 1.0
+    """Discount per token (1 = none: the episode is one response)."""
+    lam: float = 0.95
+    """GAE lambda: bias (0) vs. variance (1) of the advantages."""
+    cliprange: float = 0.2
+    """epsilon of PPO's clipped ratio."""
+    cliprange_value: float = 0.2
+    """How far a value prediction may move from its rollout value before its loss is clipped."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (the value adapter and head)."""
+    ptx_coef: float = 0.0
+    """[paper] gamma of PPO-ptx: weight of the language-modelling loss on data.ptx (0 = plain PPO)."""
+    ptx_batch_size: int = 4
+    """Rows of data.ptx per micro-batch (PPO-ptx only)."""
+    ptx_max_length: int = 256
+    """Tokens per data.ptx row; longer rows are cut."""
+
+    # --- optimisation
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass: the batch is split into this many shuffled mini-batches."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per mini-batch (one optimizer step per mini-batch): trades speed for memory."""
+    learning_rate: float = 1.0e-5
+    """AdamW learning rate of both trainable adapters and the value head."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm over policy LoRA + value LoRA + value head."""
+    weight_decay: float = 0.0
+    lr_scheduler_type: Literal["linear", "constant", "cosine"] = "linear"
+
+    # --- observability and checkpoints
+    logging_steps: int = 1
+    """Print a metrics line every N PPO steps (metrics.jsonl gets every step)."""
+    sample_every: int = 10
+    """Log a table of sample prompt / response / score every N steps."""
+    save_steps: int = 20
+    """Checkpoint every N PPO steps (and on Ctrl-C)."""
+    report_to: list[str] = None  # type: ignore[assignment]
+    """Trackers: tensorboard, trackio, wandb (empty = JSONL metrics only)."""
+
+    def __post_init__(self) -> None:
+        if self.report_to is None:
+            self.report_to = []
+        problems = []
+        if isinstance(self.batch_size, int) and isinstance(self.num_mini_batches, int):
+            if self.num_mini_batches <= 0 or self.batch_size % self.num_mini_batches:
+                problems.append(
+                    f"batch_size ({self.batch_size}) must be a multiple of num_mini_batches ({self.num_mini_batches})"
+                )
+        if isinstance(self.kl_coef, (int, float)) and self.kl_coef < 0:
+            problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.reward_adapter and self.reward_fn:
+            problems.append("give either reward_adapter or reward_fn, not both")
+        if isinstance(self.batch_size, int) and isinstance(self.num_mini_batches, int) and self.num_mini_batches > 0:
+            mini = self.batch_size // self.num_mini_batches
+            accum = self.gradient_accumulation_steps
+            if isinstance(accum, int) and (accum <= 0 or mini % accum):
+                problems.append(f"the mini-batch ({mini} = batch_size / num_mini_batches) must be a multiple of "
+                                f"gradient_accumulation_steps ({accum})")
+        for name in ("batch_size", "total_episodes", "response_length", "local_rollout_forward_batch_size",
+                     "num_ppo_epochs", "ptx_batch_size", "ptx_max_length", "logging_steps", "sample_every",
+                     "save_steps", "kl_horizon"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value <= 0:
+                problems.append(f"{name} must be positive, got {value}")
+        if isinstance(self.temperature, (int, float)) and self.temperature <= 0:
+            problems.append(f"temperature must be > 0 (PPO samples), got {self.temperature}")
+        if isinstance(self.target_kl, (int, float)) and self.target_kl <= 0:
+            problems.append(f"target_kl must be > 0, got {self.target_kl}")
+        if self.missing_eos_penalty is not None and self.stop_token is None:
+            problems.append("missing_eos_penalty needs stop_token: eos (without a stop token no response ends)")
+        unknown = [t for t in self.report_to if t not in TRACKERS] if isinstance(self.report_to, list) else []
+        if unknown:
+            problems.append(f"report_to: unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -1,0 +1,1 @@
+"""`lora-rlhf eval`: held-out evaluation of every policy (`evaluate`) and its report (`report`)."""

@@ -1,0 +1,387 @@
+"""`lora-rlhf eval`: what each stage changed, measured on held-out prompts (the paper's section 4).
+
+For every policy (the bare base, OUT/sft, OUT/<stage>/policy such as PPO and PPO-ptx, or those named with
+--policy), on the held-out prompts of `data.eval`:
+
+    1. sample one response per prompt (same seed for every policy)
+    2. task score      `eval.labeler` (module:function, e.g. constraint compliance), all policies' responses
+                       to one prompt judged in one call
+    3. RM score        the reward adapter (OUT/reward), minus its reward_offset: SFT demonstrations score ~0
+    4. KL to reference mean over responses of sum_t log pi(y_t|x,y<t) - log pi_ref(y_t|x,y<t), by teacher
+                       forcing on the policy's own samples; the reference is the SFT adapter (or the bare base)
+    5. length          response tokens
+    6. win rates       every later policy against every earlier one (PPO vs SFT, PPO vs base, ...), judged by
+                       the labeler and by the RM; a tie counts half (the paper's "preferred 85 +- 3 % of the time")
+    7. alignment tax   perplexity on held-out general text (`eval.general_text`)
+
+The base is loaded once; each policy is its own named adapter on it. Writes OUT/eval/{results.json,
+responses.jsonl, report.md, *.png}. KL uses logits divided by the sampling temperature, i.e. the distribution
+the responses were drawn from (as PPO's penalty does); top_p truncation is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl.trainer.utils import selective_log_softmax
+
+from lora_rlhf.core.adapters import is_finished, recipe_adapter
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
+from lora_rlhf.core.generation import generate_ids
+from lora_rlhf.core.plugins import load_callable
+from lora_rlhf.core.scoring import score_texts
+from lora_rlhf.core.text import batches
+from lora_rlhf.errors import DataError, ModelError, RecipeError
+from lora_rlhf.hub.client import local_adapter
+from lora_rlhf.recipe.config import DatasetConfig, Recipe
+from lora_rlhf.stages.eval.report import write_report
+from lora_rlhf.stages.labelers import function_labeler
+
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.json"  # written last: its presence marks a finished evaluation
+BARE_BASE = ("base", "none")  # --policy NAME=base: the base model without any adapter
+PERPLEXITY_MAX_TOKENS = 256
+
+
+@dataclass
+class Policy:
+    name: str
+    adapter: Path | None  # None: the bare base
+    metrics: Path | None = None  # training curves (OUT/<stage>/metrics.jsonl) when there are any
+
+
+@dataclass
+class WinRate:
+    """`policy` against `baseline` over n prompts: a win scores 1, a tie 1/2."""
+
+    policy: str
+    baseline: str
+    judge: str
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def rate(self) -> float:
+        return (self.wins + 0.5 * self.ties) / self.n if self.n else float("nan")
+
+    @property
+    def stderr(self) -> float:
+        p = self.rate
+        return math.sqrt(p * (1 - p) / self.n) if self.n else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "baseline": self.baseline, "judge": self.judge, "wins": self.wins,
+                "ties": self.ties, "losses": self.losses, "n": self.n, "win_rate": self.rate,
+                "stderr": self.stderr}
+
+
+def win_rate(policy_scores: Sequence[float], baseline_scores: Sequence[float], policy: str = "a",
+             baseline: str = "b", judge: str = "labeler", tol: float = 1e-9) -> WinRate:
+    """Pairwise comparison of two policies' scores on the same prompts (|difference| <= tol is a tie)."""
+    if len(policy_scores) != len(baseline_scores):
+        raise ValueError(f"{len(policy_scores)} scores against {len(baseline_scores)}")
+    wins = sum(1 for a, b in zip(policy_scores, baseline_scores, strict=True) if a - b > tol)
+    losses = sum(1 for a, b in zip(policy_scores, baseline_scores, strict=True) if b - a > tol)
+    return WinRate(policy, baseline, judge, wins, len(policy_scores) - wins - losses, losses)
+
+
+# ---------------------------------------------------------------------------------------------- policies
+def discover_policies(recipe: Recipe) -> list[Policy]:
+    """base, then OUT/sft, then every OUT/<stage>/policy (ppo, ppo-ptx, ...) that is complete."""
+    out = Path(recipe.output_dir)
+    policies = [Policy("base", None)]
+    if is_finished(out / "sft"):
+        policies.append(Policy("sft", out / "sft", _metrics_file(out / "sft")))
+    if out.is_dir():
+        stages = sorted(p for p in out.iterdir() if p.is_dir() and is_finished(p / "policy"))
+        for stage in sorted(stages, key=lambda p: (p.name != "ppo", p.name)):
+            policies.append(Policy(stage.name, stage / "policy", _metrics_file(stage)))
+    return policies
+
+
+def _metrics_file(folder: Path) -> Path | None:
+    path = folder / "metrics.jsonl"
+    return path if path.is_file() else None
+
+
+def parse_policy_args(items: Sequence[str]) -> list[Policy]:
+    """["sft=runs/x/sft", "base=base"] -> policies; ADAPTER `base` or `none` is the bare base."""
+    policies, problems, names = [], [], set()
+    for item in items:
+        name, sep, adapter = item.partition("=")
+        name, adapter = name.strip(), adapter.strip()
+        if not sep or not name or not adapter:
+            problems.append(f"--policy '{item}' must look like NAME=ADAPTER_FOLDER (or NAME=base for the bare base)")
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            problems.append(f"--policy name '{name}' may use only letters, digits and _ . + -")
+        if name in names:
+            problems.append(f"--policy name '{name}' is given twice")
+        names.add(name)
+        if adapter.lower() in BARE_BASE:
+            policies.append(Policy(name, None))
+        else:
+            folder = Path(adapter).expanduser()
+            stage_metrics = _metrics_file(folder.parent) if folder.name == "policy" else _metrics_file(folder)
+            policies.append(Policy(name, folder, stage_metrics))
+    if problems:
+        raise RecipeError(problems, "--policy")
+    return policies
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_eval_prompts(cfg: DatasetConfig | None, seed: int) -> tuple[list[Any], list[str] | None]:
+    """(prompts, split kinds or None): a `prompt` column, and an optional `split_kind` column to group by."""
+    if cfg is None:
+        raise DataError("the recipe has no data.eval section, so there are no held-out prompts to evaluate on",
+                        fix="add `data: {eval: {path: prompts_eval.jsonl}}` with a `prompt` column "
+                            "(prompts never used in training)")
+    ds = load_table(cfg, seed, what="eval prompts")
+    require_columns(ds, {"prompt": ("prompt",)}, "eval prompts", cfg.path)
+    check_text_or_messages(ds, "prompt", cfg.path)
+    kinds = [str(k) for k in ds["split_kind"]] if "split_kind" in ds.column_names else None
+    return list(ds["prompt"]), kinds
+
+
+def load_general_text(path: str, limit: int) -> list[str]:
+    ds = load_table(DatasetConfig(path=path), what="eval.general_text")
+    require_columns(ds, {"text": ("text",)}, "eval.general_text", path)
+    check_text_or_messages(ds, "text", path, allow_messages=False)
+    return list(ds["text"])[:limit]
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+@torch.no_grad()
+def sequence_logprobs(shared: SharedBase, role: str | None, sequences: Sequence[list[int]],
+                      starts: Sequence[int], temperature: float = 1.0, batch_size: int = 8) -> list[torch.Tensor]:
+    """Teacher forcing: for each sequence, log p(token_t | tokens_<t) for t >= starts[i] -> tensor [len - start].
+
+    `role` None is the bare base. Logits are divided by `temperature` (> 0) first.
+    """
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
+    with shared.use(role) as model:
+        was_training = model.training
+        model.eval()  # LoRA dropout off
+        try:
+            for rows, ids, mask in batches(sequences, batch_size, shared.tokenizer.pad_token_id, shared.device):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                # Gather-then-logsumexp row by row: no second [B, T, vocab] tensor.
+                logp = selective_log_softmax(logits, ids[:, 1:], temperature if temperature > 0 else 1.0)
+                for r, i in enumerate(rows):
+                    start = max(starts[i], 1)
+                    out[i] = logp[r, start - 1:len(sequences[i]) - 1].cpu()
+        finally:
+            model.train(was_training)
+    return out
+
+
+def kl_to_reference(shared: SharedBase, role: str | None, ref_role: str | None, sequences: Sequence[list[int]],
+                    starts: Sequence[int], temperature: float, batch_size: int) -> list[float]:
+    """Per sampled sequence (prompt ids + the response ids generated after `starts[i]`): the sum over its
+    response tokens of log pi(y|x) - log pi_ref(y|x) (k1; averages to KL(pi || pi_ref))."""
+    if role == ref_role:
+        return [0.0] * len(sequences)
+    logp = sequence_logprobs(shared, role, sequences, starts, temperature, batch_size)
+    ref = sequence_logprobs(shared, ref_role, sequences, starts, temperature, batch_size)
+    return [float((a - b).sum()) for a, b in zip(logp, ref, strict=True)]
+
+
+def perplexity(shared: SharedBase, role: str | None, texts: Sequence[str], batch_size: int = 8,
+               max_tokens: int = PERPLEXITY_MAX_TOKENS) -> float:
+    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens)."""
+    sequences = [shared.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+    logp = sequence_logprobs(shared, role, sequences, [1] * len(sequences), 1.0, batch_size)
+    tokens = sum(len(x) for x in logp)
+    if tokens == 0:
+        return float("nan")
+    return math.exp(-float(sum(x.sum() for x in logp)) / tokens)
+
+
+# ---------------------------------------------------------------------------------------------- labeler
+def labeler_scores(spec: str, prompts: Sequence[Any], responses_by_policy: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Judge all policies' responses to a prompt in one call; ranks (1 = best) become (K - rank) / (K - 1)."""
+    judge = function_labeler(spec)
+    names = list(responses_by_policy)
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    for i, prompt in enumerate(prompts):
+        responses = [responses_by_policy[n][i] for n in names]
+        judgement = judge(prompt, responses)
+        if "scores" in judgement:
+            values = judgement["scores"]
+        else:
+            k = len(responses)
+            values = [(k - r) / (k - 1) if k > 1 else 1.0 for r in judgement["ranks"]]
+        for n, v in zip(names, values, strict=True):
+            scores[n].append(float(v))
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- run
+@dataclass
+class EvalResult:
+    policies: dict[str, dict[str, Any]]
+    win_rates: list[WinRate]
+    settings: dict[str, Any]
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[str, str] = field(default_factory=dict)  # policy -> metrics.jsonl
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "policies": self.policies,
+                "win_rates": [w.as_dict() for w in self.win_rates], "curves": self.curves}
+
+
+class _Clock:
+    """Seconds spent per phase, for the log and results.json (where does evaluation time go)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.laps[name] = round(now - self.last, 1)
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.0f}s" for k, v in self.laps.items())
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str | Path | None = None,
+             log: Callable[[str], None] = lambda _: None) -> tuple[EvalResult, Path]:
+    """Evaluate `policies` (default: discovered from OUT) on data.eval; write OUT/eval; return (result, folder)."""
+    cfg = recipe.eval
+    # --- setup: every check that can fail on user input, before the model loads or anything is written
+    prompts, kinds = load_eval_prompts(recipe.data.eval, recipe.seed)
+    policies = policies if policies is not None else discover_policies(recipe)
+    if not policies:
+        raise RecipeError(["no policy to evaluate"], "--policy")
+    for p in policies:
+        if p.adapter is not None:
+            p.adapter = local_adapter(p.adapter)
+    ref_source = recipe_adapter(recipe, "sft", recipe.ppo.sft_adapter)
+    ref_folder = local_adapter(ref_source) if ref_source else None
+    rm_source = recipe_adapter(recipe, "reward", recipe.ppo.reward_adapter)
+    rm_folder = local_adapter(rm_source) if rm_source else None
+    general = load_general_text(cfg.general_text, cfg.general_max_texts) if cfg.general_text else None
+    if cfg.labeler:
+        load_callable(cfg.labeler, what="eval.labeler")
+    out = Path(out_dir) if out_dir is not None else recipe.stage_dir(EVAL_DIR)
+
+    # --- load the base once, each adapter once (a folder used twice, e.g. sft as policy and reference, is shared)
+    t0 = time.time()
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    roles: dict[Path, str] = {}
+
+    def role_for(folder: Path | None) -> str | None:
+        if folder is None:
+            return None
+        key = folder.resolve()
+        if key not in roles:
+            roles[key] = f"eval_{len(roles)}"
+            meta = shared.load_adapter(roles[key], folder, trainable=False)
+            if meta.get("head") is not None and meta.get("role") == "reward":
+                raise ModelError(f"'{folder}' is a reward adapter, not a policy",
+                                 fix="give policy adapters (OUT/sft, OUT/ppo/policy) to --policy")
+        return roles[key]
+
+    policy_roles = {p.name: role_for(p.adapter) for p in policies}
+    ref_role = role_for(ref_folder)
+    has_rm = rm_folder is not None
+    if has_rm:
+        shared.load_adapter("reward", rm_folder, trainable=False)
+        if "reward" not in shared.heads:
+            raise ModelError(f"reward adapter '{rm_folder}' has no scalar head (head.safetensors)",
+                             fix="point ppo.reward_adapter at the output folder of `lora-rlhf reward`")
+    log(f"loaded the base and {len(roles) + has_rm} adapter(s) in {time.time() - t0:.0f}s")
+
+    # 1. sample, 3. RM, 4. KL, 5. length, 7. perplexity
+    responses: dict[str, list[str]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    timings: dict[str, dict[str, float]] = {}
+    for p in policies:
+        role = policy_roles[p.name]
+        clock = _Clock()
+        torch.manual_seed(recipe.seed)
+        samples = [per_prompt[0] for per_prompt in generate_ids(
+            shared, prompts, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
+        responses[p.name] = [shared.tokenizer.decode(answer, skip_special_tokens=True).strip()
+                             for _, answer in samples]
+        clock.lap("generate")
+        res: dict[str, Any] = {"adapter": str(p.adapter) if p.adapter else None}
+        # KL and length on the ids that were sampled, never on re-tokenised text.
+        sequences, starts = [q + a for q, a in samples], [len(q) for q, _ in samples]
+        res["length"] = _mean([len(a) for _, a in samples])
+        res["_kl"] = kl_to_reference(shared, role, ref_role, sequences, starts, cfg.temperature, cfg.batch_size)
+        res["kl"] = _mean(res["_kl"])
+        clock.lap("kl")
+        if has_rm:
+            res["_rm"] = score_texts(shared, prompts, responses[p.name], batch_size=cfg.batch_size).cpu().tolist()
+            res["rm_score"] = _mean(res["_rm"])
+            clock.lap("rm")
+        if general is not None:
+            res["perplexity"] = perplexity(shared, role, general, cfg.batch_size)
+            clock.lap("perplexity")
+        timings[p.name] = clock.laps
+        results[p.name] = res
+        log(f"{p.name}: {len(prompts)} responses scored in {clock.total:.0f}s ({clock})")
+
+    # 2. task score
+    if cfg.labeler:
+        for name, values in labeler_scores(cfg.labeler, prompts, responses).items():
+            results[name]["_task"] = values
+            results[name]["task_score"] = _mean(values)
+            if kinds is not None:
+                results[name]["task_score_by_split"] = {
+                    k: _mean([v for v, kk in zip(values, kinds, strict=True) if kk == k]) for k in sorted(set(kinds))}
+
+    # 6. win rates: each later policy against each earlier one, by every judge we have
+    judges = [("labeler", "_task")] if cfg.labeler else []
+    judges += [("reward model", "_rm")] if has_rm else []
+    names = [p.name for p in policies]
+    wins = [win_rate(results[a][key], results[b][key], a, b, judge)
+            for judge, key in judges for i, a in enumerate(names) for b in names[:i]]
+
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row: dict[str, Any] = {"prompt": prompt, **({"split_kind": kinds[i]} if kinds else {})}
+        for name in names:
+            entry = {"response": responses[name][i], "kl": results[name]["_kl"][i]}
+            for key, label in (("_task", "task_score"), ("_rm", "rm_score")):
+                if key in results[name]:
+                    entry[label] = results[name][key][i]
+            row[name] = entry
+        rows.append(row)
+    for res in results.values():
+        for key in [k for k in res if k.startswith("_")]:
+            del res[key]
+    settings = {"eval_prompts": len(prompts), "reference": str(ref_folder) if ref_folder else "base",
+                "reward_adapter": str(rm_folder) if rm_folder else None, "labeler": cfg.labeler,
+                "general_text": cfg.general_text, "general_texts": len(general) if general else 0,
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "seed": recipe.seed, "seconds_per_policy": timings, "seconds_total": round(time.time() - t0, 1)}
+    result = EvalResult(results, wins, settings, rows,
+                        {p.name: str(p.metrics) for p in policies if p.metrics is not None})
+
+    write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)
+    return result, out

@@ -1,0 +1,106 @@
+"""PPO checkpoints: everything `--resume` needs to continue exactly where a run stopped.
+
+    OUT/ppo/checkpoint/
+      policy/            the policy adapter (a plain PEFT folder; usable on its own)
+      value/             the value adapter + head.safetensors
+      optimizer.pt       optimizer, LR scheduler and RNG states (torch.load(weights_only=True) reads it)
+      trainer_state.json step, episode, data positions, KL controller, reward normaliser, where roles came from
+
+A checkpoint is written into `checkpoint.tmp/` and then swapped in by renames, so an interruption or a crash
+at any moment leaves the previous checkpoint complete (`checkpoint.old/` is only there during the swap, and
+is used if a crash hit between the two renames).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.heads import ScalarHead
+from lora_rlhf.core.io import write_json_atomic
+from lora_rlhf.errors import ModelError
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINABLE_ROLES = ("policy", "value")
+
+
+def find_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint under `stage_dir`, or None."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        folder = stage_dir / name
+        if (folder / STATE_FILE).is_file():
+            return folder
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint atomically; return its folder."""
+    final, tmp, old = stage_dir / CHECKPOINT, stage_dir / (CHECKPOINT + ".tmp"), stage_dir / (CHECKPOINT + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for role in TRAINABLE_ROLES:
+        sb.save_adapter(role, tmp / role, stage="ppo")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / OPTIMIZER_FILE)
+    write_json_atomic(tmp / STATE_FILE, state)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(folder: Path, sb: SharedBase, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """Restore adapters, head, optimizer, scheduler and RNG from `folder`; return the trainer state."""
+    from peft import set_peft_model_state_dict
+
+    for role in TRAINABLE_ROLES:
+        weights = load_file(str(folder / role / "adapter_model.safetensors"), device=str(sb.device))
+        result = set_peft_model_state_dict(sb.model, weights, adapter_name=role)
+        missing = [k for k in getattr(result, "missing_keys", []) if f".{role}." in k]
+        if missing:
+            raise ModelError(f"checkpoint '{folder}' does not fit the {role} adapter (missing {missing[0]} ...)",
+                             fix="resume with the recipe the run was started with (same lora and model settings)")
+        if role in sb.heads:
+            saved = ScalarHead.load(folder / role, sb.device)
+            with torch.no_grad():
+                for p, q in zip(sb.heads[role].parameters(), saved.parameters(), strict=True):
+                    p.copy_(q)
+    extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    set_rng_state(extra["rng"])
+    return json.loads((folder / STATE_FILE).read_text())

@@ -1,0 +1,210 @@
+"""Steps 1 and 2 of a PPO step: roll out responses with the policy, then score them with every role.
+
+A batch of B episodes is stored as one tensor [B, Q + R]: the queries left padded to Q tokens, then the
+responses right padded to R tokens. Every mask is built from lengths (queries: tokenised length; responses:
+up to and including the first stop token), never from token identity: the pad token may also be generated,
+and SmolLM2's end-of-turn token sits inside every chat prompt (see DESIGN.md). Position ids count real tokens
+only, so a left-padded row sees the same positions as when it was generated. All four roles are adapters on
+one SharedBase; `sb.use(role)` selects one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from trl.trainer.utils import selective_log_softmax
+
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.text import pad, prompt_ids
+from lora_rlhf.errors import DataError
+from lora_rlhf.recipe.ppo import PPOSection
+
+RewardFn = Callable[[list[Any], list[str]], list[float]]
+
+
+@dataclass
+class RewardSource:
+    """Where scores come from: the `reward` role (adapter + head, minus its offset) or a Python function."""
+
+    description: str
+    fn: RewardFn | None = None
+    offset: float = 0.0
+
+
+@dataclass
+class Batch:
+    """B episodes. Tensors on the models' device; `None` fields are filled by `score`."""
+
+    prompts: list[Any]
+    query_responses: torch.Tensor  # [B, Q + R] token ids: left-padded query, right-padded response
+    attention_mask: torch.Tensor   # [B, Q + R] 1 on real tokens
+    context_length: int            # Q
+    lengths: torch.Tensor          # [B] real response tokens (the stop token included), >= 1
+    ended: torch.Tensor            # [B] bool: the response ended with the stop token
+    texts: list[str]               # decoded responses (special tokens dropped)
+    logprobs: torch.Tensor | None = None      # [B, R] policy log-probs of the sampled tokens (0 on padding)
+    ref_logprobs: torch.Tensor | None = None  # [B, R] the same under the reference
+    values: torch.Tensor | None = None        # [B, R] value before each response token (0 on padding)
+    scores: torch.Tensor | None = None        # [B] reward (adapter output minus offset, or the function's)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """[B, R] response token ids (pad after each response's end)."""
+        return self.query_responses[:, self.context_length:]
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[B, R] 1.0 on real response tokens."""
+        positions = torch.arange(self.responses.shape[1], device=self.lengths.device)
+        return (positions.unsqueeze(0) < self.lengths.unsqueeze(1)).float()
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return position_ids(self.attention_mask)
+
+    def select(self, index: torch.Tensor | slice) -> Batch:
+        """The episodes at `index` (a micro-batch), sharing storage where possible."""
+        idx = index.tolist() if isinstance(index, torch.Tensor) else list(range(len(self.prompts)))[index]
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                values[f.name] = v[index]
+            elif isinstance(v, list):
+                values[f.name] = [v[i] for i in idx]
+        return replace(self, **values)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T]: 0, 1, 2, ... over real tokens (left padding does not shift positions)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def truncate_after_stop(responses: torch.Tensor, stop_id: int | None,
+                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first stop token. [B, R] -> (responses [B, R], lengths [B], ended [B]).
+
+    lengths count the stop token; tokens after it become `pad_id`. Without a stop token every response keeps
+    all R tokens, whatever they are (a generated pad or end-of-turn token is then a real token).
+    """
+    batch, width = responses.shape
+    if stop_id is None:
+        lengths = torch.full((batch,), width, dtype=torch.long, device=responses.device)
+        return responses, lengths, torch.zeros(batch, dtype=torch.bool, device=responses.device)
+    is_stop = responses == stop_id
+    ended = is_stop.any(dim=1)
+    first_stop = torch.where(ended, is_stop.float().argmax(dim=1), torch.full_like(ended, width - 1, dtype=torch.long))
+    lengths = first_stop + 1
+    positions = torch.arange(width, device=responses.device).unsqueeze(0)
+    return responses.masked_fill(positions >= lengths.unsqueeze(1), pad_id), lengths, ended
+
+
+def generation_config(cfg: PPOSection, stop_id: int | None, pad_id: int):
+    from transformers import GenerationConfig
+
+    # transformers fills unset fields from the model's defaults: an explicit top_k=0 turns its default 50 off,
+    # and an empty eos list (not None) really disables stopping.
+    return GenerationConfig(max_new_tokens=cfg.response_length, do_sample=True, temperature=cfg.temperature,
+                            top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=[] if stop_id is None else stop_id,
+                            pad_token_id=pad_id, use_cache=True)
+
+
+@torch.no_grad()
+def generate(sb: SharedBase, prompts: list[Any], cfg: PPOSection) -> Batch:
+    """Step 1: sample one response per prompt from the policy, with the KV cache."""
+    tokenizer, device = sb.tokenizer, sb.device
+    pad_id = tokenizer.pad_token_id
+    stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
+    query, query_mask = pad([prompt_ids(tokenizer, p) for p in prompts], pad_id, "left", device)
+    gen_cfg = generation_config(cfg, stop_id, pad_id)
+    chunks = []
+    with sb.use("policy") as model:
+        for start in range(0, len(prompts), cfg.local_rollout_forward_batch_size):
+            rows = slice(start, start + cfg.local_rollout_forward_batch_size)
+            out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=gen_cfg)
+            chunks.append(out[:, query.shape[1]:])
+    width = max(c.shape[1] for c in chunks)
+    raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    responses, lengths, ended = truncate_after_stop(raw, stop_id, pad_id)
+    response_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    texts = tokenizer.batch_decode([r[:n] for r, n in zip(responses.tolist(), lengths.tolist(), strict=True)],
+                                   skip_special_tokens=True)
+    return Batch(prompts=list(prompts), query_responses=torch.cat([query, responses], 1),
+                 attention_mask=torch.cat([query_mask, response_mask], 1), context_length=query.shape[1],
+                 lengths=lengths, ended=ended, texts=texts)
+
+
+def response_logits(model: Any, batch: Batch) -> torch.Tensor:
+    """Logits predicting each response token: [B, R, V] (only these positions go through the LM head)."""
+    width = batch.responses.shape[1]
+    out = model(input_ids=batch.query_responses, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=width + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+def response_logprobs(model: Any, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the sampled tokens at the sampling temperature: (logprobs [B, R], logits [B, R, V]).
+
+    Padding positions get log-prob 0, so they add nothing to sums and ratios there are exactly 1.
+    """
+    logits = response_logits(model, batch) / temperature
+    logprobs = selective_log_softmax(logits, batch.responses)
+    return logprobs * batch.response_mask, logits
+
+
+def hidden_states(sb: SharedBase, role: str, batch: Batch) -> torch.Tensor:
+    """Last hidden states [B, Q + R, H] of the backbone with `role`'s adapter active."""
+    with sb.use(role):
+        return sb.backbone()(input_ids=batch.query_responses, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+
+
+def response_values(sb: SharedBase, batch: Batch, role: str = "value") -> torch.Tensor:
+    """V(s_t) for every response position: the head on the state before each token. [B, R], 0 on padding."""
+    hidden = hidden_states(sb, role, batch)
+    values = sb.heads[role](hidden[:, batch.context_length - 1:-1])
+    return values * batch.response_mask
+
+
+def reward_model_scores(sb: SharedBase, batch: Batch, offset: float) -> torch.Tensor:
+    """The reward head at each episode's last real token, minus the reward offset. [B]."""
+    hidden = hidden_states(sb, "reward", batch)
+    last = batch.context_length + batch.lengths - 1
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return sb.heads["reward"](hidden[rows, last]) - offset
+
+
+@torch.no_grad()
+def score(sb: SharedBase, batch: Batch, reward: RewardSource, cfg: PPOSection) -> Batch:
+    """Step 2: policy and reference log-probs, values and scores for every episode (chunked forwards)."""
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    n = len(batch.prompts)
+    for start in range(0, n, cfg.local_rollout_forward_batch_size):
+        chunk = batch.select(slice(start, start + cfg.local_rollout_forward_batch_size))
+        with sb.use("policy") as model:
+            parts["logprobs"].append(response_logprobs(model, chunk, cfg.temperature)[0])
+        with sb.use("reference") as model:
+            parts["ref_logprobs"].append(response_logprobs(model, chunk, cfg.temperature)[0])
+        parts["values"].append(response_values(sb, chunk))
+        if reward.fn is None:
+            parts["scores"].append(reward_model_scores(sb, chunk, reward.offset))
+    if reward.fn is not None:
+        parts["scores"].append(function_scores(reward, batch))
+    return replace(batch, **{k: torch.cat(v).float() for k, v in parts.items()})
+
+
+def function_scores(reward: RewardSource, batch: Batch) -> torch.Tensor:
+    """Call the user's reward function on (prompts, decoded responses); check it returned one number each."""
+    result = reward.fn(list(batch.prompts), list(batch.texts))
+    try:
+        values = [float(x) for x in result]
+    except (TypeError, ValueError):
+        raise DataError(f"reward function {reward.description} must return a list of numbers, got {str(result)[:80]}",
+                        fix="return one float per response") from None
+    if len(values) != len(batch.texts):
+        raise DataError(f"reward function {reward.description} returned {len(values)} scores for "
+                        f"{len(batch.texts)} responses", fix="return exactly one float per response")
+    return torch.tensor(values, dtype=torch.float32, device=batch.lengths.device)

@@ -1,0 +1,379 @@
+"""Step 3: PPO with a per-token KL penalty (and PPO-ptx), all four roles on ONE shared base.
+
+Every PPO step takes `batch_size` prompts and runs, in order:
+
+    1. roll out     sample one response per prompt from the policy (KV cache; stop at end-of-turn)
+    2. score        log-probs under policy and reference, values, and the reward of each episode
+    3. rewards      per token: -beta * KL(policy || reference); plus the (normalised) score on the last token
+    4. advantages   GAE(gamma, lambda) against the value function, whitened over the batch
+    5. optimise     num_ppo_epochs x num_mini_batches optimizer steps (x gradient accumulation) on
+                    clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss on data.ptx)
+    6. log / save   metrics.jsonl, samples, progress; beta adapts (adaptive_kl); checkpoint every save_steps
+
+How this differs from TRL 1.12's PPOTrainer (whose config names we keep):
+- One base, four adapters: the policy and value adapters train together under one optimizer; reference and
+  reward are frozen adapters (or the bare base) on the same weights.
+- The policy's and the value's losses are backpropagated separately, each while its own adapter is active:
+  with gradient checkpointing, backward re-runs the forward, which must see the same adapter. The gradients
+  are the same as for the summed loss.
+- The score lands on the last real response token (TRL put it one position after the end when it could).
+- The paper's additions: PPO-ptx, an adaptive KL coefficient, running normalisation of reward scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl.trainer.utils import entropy_from_logits
+
+from lora_rlhf.core.adapters import META_FILE
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.data import load_prompts
+from lora_rlhf.core.io import write_json_atomic
+from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
+from lora_rlhf.recipe.config import Recipe, recipe_to_dict, save_recipe
+from lora_rlhf.stages.ppo import checkpoint as ckpt
+from lora_rlhf.stages.ppo import losses, rollout
+from lora_rlhf.stages.ppo.kl import RunningMoments, make_kl_controller
+from lora_rlhf.stages.ppo.outputs import RunLog, write_run_info
+from lora_rlhf.stages.ppo.ptx import PtxData, epoch_order, load_ptx_rows, ptx_loss
+from lora_rlhf.stages.ppo.roles import Sources, resolve_sources, setup_roles
+from lora_rlhf.stages.ppo.rollout import Batch, RewardSource
+from lora_rlhf.stages.ppo.tracking import check_trackers
+
+log = logging.getLogger("lora_rlhf.stages.ppo")
+
+
+class NonFiniteError(LoraRlhfError):
+    """A loss or reward became NaN or infinite: training stops before anything bad is saved."""
+
+
+class PPOTrainer:
+    """The PPO loop over one SharedBase whose role adapters are already set up (roles.setup_roles)."""
+
+    def __init__(self, recipe: Recipe, sb: SharedBase, prompts: list[Any],
+                 reward: RewardSource, ptx: PtxData | None = None):
+        from transformers import get_scheduler
+
+        self.recipe, self.cfg, self.sb, self.prompts = recipe, recipe.ppo, sb, prompts
+        self.reward, self.ptx = reward, ptx
+        self.num_steps = math.ceil(self.cfg.total_episodes / self.cfg.batch_size)
+        self.step_index = 0          # PPO steps done
+        self.prompt_position = 0     # prompts served so far (indexes a per-pass shuffled order)
+        self.kl_ctl = make_kl_controller(self.cfg)
+        self.score_stats = RunningMoments()
+        # Fixed order: the optimizer state in a checkpoint is matched to parameters by position.
+        self.params = sb.trainable_parameters("policy") + sb.trainable_parameters("value")
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        self.scheduler = get_scheduler(self.cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
+                                       num_training_steps=self.num_steps)
+
+    # ------------------------------------------------------------------ one PPO step
+    def step(self) -> tuple[dict[str, float], Batch]:
+        """Run one PPO step (1-5 above); return its metrics and the scored batch."""
+        cfg, device = self.cfg, self.sb.device
+        t0 = time.perf_counter()
+        self._train_mode(False)
+
+        # 1. Roll out: one sampled response per prompt, from the policy.
+        batch = rollout.generate(self.sb, self._next_prompts(), cfg)
+        t1 = time.perf_counter()
+
+        # 2. Score: policy / reference log-probs, values, and the reward of every episode.
+        batch = rollout.score(self.sb, batch, self.reward, cfg)
+        check_finite(batch.scores, "reward scores", self.step_index + 1)
+        t2 = time.perf_counter()
+
+        # 3. KL-shaped rewards: -beta * KL on every token, the normalised score on the last one.
+        mask = batch.response_mask
+        scores = self._normalised_scores(batch)
+        kl = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask
+        kl_coef = self.kl_ctl.value
+        rewards, non_score = losses.shaped_rewards(scores, kl, kl_coef, mask)
+        if cfg.whiten_rewards:
+            rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+
+        # 4. Advantages: GAE against the rollout's values, then whitened over the batch.
+        advantages, returns = losses.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
+        advantages = losses.masked_whiten(advantages, mask)
+
+        # 5. Optimise the policy and value adapters (and the value head) on this batch.
+        self._train_mode(True)
+        lr = self.scheduler.get_last_lr()[0]
+        stats = self._optimise(batch, advantages, returns)
+        self.scheduler.step()
+        t3 = time.perf_counter()
+
+        mean_kl = kl.sum(1).mean().item()
+        self.kl_ctl.update(mean_kl, len(batch.prompts))
+        self.step_index += 1
+        n_tokens = int(batch.lengths.sum())
+        metrics = {
+            "step": self.step_index, "episode": self.step_index * cfg.batch_size,
+            "objective/scores": batch.scores.mean().item(),
+            "objective/kl": mean_kl,
+            "objective/entropy": (-batch.logprobs).sum(1).mean().item(),
+            "objective/non_score_reward": non_score.sum(1).mean().item(),
+            "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
+            **stats,
+            "val/ended": batch.ended.float().mean().item(),
+            "val/response_length": batch.lengths.float().mean().item(),
+            "kl_coef": kl_coef, "lr": lr,
+            "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/optimisation": t3 - t2,
+            "time/step": t3 - t0, "tokens/s": n_tokens / (t3 - t0), "episodes/s": len(batch.prompts) / (t3 - t0),
+            "memory/peak_gb": peak_memory_gb(device),
+        }
+        return metrics, batch
+
+    def _next_prompts(self) -> list[Any]:
+        n = len(self.prompts)
+        start = self.prompt_position
+        self.prompt_position += self.cfg.batch_size
+        return [self.prompts[epoch_order(n, self.recipe.seed, start + i)] for i in range(self.cfg.batch_size)]
+
+    def _normalised_scores(self, batch: Batch) -> torch.Tensor:
+        scores = batch.scores
+        if self.cfg.normalize_reward:
+            self.score_stats.update(scores.tolist())
+            scores = torch.tensor([self.score_stats.normalize(s) for s in scores.tolist()], device=scores.device)
+        if self.cfg.missing_eos_penalty is not None:
+            scores = scores - self.cfg.missing_eos_penalty * (~batch.ended).float()
+        return scores
+
+    def _optimise(self, batch: Batch, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        size = len(batch.prompts)
+        mini = size // cfg.num_mini_batches
+        micro = mini // cfg.gradient_accumulation_steps
+        # The shuffle is a function of (seed, step), so a resumed run shuffles exactly like an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.recipe.seed * 100003 + self.step_index)
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(cfg.num_ppo_epochs):
+            order = torch.randperm(size, generator=generator)
+            for start in range(0, size, mini):
+                for micro_start in range(start, start + mini, micro):
+                    idx = order[micro_start:micro_start + micro].to(advantages.device)
+                    self._backward(batch.select(idx), advantages[idx], returns[idx], stats)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                stats["policy/grad_norm"].append(float(grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def _backward(self, mb: Batch, advantages: torch.Tensor, returns: torch.Tensor,
+                  stats: dict[str, list[float]]) -> None:
+        """Accumulate the gradients of one micro-batch: policy (+ ptx) first, then value."""
+        cfg, step = self.cfg, self.step_index + 1
+        mask, scale = mb.response_mask, 1.0 / cfg.gradient_accumulation_steps
+        sb = self.sb
+        with sb.use("policy") as model:
+            logprobs, logits = rollout.response_logprobs(model, mb, cfg.temperature)
+            pg_loss, pg_stats = losses.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
+            loss = pg_loss
+            if self.ptx is not None:
+                lm_loss = ptx_loss(model, self.ptx.next_batch(cfg.ptx_batch_size, sb.tokenizer.pad_token_id,
+                                                              sb.device))
+                loss = loss + cfg.ptx_coef * lm_loss
+                stats["loss/ptx"].append(lm_loss.item())
+            check_finite(loss, "policy loss", step)
+            (loss * scale).backward()
+        with torch.no_grad():
+            stats["policy/entropy"].append(losses.masked_mean(entropy_from_logits(logits.float()), mask).item())
+        del logits
+        with sb.use("value"):
+            values = rollout.response_values(sb, mb)
+            vf_loss, vf_stats = losses.value_loss(values, mb.values, returns, mask, cfg.cliprange_value)
+            check_finite(vf_loss, "value loss", step)
+            (cfg.vf_coef * vf_loss * scale).backward()
+        stats["loss/policy"].append(pg_loss.item())
+        stats["loss/value"].append(vf_loss.item())
+        stats["policy/approxkl"].append(pg_stats["approxkl"].item())
+        stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
+        stats["val/ratio"].append(pg_stats["ratio"].item())
+        stats["val/clipfrac"].append(vf_stats["clipfrac"].item())
+
+    def _train_mode(self, on: bool) -> None:
+        self.sb.train(on)
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_index, "prompt_position": self.prompt_position,
+                "ptx_position": self.ptx.position if self.ptx is not None else 0,
+                "kl_controller": self.kl_ctl.state_dict(), "score_stats": self.score_stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_index, self.prompt_position = int(state["step"]), int(state["prompt_position"])
+        if self.ptx is not None:
+            self.ptx.position = int(state["ptx_position"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.score_stats.load_state_dict(state["score_stats"])
+
+
+def check_finite(value: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(
+            f"the {what} became NaN or infinite at PPO step {step}; training stopped and the last checkpoint "
+            "(OUT/ppo/checkpoint) was left as it was",
+            fix="check the reward model / reward function for NaN or inf outputs; lower ppo.learning_rate or raise "
+                "ppo.kl_coef; then continue with --resume")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[dict[str, bool]]:
+    """First Ctrl-C: finish the current PPO step, save a checkpoint, stop. Second Ctrl-C: stop at once (the last
+    checkpoint stays intact). Saving mid-step would store a half-updated model that --resume could not
+    continue exactly."""
+    state = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["requested"]:
+            raise KeyboardInterrupt
+        state["requested"] = True
+        log.warning("Ctrl-C: finishing this PPO step, then saving a checkpoint (Ctrl-C again stops at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------- the run: setup -> loop -> save
+def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", progress: bool = True) -> dict[str, Any]:
+    """`lora-rlhf ppo`: check every input, load the base once, run PPO, write OUT/<stage>. Returns final metrics.
+
+    resume: True continues from OUT/<stage>/checkpoint (which must exist); False refuses to start over an
+    existing run; None (the pipeline's default) continues when there is a checkpoint and starts otherwise.
+    """
+    cfg, out = recipe.ppo, recipe.stage_dir(stage)
+    # Setup. Everything the user gave is checked before anything is written or loaded.
+    sources = resolve_sources(recipe)
+    prompts = load_prompts(recipe.data.prompts, recipe.seed)
+    ptx_rows = _ptx_rows(recipe)
+    check_trackers(cfg.report_to)
+    existing = ckpt.find_checkpoint(out)
+    compat = _resume_fields(recipe, sources)
+    if resume is None:
+        resume = existing is not None
+    if resume:
+        if existing is None:
+            raise LoraRlhfError(f"--resume was given but '{out}' holds no PPO checkpoint",
+                                fix="start the run without --resume")
+        _check_resumable(json.loads((existing / ckpt.STATE_FILE).read_text()).get("compat", {}), compat)
+    elif existing is not None:
+        raise LoraRlhfError(f"'{out}' already holds a PPO run (checkpoint in {existing.name}/)",
+                            fix="continue it with --resume, or set another output_dir, or delete that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out / "recipe.yaml")
+
+    trainer = build_trainer(recipe, sources, prompts, ptx_rows)
+    sb = trainer.sb
+    if resume:
+        trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler))
+    write_run_info(out, {"base": sb.info, "device": str(sb.device), "roles": sources.describe(),
+                         "num_steps": trainer.num_steps}, trainer.step_index if resume else None)
+    runlog = RunLog(out, cfg, recipe_to_dict(recipe), trainer.step_index, trainer.num_steps, progress)
+    log.info("PPO: %d steps of %d episodes; roles: %s%s", trainer.num_steps, cfg.batch_size, sources.describe(),
+             f"; resumed at step {trainer.step_index}" if resume else "")
+    try:
+        final = fit(trainer, runlog, out, compat)
+    finally:
+        runlog.close()
+
+    # Save. lora_rlhf.json goes last (save_adapter), so an interrupted save never looks finished.
+    for role in ("policy", "value"):
+        (out / role / META_FILE).unlink(missing_ok=True)
+        sb.save_adapter(role, out / role, stage="ppo")
+    write_json_atomic(out / "metrics.json", final)
+    return final
+
+
+def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any],
+                  ptx_rows: list[dict[str, Any]] | None = None) -> PPOTrainer:
+    """Load the base once, put the four roles on it, and return a trainer at step 0."""
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    sb = SharedBase.load(recipe.model, recipe.quantization)
+    reward = setup_roles(sb, recipe, sources)
+    ptx = PtxData.build(ptx_rows, sb.tokenizer, recipe.ppo.ptx_max_length, recipe.seed) if ptx_rows else None
+    return PPOTrainer(recipe, sb, prompts, reward, ptx)
+
+
+def fit(trainer: PPOTrainer, runlog: RunLog, out: Path, compat: dict[str, Any]) -> dict[str, float]:
+    """PPO steps until total_episodes, with step 6 (log / samples / checkpoint) after each."""
+    cfg = trainer.cfg
+    metrics: dict[str, float] = {}
+    if trainer.step_index >= trainer.num_steps:
+        log.info("nothing to do: the run finished at step %d (raise ppo.total_episodes to train on)",
+                 trainer.step_index)
+        return _last_metrics(out)
+    with deferred_interrupt() as interrupt:
+        while trainer.step_index < trainer.num_steps:
+            metrics, batch = trainer.step()
+            # 6. Log, show samples, checkpoint.
+            step = trainer.step_index
+            runlog.step(metrics)
+            if step % cfg.sample_every == 0 or step == 1:
+                runlog.samples(step, batch.prompts, batch.texts, batch.scores.tolist())
+            if interrupt["requested"] or step % cfg.save_steps == 0 or step == trainer.num_steps:
+                ckpt.save_checkpoint(out, trainer.sb, trainer.optimizer, trainer.scheduler,
+                                     {**trainer.state_dict(), "compat": compat})
+            if interrupt["requested"]:
+                log.warning("stopped after PPO step %d; the checkpoint is saved: continue with --resume", step)
+                raise KeyboardInterrupt
+    return metrics
+
+
+def _ptx_rows(recipe: Recipe) -> list[dict[str, Any]] | None:
+    if recipe.ppo.ptx_coef <= 0:
+        if recipe.data.ptx is not None:
+            log.warning("data.ptx is ignored: ppo.ptx_coef is 0 (set it > 0 for PPO-ptx)")
+        return None
+    if recipe.data.ptx is None:
+        raise DataError(f"ppo.ptx_coef is {recipe.ppo.ptx_coef} but the recipe has no data.ptx for PPO-ptx's "
+                        "language-modelling loss", fix="add `data: {ptx: {path: text.jsonl}}` (text or "
+                        "prompt/completion rows), or set ppo.ptx_coef: 0")
+    return load_ptx_rows(recipe.data.ptx, recipe.seed)
+
+
+def _resume_fields(recipe: Recipe, sources: Sources) -> dict[str, Any]:
+    """Settings a checkpoint only fits when unchanged."""
+    lora = recipe.lora
+    return {"model.name": recipe.model.name, "quantization.mode": recipe.quantization.mode,
+            "lora.r": lora.r, "lora.alpha": lora.alpha, "lora.target_modules": lora.target_modules,
+            "ppo.sft_adapter": str(sources.sft), "ppo.reward": sources.describe()["reward"]}
+
+
+def _check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    changed = [f"{k} was {saved[k]!r} when the checkpoint was written, now {now.get(k)!r}"
+               for k in saved if saved[k] != now.get(k)]
+    if changed:
+        raise RecipeError(changed, source="--resume: the checkpoint does not fit this recipe (resume with the "
+                                          "recipe the run started with, saved as OUT/ppo/recipe.yaml)")
+
+
+def _last_metrics(out: Path) -> dict[str, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+    return json.loads(lines[-1]) if lines else {}

@@ -1,0 +1,69 @@
+"""What the two TRL-trained stages (sft, reward) share: Trainer arguments, the output folder, checkpoints, and
+the loss summary, so that both behave alike on resume, interruption and precision."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_rlhf.core.adapters import META_FILE
+from lora_rlhf.core.loading import compute_dtype, resolve_device
+from lora_rlhf.core.logs import close_logger, stage_logger
+from lora_rlhf.recipe.config import Recipe
+
+ADAPTER = "default"  # PEFT's own name: Trainer checkpoints then reload with no renaming
+CHECKPOINTS = "checkpoints"
+
+
+def trainer_args(recipe: Recipe, section: str, defaults: dict[str, Any], out: Path,
+                 eval_present: bool) -> dict[str, Any]:
+    """Keyword arguments for TRL's SFTConfig / RewardConfig: our defaults, then the recipe's `section`, then what
+    follows from the recipe (precision from the compute dtype, gradient checkpointing, output folder, seed)."""
+    device = resolve_device(recipe.model)
+    dtype = compute_dtype(recipe.model, device)
+    args = {**defaults, **recipe.trainer_args.get(section, {})}
+    if eval_present:
+        args.setdefault("eval_strategy", "epoch")
+    args.setdefault("gradient_checkpointing", recipe.model.gradient_checkpointing)
+    # Mixed precision exactly when the base computes in that dtype on a GPU; the CPU computes in the base's dtype.
+    args.setdefault("bf16", device.type == "cuda" and dtype == torch.bfloat16)
+    args.setdefault("fp16", device.type == "cuda" and dtype == torch.float16)
+    return {"output_dir": str(out / CHECKPOINTS), "seed": recipe.seed, "use_cpu": device.type == "cpu", **args}
+
+
+def last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def prepare_output(out: Path, resume: bool) -> None:
+    """Make `out` ready for a new run. The completion marker goes first, so a crash never leaves an old
+    "complete" folder mixed with new files; a fresh run also drops the old checkpoints."""
+    if out.exists():
+        (out / META_FILE).unlink(missing_ok=True)
+        if not resume:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def stage_log(out: Path, stage: str) -> Iterator[Any]:
+    """The stage's train.log, closed whatever happens (an interrupted run must not leak the file handle)."""
+    log = stage_logger(out, stage)
+    try:
+        yield log
+    finally:
+        close_logger(log)
+
+
+def loss_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """first/last logged training loss from a LogCallback's history (empty when nothing was logged)."""
+    losses = [r["loss"] for r in history if "loss" in r]
+    return {"first_logged_loss": losses[0], "last_logged_loss": losses[-1]} if losses else {}

@@ -1,0 +1,106 @@
+"""Core rules that several stages share and must agree on: which adapter a recipe means, how text becomes ids,
+and generation leaving shared state as it found it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_rlhf.core.adapters import recipe_adapter
+from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.generation import generate_ids
+from lora_rlhf.core.io import atomic_folder, read_jsonl, write_json_atomic
+from lora_rlhf.core.loading import load_tokenizer
+from lora_rlhf.core.text import encode, pad, prompt_ids
+from lora_rlhf.errors import DataError, ModelError
+from lora_rlhf.recipe.config import ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.stages.ppo.roles import resolve_sources
+
+FINISHED_POLICY = ("adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json")
+
+
+def touch(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("{}")
+
+
+def test_recipe_adapter_means_the_explicit_one_else_a_finished_stage(tmp_path):
+    recipe = recipe_from_dict({"output_dir": str(tmp_path)})
+    assert recipe_adapter(recipe, "sft") is None
+    touch(tmp_path / "sft", ["lora_rlhf.json"])  # a marker without weights is not a finished adapter
+    assert recipe_adapter(recipe, "sft") is None
+    touch(tmp_path / "sft", FINISHED_POLICY)
+    assert recipe_adapter(recipe, "sft") == str(tmp_path / "sft")
+    assert recipe_adapter(recipe, "sft", "user/elsewhere") == "user/elsewhere"
+    touch(tmp_path / "reward", FINISHED_POLICY)  # a reward adapter without its head is not finished
+    assert recipe_adapter(recipe, "reward") is None
+    touch(tmp_path / "reward", ["head.safetensors"])
+    assert recipe_adapter(recipe, "reward") == str(tmp_path / "reward")
+
+
+def test_ppo_and_eval_agree_on_a_reward_model_without_head(tmp_path):
+    """Both ask recipe_adapter: a reward folder lacking head.safetensors is 'no reward model' for PPO and eval."""
+    recipe = recipe_from_dict({"output_dir": str(tmp_path)})
+    touch(tmp_path / "reward", FINISHED_POLICY)
+    with pytest.raises(ModelError, match="PPO has no reward"):
+        resolve_sources(recipe)
+
+
+def no_template(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    return tok
+
+
+@pytest.mark.parametrize("templated", [True, False])
+def test_one_encoding_for_generation_ppo_and_the_reward_model(tiny_model_dir, templated):
+    """What generation conditions on (prompt_ids) is the start of what the RM reads (encode), BOS included or
+    not in both, so PPO's log-probs, eval's KL and the RM's score see the same ids."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok = tok if templated else no_template(tok)
+    for prompt in ("Name a fruit.", [{"role": "user", "content": "Hi!"}]):
+        query, full = prompt_ids(tok, prompt), encode(tok, prompt, "banana")
+        assert full[:len(query)] == query and len(full) > len(query)
+        if not templated:  # the tokenizer's own special tokens (a BOS where it adds one), in every stage
+            text = prompt if isinstance(prompt, str) else prompt[0]["content"]
+            assert query == tok(text)["input_ids"]
+
+
+def test_pad_left_and_right_with_masks_from_lengths():
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad([[5, 0], [8]], pad_id=0, side="right")  # a real token equal to the pad id stays unmasked
+    assert ids.tolist() == [[5, 0], [8, 0]] and mask.tolist() == [[1, 1], [1, 0]]
+
+
+def test_generation_leaves_the_tokenizer_and_training_mode_as_it_found_them(tiny_model_dir, monkeypatch):
+    sb = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"))
+    sb.train(True)
+    torch.manual_seed(0)
+    [[(query, answer)]] = generate_ids(sb, ["Say hi."], role=None, max_new_tokens=5)
+    assert query == prompt_ids(sb.tokenizer, "Say hi.") and 1 <= len(answer) <= 5
+    assert sb.tokenizer.padding_side == "right" and sb.model.training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sb.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate_ids(sb, ["Say hi."], role=None)
+    assert sb.model.training  # restored on the error path too
+
+
+def test_io_atomic_writes_and_line_numbered_jsonl(tmp_path):
+    write_json_atomic(tmp_path / "m.json", {"a": float("nan"), "b": tmp_path})
+    assert (tmp_path / "m.json").read_text().replace(" ", "").replace("\n", "") == f'{{"a":null,"b":"{tmp_path}"}}'
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "x.jsonl").write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(DataError, match="line 3: bad JSON"):
+        read_jsonl(tmp_path / "x.jsonl")
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
