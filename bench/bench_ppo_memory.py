@@ -137,6 +137,9 @@ class SeparateBases:
     def backbone(self):
         return self.active.backbone()
 
+    def has(self, role: str) -> bool:
+        return role in self.bases and self.bases[role].has(role)
+
     def trainable_parameters(self, role: str) -> list:
         return self.bases[role].trainable_parameters(role)
 

@@ -104,3 +104,20 @@ def test_io_atomic_writes_and_line_numbered_jsonl(tmp_path):
         (tmp / "half").write_text("x")
         raise RuntimeError
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_adapter_is_used_on_the_base_and_quantization_it_records(tmp_path):
+    """generate/chat and score share one rule: the recorded base AND quantization (generate used to load an
+    adapter trained on an unquantized base in 4-bit); a recipe, --model or --set overrides it."""
+    from lora_rlhf.stages.inference import settings_for
+
+    meta = {"base": {"name_or_path": "some/base", "revision": "v1"}, "quantization": "none"}
+    cfg = settings_for(meta)
+    assert (cfg.model.name, cfg.model.revision, cfg.quantization.mode) == ("some/base", "v1", "none")
+    assert settings_for(meta, overrides=["quantization.mode=4bit"]).quantization.mode == "4bit"
+    assert settings_for(meta, model="other/base").model.name == "other/base"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: from/recipe}\nquantization: {mode: 8bit}\n")
+    cfg = settings_for(meta, recipe=recipe)
+    assert (cfg.model.name, cfg.quantization.mode) == ("from/recipe", "8bit")
+    assert settings_for({}).model.name == "smollm2-135m-instruct"  # the bare base: the default model

@@ -18,6 +18,7 @@ from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfi
 from lora_rlhf.stages.eval.evaluate import (
     discover_policies,
     kl_to_reference,
+    paired_difference,
     parse_policy_args,
     perplexity,
     run_eval,
@@ -96,6 +97,15 @@ def _recipe(run_dir: Path, tiny_model_dir: Path, **eval_section):
         "data": {"eval": {"path": str(run_dir / "eval.jsonl")}},
         "eval": {"max_new_tokens": 8, "num_samples": 2, "batch_size": 4, **eval_section},
     })
+
+
+def test_paired_difference_interval_covers_the_mean_and_excludes_zero_only_for_a_clear_gain():
+    clear = paired_difference([1.0] * 30 + [0.0] * 2, [0.0] * 32, "ppo", "sft")
+    # mean of 30 ones and 2 zeros = 0.9375; every bootstrap mean of these differences is far above 0
+    assert clear["mean"] == pytest.approx(0.9375) and 0 < clear["low"] <= clear["mean"] <= clear["high"] <= 1
+    noise = paired_difference([1.0, 0.0] * 16, [0.0, 1.0] * 16)  # as many wins as losses: 0 inside the interval
+    assert noise["mean"] == 0 and noise["low"] < 0 < noise["high"]
+    assert paired_difference([0.5, 0.2], [0.1, 0.1], seed=3) == paired_difference([0.5, 0.2], [0.1, 0.1], seed=3)
 
 
 def test_discovers_base_sft_and_every_stage_policy(run_dir, tiny_model_dir):

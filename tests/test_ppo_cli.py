@@ -11,6 +11,7 @@ from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters
 from typer.testing import CliRunner
 
 from cli.main import app
+from lora_rlhf.recipe.config import load_recipe
 
 runner = CliRunner()
 
@@ -114,3 +115,48 @@ def test_cli_ppo_missing_tracker_package_exits_2(run_dir, tiny_model_dir, monkey
     result = runner.invoke(app, ["ppo", str(recipe)])
     assert result.exit_code == 2 and "pip install wandb" in result.output
     assert not (run_dir / "run" / "ppo").exists()
+
+
+def test_cli_ppo_rloo_trains_and_writes_the_policy_only(run_dir, tiny_model_dir):
+    """A value-free run: no value adapter is created, trained or written, and the run still checkpoints,
+    finishes and says which roles it had."""
+    make_adapters(tiny_model_dir, run_dir / "run")
+    recipe = write_recipe(run_dir, tiny_model_dir)
+    result = runner.invoke(app, ["ppo", str(recipe), "--set", "ppo.advantage_estimator=rloo",
+                                 "--set", "ppo.num_generations=2"])
+    assert result.exit_code == 0, result.output
+    out = run_dir / "run" / "ppo"
+    assert (out / "policy" / "lora_rlhf.json").is_file() and not (out / "value").exists()
+    assert not (out / "checkpoint" / "value").exists() and (out / "checkpoint" / "policy").is_dir()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/value" not in metrics[-1] and "loss/policy" in metrics[-1]
+    assert json.loads((out / "run.json").read_text())["roles"]["value"].startswith("none")
+
+
+def test_rloo_with_one_sample_per_prompt_is_refused_before_loading(run_dir, tiny_model_dir):
+    recipe = write_recipe(run_dir, tiny_model_dir)
+    result = runner.invoke(app, ["ppo", str(recipe), "--set", "ppo.advantage_estimator=grpo"])
+    assert result.exit_code == 2 and "set num_generations >= 2" in result.output
+
+
+def test_a_kill_before_the_final_save_ends_leaves_the_stage_unfinished(run_dir, tiny_model_dir, monkeypatch):
+    """policy/lora_rlhf.json marks the PPO stage complete: a failure while writing value/ or metrics.json (a kill,
+    a full disk) must leave it absent, so the pipeline reruns the stage instead of reporting it done."""
+    from lora_rlhf.stages.pipeline import is_complete
+    from lora_rlhf.stages.ppo import trainer as trainer_module
+
+    make_adapters(tiny_model_dir, run_dir / "run")
+    recipe = write_recipe(run_dir, tiny_model_dir)
+    real = trainer_module.write_json_atomic
+
+    def killed(path, data, **kwargs):
+        if Path(path).name == "metrics.json":
+            raise KeyboardInterrupt  # the moment between the value adapter and the policy
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "write_json_atomic", killed)
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 130
+    out = run_dir / "run" / "ppo"
+    assert (out / "value" / "lora_rlhf.json").is_file() and not (out / "policy" / "lora_rlhf.json").exists()
+    assert not is_complete(load_recipe(recipe), "ppo")

@@ -166,3 +166,32 @@ def test_config_rejects_inconsistent_batch_settings():
         PPOSection(stop_token=None, missing_eos_penalty=1.0)
     with pytest.raises(ValueError, match="unknown tracker"):
         PPOSection(report_to=["tensorbored"])
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    # two prompts x K=3: rewards (1, 2, 6) and (0, 0, 3)
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    adv = losses.group_advantages(rewards, 3, "rloo")
+    # 1 - (2+6)/2 = -3;  2 - (1+6)/2 = -1.5;  6 - (1+2)/2 = 4.5;  0 - 1.5 = -1.5 twice;  3 - 0 = 3
+    torch.testing.assert_close(adv, torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    assert torch.allclose(adv.view(2, 3).sum(1), torch.zeros(2))  # leave-one-out advantages sum to 0 per group
+
+
+def test_grpo_standardises_within_each_prompt_and_ties_give_zero():
+    rewards = torch.tensor([1.0, 3.0, 5.0, 7.0, 7.0, 7.0])
+    adv = losses.group_advantages(rewards, 3, "grpo", eps=0.0 + 1e-12)
+    # group 1: mean 3, std (unbiased) 2 -> (-1, 0, 1); group 2: all tied -> 0 (nothing to prefer)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+def test_group_advantages_refuse_incomplete_groups():
+    with pytest.raises(ValueError, match="do not form groups of 3"):
+        losses.group_advantages(torch.zeros(4), 3, "rloo")
+
+
+def test_sequence_reward_is_the_score_minus_the_summed_kl_penalty():
+    kl = torch.tensor([[0.5, 0.5, 9.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # row 0: 2 - 0.1 * (0.5 + 0.5) = 1.9 (padding's 9 ignored); row 1: 0 - 0.1 * 1 = -0.1
+    torch.testing.assert_close(losses.sequence_rewards(torch.tensor([2.0, 0.0]), kl, 0.1, mask),
+                               torch.tensor([1.9, -0.1]))

@@ -283,9 +283,14 @@ def build_banana_model(folder: Path, p_target: float = 0.1) -> Path:
     return folder
 
 
-def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("estimator", [
+    {},                                                          # the paper's GAE with a value adapter
+    {"advantage_estimator": "rloo", "num_generations": 4},       # value-free: leave-one-out baseline
+    {"advantage_estimator": "grpo", "num_generations": 4},       # value-free: group-normalised
+], ids=["gae", "rloo", "grpo"])
+def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path, estimator):
     """Reward: +1 per " banana" in the response. Within 20 PPO steps the policy says it far more often, while the
-    KL penalty keeps it close to the reference."""
+    KL penalty keeps it close to the reference; the value-free estimators learn without any value role."""
     model_dir = build_banana_model(tmp_path / "banana-llama")
     (tmp_path / "banana.py").write_text("def reward(prompts, responses):\n"
                                         "    return [float(r.count('banana')) for r in responses]\n")
@@ -293,9 +298,10 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path)
         model={"name": str(model_dir), "device": "cpu"},
         ppo={**FAST_PPO, "reward_fn": f"{tmp_path}/banana.py:reward", "total_episodes": 160, "batch_size": 8,
              "local_rollout_forward_batch_size": 8, "response_length": 8, "num_ppo_epochs": 2,
-             "num_mini_batches": 2, "learning_rate": 1e-3, "kl_coef": 0.1}))
+             "num_mini_batches": 2, "learning_rate": 1e-3, "kl_coef": 0.1, **estimator}))
     trainer = build_trainer(recipe, resolve_sources(recipe), PROMPTS)
     sb = trainer.sb
+    assert sb.has("value") == (not estimator)  # rloo/grpo: no value adapter, head or optimizer state
     target = sb.tokenizer.encode(" banana", add_special_tokens=False)[0]
 
     def p_banana() -> float:  # exact, no sampling noise: p(" banana") as the first token of each answer

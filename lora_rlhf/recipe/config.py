@@ -176,7 +176,8 @@ class EvalSection:
     labeler: str | None = None
     """`module:function` judging task success (default: the reward model only)."""
     temperature: float = 0.7
-    """Sampling temperature of the evaluated responses (KL is measured on the same tempered distribution)."""
+    """Sampling temperature of the evaluated responses (KL is measured on the same tempered distribution);
+    0 decodes greedily, for a deterministic table (KL then at temperature 1)."""
     top_p: float = 1.0
     batch_size: int = 8
     """Prompts per generation / scoring batch: memory vs. speed."""

@@ -55,6 +55,13 @@ class PPOSection:
     """Whiten the per-token rewards of a batch before GAE."""
 
     # --- advantage and losses
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    """`gae`: the paper's (a value adapter + head, trained beside the policy). [field, ours] `rloo`: each
+    episode's baseline is the mean reward of the other samples of its prompt (Ahmadian et al. 2024); `grpo`:
+    rewards standardised within each prompt's samples (Shao et al. 2024). rloo/grpo have no value role: no value
+    forward or backward and less memory, but need num_generations >= 2."""
+    num_generations: int = 1
+    """Responses sampled per prompt in a step (batch_size counts them all); >= 2 for rloo/grpo."""
     gamma: float = 1.0
     """Discount per token (1 = none: the episode is one response)."""
     lam: float = 0.95
@@ -115,7 +122,15 @@ class PPOSection:
             if isinstance(accum, int) and (accum <= 0 or mini % accum):
                 problems.append(f"the mini-batch ({mini} = batch_size / num_mini_batches) must be a multiple of "
                                 f"gradient_accumulation_steps ({accum})")
-        for name in ("batch_size", "total_episodes", "response_length", "local_rollout_forward_batch_size",
+        if self.advantage_estimator in ("rloo", "grpo") and isinstance(self.num_generations, int) \
+                and self.num_generations < 2:
+            problems.append(f"advantage_estimator {self.advantage_estimator} compares the samples of one prompt: "
+                            f"set num_generations >= 2 (got {self.num_generations})")
+        if isinstance(self.num_generations, int) and isinstance(self.batch_size, int) and self.num_generations > 0 \
+                and self.batch_size % self.num_generations:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
+                            f"({self.num_generations}): every prompt of a step gets all its samples")
+        for name in ("batch_size", "total_episodes", "num_generations", "response_length", "local_rollout_forward_batch_size",
                      "num_ppo_epochs", "ptx_batch_size", "ptx_max_length", "logging_steps", "sample_every",
                      "save_steps", "kl_horizon"):
             value = getattr(self, name)

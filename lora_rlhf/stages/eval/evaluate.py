@@ -98,6 +98,27 @@ def win_rate(policy_scores: Sequence[float], baseline_scores: Sequence[float], p
     return WinRate(policy, baseline, judge, wins, len(policy_scores) - wins - losses, losses)
 
 
+def paired_difference(policy_scores: Sequence[float], baseline_scores: Sequence[float], policy: str = "a",
+                      baseline: str = "b", judge: str = "labeler", n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict[str, Any]:
+    """Mean over prompts of (policy - baseline) score, with a percentile bootstrap interval.
+
+    The two policies answered the same prompts, so the prompt-to-prompt spread cancels in the difference; the
+    bootstrap resamples prompts with replacement (n_boot times, seeded) and reads the interval's ends from the
+    resampled means. An interval above 0 says the policy is better on prompts like these, beyond sampling luck.
+    """
+    diffs = torch.tensor([a - b for a, b in zip(policy_scores, baseline_scores, strict=True)], dtype=torch.float64)
+    if len(diffs) == 0:
+        return {"policy": policy, "baseline": baseline, "judge": judge, "n": 0, "mean": None, "low": None,
+                "high": None, "level": level}
+    generator = torch.Generator().manual_seed(seed)
+    resampled = diffs[torch.randint(len(diffs), (n_boot, len(diffs)), generator=generator)].mean(1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {"policy": policy, "baseline": baseline, "judge": judge, "n": len(diffs), "mean": float(diffs.mean()),
+            "low": low, "high": high, "level": level}
+
+
 # ---------------------------------------------------------------------------------------------- policies
 def discover_policies(recipe: Recipe) -> list[Policy]:
     """base, then OUT/sft, then every OUT/<stage>/policy (ppo, ppo-ptx, ...) that is complete."""
@@ -235,12 +256,13 @@ class EvalResult:
     policies: dict[str, dict[str, Any]]
     win_rates: list[WinRate]
     settings: dict[str, Any]
+    paired: list[dict[str, Any]] = field(default_factory=list)  # paired differences with bootstrap intervals
     responses: list[dict[str, Any]] = field(default_factory=list)
     curves: dict[str, str] = field(default_factory=dict)  # policy -> metrics.jsonl
 
     def as_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "policies": self.policies,
-                "win_rates": [w.as_dict() for w in self.win_rates], "curves": self.curves}
+                "win_rates": [w.as_dict() for w in self.win_rates], "paired": self.paired, "curves": self.curves}
 
 
 class _Clock:
@@ -361,6 +383,8 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
     names = [p.name for p in policies]
     wins = [win_rate(results[a][key], results[b][key], a, b, judge)
             for judge, key in judges for i, a in enumerate(names) for b in names[:i]]
+    paired = [paired_difference(results[a][key], results[b][key], a, b, judge, seed=recipe.seed)
+              for judge, key in judges for i, a in enumerate(names) for b in names[:i]]
 
     rows = []
     for i, prompt in enumerate(prompts):
@@ -380,7 +404,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
                 "general_text": cfg.general_text, "general_texts": len(general) if general else 0,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "seed": recipe.seed, "seconds_per_policy": timings, "seconds_total": round(time.time() - t0, 1)}
-    result = EvalResult(results, wins, settings, rows,
+    result = EvalResult(results, wins, settings, paired, rows,
                         {p.name: str(p.metrics) for p in policies if p.metrics is not None})
 
     write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)

@@ -44,6 +44,18 @@ def policy_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(results: dict[str, Any]) -> str:
+    rows = [d for d in results.get("paired") or [] if d.get("n")]
+    if not rows:
+        return "(no judge: set eval.labeler or train a reward model to compare policies prompt by prompt)"
+    level = f"{100 * rows[0]['level']:.0f} %"
+    lines = [f"| policy | vs | judge | mean difference | {level} bootstrap interval | prompts |", "|---|---|---|---|---|---|"]
+    for d in rows:
+        lines.append(f"| {d['policy']} | {d['baseline']} | {d['judge']} | {d['mean']:+.3f} | "
+                     f"[{d['low']:+.3f}, {d['high']:+.3f}] | {d['n']} |")
+    return "\n".join(lines)
+
+
 def win_rate_table(results: dict[str, Any]) -> str:
     rows = results.get("win_rates") or []
     if not rows:
@@ -196,6 +208,10 @@ def summary(results: dict[str, Any]) -> list[str]:
             if p.get(key) is not None:
                 others = ", ".join(f"{b} {policies[b][key]:.3f}" for b in baselines if policies[b].get(key) is not None)
                 parts.append(f"{label} {p[key]:.3f}" + (f" ({others})" if others else ""))
+        for d in results.get("paired") or []:
+            if d["policy"] == name and d["baseline"] == baselines[0] and d["n"]:
+                parts.append(f"{d['judge']} score {d['mean']:+.3f} vs {d['baseline']} per prompt "
+                             f"({100 * d['level']:.0f} % interval [{d['low']:+.3f}, {d['high']:+.3f}])")
         for w in results.get("win_rates") or []:
             if w["policy"] == name and w["baseline"] == baselines[0] and w["n"]:
                 parts.append(f"preferred to {w['baseline']} {100 * w['win_rate']:.0f} ± {100 * w['stderr']:.0f} % "
@@ -220,7 +236,11 @@ def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dic
         *(["## Summary", "", *summary(results), ""] if summary(results) else []),
         "## Policies", "", policy_table(results), "",
         *_metric_notes(results["policies"], s),
-        "", "## Win rates", "", win_rate_table(results), "",
+        "", "## Paired differences", "",
+        "Each later policy against each earlier one on the same prompts: the mean per-prompt difference of the "
+        "judge's score, with a bootstrap interval over prompts (above 0: better beyond sampling luck).", "",
+        paired_table(results), "",
+        "## Win rates", "", win_rate_table(results), "",
     ]
     for png in plots:
         parts += [f"![{png}]({png})", ""]

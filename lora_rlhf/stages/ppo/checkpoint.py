@@ -30,7 +30,11 @@ from lora_rlhf.errors import ModelError
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-TRAINABLE_ROLES = ("policy", "value")
+TRAINABLE_ROLES = ("policy", "value")  # value only with GAE: `trained_roles` says which a run has
+
+
+def trained_roles(sb: SharedBase) -> list[str]:
+    return [role for role in TRAINABLE_ROLES if sb.has(role)]
 
 
 def find_checkpoint(stage_dir: Path) -> Path | None:
@@ -67,7 +71,7 @@ def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Opti
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for role in TRAINABLE_ROLES:
+    for role in trained_roles(sb):
         sb.save_adapter(role, tmp / role, stage="ppo")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / OPTIMIZER_FILE)
@@ -87,7 +91,7 @@ def load_checkpoint(folder: Path, sb: SharedBase, optimizer: torch.optim.Optimiz
     """Restore adapters, head, optimizer, scheduler and RNG from `folder`; return the trainer state."""
     from peft import set_peft_model_state_dict
 
-    for role in TRAINABLE_ROLES:
+    for role in trained_roles(sb):
         weights = load_file(str(folder / role / "adapter_model.safetensors"), device=str(sb.device))
         result = set_peft_model_state_dict(sb.model, weights, adapter_name=role)
         missing = [k for k in getattr(result, "missing_keys", []) if f".{role}." in k]

@@ -76,6 +76,34 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
     return rewards, non_score
 
 
+def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """One reward per episode for the value-free estimators: score - kl_coef * (sum of the per-token KL).
+
+    scores [B], kl [B, R], mask [B, R] -> [B]. The same KL penalty as `shaped_rewards`, summed over the response.
+    """
+    return scores - kl_coef * (kl * mask.to(kl.dtype)).sum(1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, method: Literal["rloo", "grpo"],
+                     eps: float = 1e-4) -> torch.Tensor:
+    """Advantages without a value function, from the K = group_size samples of each prompt. [B] -> [B].
+
+    Rows come in consecutive groups of K (B = prompts x K).
+    rloo: A_i = r_i - mean_{j != i} r_j  (leave-one-out baseline: unbiased, K >= 2).
+    grpo: A_i = (r_i - mean_j r_j) / (std_j r_j + eps)  (a prompt whose samples all tie gets 0).
+    """
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not form groups of {group_size} (>= 2)")
+    grouped = rewards.view(-1, group_size)
+    if method == "rloo":
+        baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+        return (grouped - baseline).reshape(-1)
+    if method == "grpo":
+        centred = grouped - grouped.mean(1, keepdim=True)
+        return (centred / (grouped.std(1, keepdim=True) + eps)).reshape(-1)
+    raise ValueError(f"unknown advantage estimator {method!r} (rloo or grpo)")
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over each response. [B, R] x3 -> (advantages [B, R], returns [B, R]).

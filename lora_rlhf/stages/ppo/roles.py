@@ -4,7 +4,7 @@
     reference  the SFT adapter, frozen (or the bare base when there was no SFT)
     reward     the reward adapter + score head, frozen; or a Python function (ppo.reward_fn)
     value      trainable LoRA + head: a copy of the reward adapter and head (the paper), or fresh with a
-               reward function
+               reward function; none with the value-free estimators (ppo.advantage_estimator rloo / grpo)
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ class Sources:
     reward_fn: RewardFn | None = None
     reward_fn_spec: str | None = None
 
-    def describe(self) -> dict[str, str | None]:
+    def describe(self, with_value: bool = True) -> dict[str, str | None]:
+        value = "fresh LoRA + head" if self.reward_fn else f"copy of {self.reward_adapter}"
         return {"policy": str(self.sft) if self.sft else "fresh LoRA",
                 "reference": str(self.sft) if self.sft else "bare base",
                 "reward": self.reward_fn_spec or str(self.reward_adapter),
-                "value": "fresh LoRA + head" if self.reward_fn else f"copy of {self.reward_adapter}"}
+                "value": value if with_value else "none (value-free advantages)"}
 
 
 def resolve_sources(recipe: Recipe) -> Sources:
@@ -69,13 +70,16 @@ def setup_roles(sb: SharedBase, recipe: Recipe, sources: Sources) -> RewardSourc
         sb.copy_adapter("reference", "policy", trainable=True)
     else:
         sb.add_adapter("policy", recipe.lora, trainable=True)
+    with_value = recipe.ppo.advantage_estimator == "gae"  # rloo/grpo need no value role
     if sources.reward_fn is not None:
-        sb.add_adapter("value", recipe.lora, trainable=True)
-        sb.add_head("value")
+        if with_value:
+            sb.add_adapter("value", recipe.lora, trainable=True)
+            sb.add_head("value")
         reward = RewardSource(description=str(sources.reward_fn_spec), fn=sources.reward_fn)
     else:
         meta = sb.load_adapter("reward", sources.reward_adapter, trainable=False)
-        sb.copy_adapter("reward", "value", trainable=True)
+        if with_value:
+            sb.copy_adapter("reward", "value", trainable=True)
         offset = float(meta.get("reward_offset") or read_adapter_meta(sources.reward_adapter).get("reward_offset") or 0)
         reward = RewardSource(description=str(sources.reward_adapter), offset=offset)
     disable_dropout(sb)

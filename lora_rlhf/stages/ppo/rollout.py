@@ -188,7 +188,8 @@ def score(sb: SharedBase, batch: Batch, reward: RewardSource, cfg: PPOSection) -
             parts["logprobs"].append(response_logprobs(model, chunk, cfg.temperature)[0])
         with sb.use("reference") as model:
             parts["ref_logprobs"].append(response_logprobs(model, chunk, cfg.temperature)[0])
-        parts["values"].append(response_values(sb, chunk))
+        # No value role (rloo/grpo): zeros keep the batch's shape; nothing reads them.
+        parts["values"].append(response_values(sb, chunk) if sb.has("value") else torch.zeros_like(chunk.response_mask))
         if reward.fn is None:
             parts["scores"].append(reward_model_scores(sb, chunk, reward.offset))
     if reward.fn is not None:

@@ -5,7 +5,8 @@ Every PPO step takes `batch_size` prompts and runs, in order:
     1. roll out     sample one response per prompt from the policy (KV cache; stop at end-of-turn)
     2. score        log-probs under policy and reference, values, and the reward of each episode
     3. rewards      per token: -beta * KL(policy || reference); plus the (normalised) score on the last token
-    4. advantages   GAE(gamma, lambda) against the value function, whitened over the batch
+    4. advantages   GAE(gamma, lambda) against the value function, whitened over the batch; or, value-free
+                    (`advantage_estimator` rloo / grpo), from the num_generations samples of each prompt
     5. optimise     num_ppo_epochs x num_mini_batches optimizer steps (x gradient accumulation) on
                     clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss on data.ptx)
     6. log / save   metrics.jsonl, samples, progress; beta adapts (adaptive_kl); checkpoint every save_steps
@@ -76,7 +77,8 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(self.cfg)
         self.score_stats = RunningMoments()
         # Fixed order: the optimizer state in a checkpoint is matched to parameters by position.
-        self.params = sb.trainable_parameters("policy") + sb.trainable_parameters("value")
+        self.with_value = self.cfg.advantage_estimator == "gae"
+        self.params = sb.trainable_parameters("policy") + (sb.trainable_parameters("value") if self.with_value else [])
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
         self.scheduler = get_scheduler(self.cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=self.num_steps)
@@ -88,7 +90,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         self._train_mode(False)
 
-        # 1. Roll out: one sampled response per prompt, from the policy.
+        # 1. Roll out: num_generations sampled responses per prompt, from the policy.
         batch = rollout.generate(self.sb, self._next_prompts(), cfg)
         t1 = time.perf_counter()
 
@@ -106,9 +108,15 @@ class PPOTrainer:
         if cfg.whiten_rewards:
             rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
 
-        # 4. Advantages: GAE against the rollout's values, then whitened over the batch.
-        advantages, returns = losses.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-        advantages = losses.masked_whiten(advantages, mask)
+        # 4. Advantages: GAE against the rollout's values, then whitened over the batch; value-free estimators
+        #    give every token of an episode its sequence advantage against the other samples of its prompt.
+        if self.with_value:
+            advantages, returns = losses.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
+            advantages = losses.masked_whiten(advantages, mask)
+        else:
+            sequence = losses.sequence_rewards(scores, kl, kl_coef, mask)
+            advantages = losses.group_advantages(sequence, cfg.num_generations, cfg.advantage_estimator)
+            advantages, returns = advantages.unsqueeze(1) * mask, torch.zeros_like(mask)
 
         # 5. Optimise the policy and value adapters (and the value head) on this batch.
         self._train_mode(True)
@@ -139,10 +147,12 @@ class PPOTrainer:
         return metrics, batch
 
     def _next_prompts(self) -> list[Any]:
-        n = len(self.prompts)
+        """The step's prompts, each repeated num_generations times in a row (the groups rloo/grpo compare)."""
+        n, k = len(self.prompts), self.cfg.num_generations
         start = self.prompt_position
-        self.prompt_position += self.cfg.batch_size
-        return [self.prompts[epoch_order(n, self.recipe.seed, start + i)] for i in range(self.cfg.batch_size)]
+        distinct = self.cfg.batch_size // k
+        self.prompt_position += distinct
+        return [self.prompts[epoch_order(n, self.recipe.seed, start + i)] for i in range(distinct) for _ in range(k)]
 
     def _normalised_scores(self, batch: Batch) -> torch.Tensor:
         scores = batch.scores
@@ -193,16 +203,18 @@ class PPOTrainer:
         with torch.no_grad():
             stats["policy/entropy"].append(losses.masked_mean(entropy_from_logits(logits.float()), mask).item())
         del logits
+        stats["loss/policy"].append(pg_loss.item())
+        stats["policy/approxkl"].append(pg_stats["approxkl"].item())
+        stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
+        stats["val/ratio"].append(pg_stats["ratio"].item())
+        if not self.with_value:
+            return
         with sb.use("value"):
             values = rollout.response_values(sb, mb)
             vf_loss, vf_stats = losses.value_loss(values, mb.values, returns, mask, cfg.cliprange_value)
             check_finite(vf_loss, "value loss", step)
             (cfg.vf_coef * vf_loss * scale).backward()
-        stats["loss/policy"].append(pg_loss.item())
         stats["loss/value"].append(vf_loss.item())
-        stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-        stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
-        stats["val/ratio"].append(pg_stats["ratio"].item())
         stats["val/clipfrac"].append(vf_stats["clipfrac"].item())
 
     def _train_mode(self, on: bool) -> None:
@@ -292,21 +304,26 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     sb = trainer.sb
     if resume:
         trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler))
-    write_run_info(out, {"base": sb.info, "device": str(sb.device), "roles": sources.describe(),
+    roles = sources.describe(trainer.with_value)
+    write_run_info(out, {"base": sb.info, "device": str(sb.device), "roles": roles,
                          "num_steps": trainer.num_steps}, trainer.step_index if resume else None)
     runlog = RunLog(out, cfg, recipe_to_dict(recipe), trainer.step_index, trainer.num_steps, progress)
-    log.info("PPO: %d steps of %d episodes; roles: %s%s", trainer.num_steps, cfg.batch_size, sources.describe(),
+    log.info("PPO: %d steps of %d episodes; roles: %s%s", trainer.num_steps, cfg.batch_size, roles,
              f"; resumed at step {trainer.step_index}" if resume else "")
     try:
         final = fit(trainer, runlog, out, compat)
     finally:
         runlog.close()
 
-    # Save. lora_rlhf.json goes last (save_adapter), so an interrupted save never looks finished.
-    for role in ("policy", "value"):
+    # Save. policy/lora_rlhf.json marks the whole stage complete (pipeline, eval and push look for it), so it is
+    # removed first and written last: value adapter, then metrics.json, then the policy with its marker.
+    trained = ckpt.trained_roles(sb)
+    for role in trained:
         (out / role / META_FILE).unlink(missing_ok=True)
+    for role in [r for r in trained if r != "policy"]:
         sb.save_adapter(role, out / role, stage="ppo")
     write_json_atomic(out / "metrics.json", final)
+    sb.save_adapter("policy", out / "policy", stage="ppo")
     return final
 
 
@@ -362,6 +379,7 @@ def _resume_fields(recipe: Recipe, sources: Sources) -> dict[str, Any]:
     """Settings a checkpoint only fits when unchanged."""
     lora = recipe.lora
     return {"model.name": recipe.model.name, "quantization.mode": recipe.quantization.mode,
+            "ppo.advantage_estimator": recipe.ppo.advantage_estimator, "ppo.num_generations": recipe.ppo.num_generations,
             "lora.r": lora.r, "lora.alpha": lora.alpha, "lora.target_modules": lora.target_modules,
             "ppo.sft_adapter": str(sources.sft), "ppo.reward": sources.describe()["reward"]}
 

@@ -1,0 +1,147 @@
+"""Does the RL stage learn within the demo's budget? The PPO stage alone, on a finished demo run's data and
+adapters, for N episodes: the learning curve (mean reward and KL per step) and held-out compliance at the end.
+
+    python bench/bench_rl_learning.py --run runs/demo --episodes 96 --reward checker      # RL alone, no RM noise
+    python bench/bench_rl_learning.py --run runs/demo --episodes 96 --reward rm           # the trained RM
+    python bench/bench_rl_learning.py --run runs/demo --episodes 96 --estimator rloo --num-generations 4
+    python bench/bench_rl_learning.py --run runs/demo --seeds 0 1 2                       # spread over seeds
+
+`--run` is the output folder of `make demo` (or of `lora-rlhf pipeline recipes/demo_smollm2_cpu.yaml` with
+at least the data, sft and, for `--reward rm`, compare and reward stages). The reward is either the
+programmatic checker (`lora_rlhf.tasks.ifeval_lite:reward`: tells whether the RL itself learns) or the
+trained reward model (tells whether the RM is the bottleneck). Everything else is the demo recipe's `ppo`
+section, with `--set` overrides. Held out: the demo's eval prompts, answered greedily by the SFT reference and
+by the trained policy, scored by the checker's strict compliance; the paired difference comes with a 95 %
+bootstrap interval over prompts. This is a measurement, not a test: it prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "recipes" / "demo_smollm2_cpu.yaml"
+CHECKER = "lora_rlhf.tasks.ifeval_lite:reward"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "demo", help="a finished demo run folder")
+    parser.add_argument("--episodes", type=int, default=96, help="PPO episodes (the demo's ppo.total_episodes: 96)")
+    parser.add_argument("--reward", choices=["checker", "rm"], default="checker")
+    parser.add_argument("--estimator", choices=["gae", "rloo", "grpo"], default="gae")
+    parser.add_argument("--num-generations", type=int, default=None, help="samples per prompt (rloo/grpo: 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts used (0: all)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
+    return parser.parse_args()
+
+
+def demo_recipe(args: argparse.Namespace, out: Path, seed: int):
+    from lora_rlhf.recipe.config import load_recipe
+
+    data = args.run / "data"
+    k = args.num_generations or (4 if args.estimator != "gae" else 1)
+    overrides = [f"output_dir={out}", f"seed={seed}", f"data.prompts.path={data / 'prompts_train.jsonl'}",
+                 f"data.sft.path={data / 'sft.jsonl'}", f"data.eval.path={data / 'prompts_eval.jsonl'}",
+                 f"data.ptx.path={data / 'ptx.jsonl'}", f"ppo.sft_adapter={args.run / 'sft'}",
+                 f"ppo.total_episodes={args.episodes}", "ppo.ptx_coef=0", "ppo.save_steps=1000",
+                 f"ppo.advantage_estimator={args.estimator}", f"ppo.num_generations={k}"]
+    overrides.append(f"ppo.reward_fn={CHECKER}" if args.reward == "checker"
+                     else f"ppo.reward_adapter={args.run / 'reward'}")
+    return load_recipe(RECIPE, overrides + args.overrides)
+
+
+def held_out(trainer, prompts: list, seed: int) -> dict:
+    """Greedy answers of the SFT reference and of the trained policy; strict compliance and the paired gap."""
+    import torch
+
+    from lora_rlhf.core.generation import generate_responses
+    from lora_rlhf.stages.eval.evaluate import paired_difference
+    from lora_rlhf.tasks import ifeval_lite
+
+    sb, n = trainer.sb, trainer.recipe.eval.max_new_tokens
+    scores = {}
+    for role in ("reference", "policy"):
+        torch.manual_seed(seed)
+        answers = [a[0] for a in generate_responses(sb, prompts, role, n, temperature=0.0, batch_size=16)]
+        scores[role] = [ifeval_lite.compliance(p, [a])[0] for p, a in zip(prompts, answers, strict=True)]
+    diff = paired_difference(scores["policy"], scores["reference"], "ppo", "sft", "checker", seed=seed)
+    return {"sft": statistics.mean(scores["reference"]), "ppo": statistics.mean(scores["policy"]), **diff}
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    import gc
+    import random
+
+    import torch
+
+    from lora_rlhf.core.data import load_prompts
+    from lora_rlhf.stages.ppo.roles import resolve_sources
+    from lora_rlhf.stages.ppo.trainer import build_trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = demo_recipe(args, Path(tmp), seed)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        trainer = build_trainer(recipe, resolve_sources(recipe), load_prompts(recipe.data.prompts, seed))
+        curve = []
+        started = time.perf_counter()
+        for _ in range(trainer.num_steps):
+            metrics, _ = trainer.step()
+            curve.append({k: metrics[k] for k in ("step", "objective/scores", "objective/kl", "time/step")})
+            print(f"  seed {seed} step {metrics['step']}/{trainer.num_steps}: score {metrics['objective/scores']:.3f}"
+                  f" kl {metrics['objective/kl']:.3f} ({metrics['time/step']:.0f} s)", flush=True)
+        seconds = time.perf_counter() - started
+        prompts = load_prompts(recipe.data.eval, seed)
+        prompts = prompts[:args.eval_prompts] if args.eval_prompts else prompts
+        trainer.sb.train(False)
+        result = {"seed": seed, "curve": curve, "seconds": seconds, "held_out": held_out(trainer, prompts, seed)}
+        del trainer
+        gc.collect()
+    return result
+
+
+def quarter_means(values: list[float]) -> tuple[float, float]:
+    q = max(1, len(values) // 4)
+    return statistics.mean(values[:q]), statistics.mean(values[-q:])
+
+
+def main() -> None:
+    args = parse_args()
+    for need in ("data/prompts_train.jsonl", "data/prompts_eval.jsonl", "sft/lora_rlhf.json") + (
+            ("reward/lora_rlhf.json",) if args.reward == "rm" else ()):
+        if not (args.run / need).is_file():
+            sys.exit(f"{args.run / need} is missing: run `make demo` (or the pipeline's data, sft, compare and "
+                     "reward stages) first, or point --run at such a folder")
+    print(f"RL alone: {args.episodes} episodes, reward {args.reward}, estimator {args.estimator}, seeds {args.seeds}",
+          flush=True)
+    results = [run_seed(args, seed) for seed in args.seeds]
+    print(f"\n{'seed':>4} | {'score 1st quarter':>17} | {'score last quarter':>18} | {'KL last':>7} | "
+          f"{'held-out SFT':>12} | {'held-out RL':>11} | {'RL - SFT [95 % interval]':>26} | {'s':>5}")
+    for r in results:
+        scores = [c["objective/scores"] for c in r["curve"]]
+        first, last = quarter_means(scores)
+        h = r["held_out"]
+        print(f"{r['seed']:>4} | {first:>17.3f} | {last:>18.3f} | {r['curve'][-1]['objective/kl']:>7.2f} | "
+              f"{h['sft']:>12.3f} | {h['ppo']:>11.3f} | {h['mean']:>+8.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | "
+              f"{r['seconds']:>5.0f}")
+    if len(results) > 1:
+        gains = [r["held_out"]["mean"] for r in results]
+        rises = [quarter_means([c["objective/scores"] for c in r["curve"]]) for r in results]
+        print(f"over {len(results)} seeds: held-out RL - SFT {statistics.mean(gains):+.3f} "
+              f"(min {min(gains):+.3f}, max {max(gains):+.3f}); reward rise last - first quarter "
+              f"{statistics.mean(b - a for a, b in rises):+.3f}")
+    print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
