@@ -80,6 +80,18 @@ def test_candidates_and_function_rankings(setup):
     assert len(comparisons) == 9
 
 
+def test_the_same_recipe_and_seed_sample_the_same_candidates(setup):
+    """compare seeds its sampling from the recipe: a second run in the same process (whose random state has moved
+    on) writes the same candidates, and another seed writes others."""
+    make, _ = setup
+    recipe = make(max_new_tokens=8)
+    first = (run_compare(recipe, progress=False) / "candidates.jsonl").read_text()
+    torch.rand(7)  # whatever ran in between
+    assert (run_compare(recipe, progress=False) / "candidates.jsonl").read_text() == first
+    recipe.seed += 1
+    assert (run_compare(recipe, progress=False) / "candidates.jsonl").read_text() != first
+
+
 def test_order_labeler_and_judgement_checks(setup):
     make, tmp = setup
     out = run_compare(make(f"{tmp / 'labeler.py'}:reversed_order", k=2), progress=False)

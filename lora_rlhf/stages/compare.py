@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lora_rlhf.core.adapters import recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
@@ -67,6 +69,7 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
         shared.load_adapter("policy", local_adapter(adapter), trainable=False)
         role = "policy"
     judge = load_labeler(cfg.labeler, shared) if cfg.labeler else None
+    torch.manual_seed(recipe.seed)  # the samples follow from the recipe's seed, not from whatever ran before
     # --- sample (and label) batch by batch
     candidates, rankings = [], []
     with _progress(len(rows), enabled=progress) as advance:

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from lora_rlhf.errors import RecipeError
@@ -47,6 +49,7 @@ def build_data(recipe: Recipe, n_demos: int = 64, n_train: int = 128, n_eval: in
             shutil.copyfile(paths[name], target)
     write_jsonl_atomic(prompts_path, rl_rows)
     shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    torch.manual_seed(recipe.seed)  # the demonstrations follow from the recipe's seed, not from whatever ran before
     demos = demo_data.build_demonstrations(shared, [r["prompt"] for r in demo_rows], n=samples_per_prompt,
                                            max_new_tokens=max_new_tokens, batch_size=batch_size)
     sft_path.parent.mkdir(parents=True, exist_ok=True)
