@@ -40,6 +40,7 @@ def command(
 
     plan = hub.plan_push(output_dir, repo_id, what=what.value if what else None, revision=revision,
                          private=private, base_model=base_model, license=license)
+    hub.check_no_secrets(plan, hub.hub_token())  # a dry run refuses exactly what the push would refuse
     target = f"{plan.repo_id} (branch {plan.revision or 'main'}{', private' if private else ''})"
     typer.echo(f"{'Would upload' if dry_run else 'Uploading'} {len(plan.files)} files to {target}:")
     for path in plan.files:

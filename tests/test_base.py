@@ -143,3 +143,25 @@ def test_embedded_model_is_a_plain_hf_folder_and_pads_with_a_distinct_token():
     tok = load_tokenizer(folder)
     # <|im_end|> is SmolLM2's end of turn and sits inside every chat prompt: padding must be another token.
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 0
+
+
+def test_a_damaged_adapter_or_one_for_another_shape_is_one_clear_error(shared, tmp_path, tiny_model_dir,
+                                                                       other_tiny_model_dir):
+    import shutil
+
+    from lora_rlhf.recipe.config import ModelConfig, QuantizationConfig
+
+    shared.save_adapter("policy", tmp_path / "good", stage="sft")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "good", cut)
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy interrupted half-way
+    fresh = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"))
+    with pytest.raises(ModelError, match="cannot be read .* damaged or was cut short"):
+        fresh.load_adapter("policy", cut)
+    anonymous = tmp_path / "no-meta"  # no lora_rlhf.json: no fingerprint to refuse it by
+    shutil.copytree(tmp_path / "good", anonymous)
+    (anonymous / "lora_rlhf.json").unlink()
+    other = SharedBase.load(ModelConfig(name=str(other_tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"))
+    with pytest.raises(ModelError, match="does not fit the loaded base .* other shapes .*size mismatch"):
+        other.load_adapter("policy", anonymous)

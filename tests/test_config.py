@@ -99,3 +99,45 @@ def test_relative_data_paths_are_read_from_the_recipe_folder(tmp_path):
     (tmp_path / "r.yaml").write_text("data:\n  sft:\n    path: demos.jsonl\n")
     recipe = load_recipe(tmp_path / "r.yaml")
     assert recipe.data.sft.path == str((tmp_path / "demos.jsonl").resolve())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sft.per_device_train_batch_size=0"], "sft.per_device_train_batch_size must be > 0, got 0"),
+    (["reward.learning_rate=-1e-4"], "reward.learning_rate must be >= 0"),
+    (["sft.max_length=0"], "sft.max_length must be > 0"),
+    (["sft.num_train_epochs=-1"], "sft.num_train_epochs must be >= 0"),
+    (["sft.max_steps=0"], "sft.max_steps must be positive (or -1"),
+    (["lora.dropout=1.0"], "dropout must be in [0, 1), got 1.0"),
+    (["lora.alpha=-8"], "alpha must be positive"),
+    (["ppo.kl_coef=.nan"], "kl_coef must be a finite number"),
+    (["ppo.temperature=.inf"], "temperature must be a finite number"),
+    (["ppo.cliprange=-0.2"], "cliprange must be >= 0, got -0.2"),
+    (["ppo.lam=1.5"], "lam must be in [0, 1], got 1.5"),
+    (["ppo.gamma=-0.1"], "gamma must be in [0, 1], got -0.1"),
+])
+def test_out_of_range_values_are_refused_with_the_recipe_problems(overrides, message):
+    """Values TRL or PyTorch would reject only once training runs (or never) fail at recipe load: before a model
+    loads or an output folder is touched."""
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({}, overrides)
+    assert message in str(e.value)
+
+
+def test_sane_values_still_pass():
+    recipe = recipe_from_dict({}, ["sft.max_steps=-1", "sft.learning_rate=0", "lora.dropout=0", "ppo.lam=1",
+                                   "ppo.gamma=0", "reward.num_train_epochs=0.5"])
+    assert recipe.lora.dropout == 0 and recipe.ppo.lam == 1
+
+
+def test_duplicate_yaml_keys_are_reported_with_their_lines(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("ppo:\n  kl_coef: 0.1\n  cliprange: 0.2\n  kl_coef: 0.5\n")
+    with pytest.raises(RecipeError, match=r"duplicate key 'kl_coef' \(line 4; first on line 2\)"):
+        load_recipe(path)
+
+
+def test_a_recipe_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("ppo: {kl_coef: 0.1}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8 text .*save the recipe as UTF-8"):
+        load_recipe(path)

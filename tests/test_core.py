@@ -121,3 +121,13 @@ def test_an_adapter_is_used_on_the_base_and_quantization_it_records(tmp_path):
     cfg = settings_for(meta, recipe=recipe)
     assert (cfg.model.name, cfg.quantization.mode) == ("from/recipe", "8bit")
     assert settings_for({}).model.name == "smollm2-135m-instruct"  # the bare base: the default model
+
+
+def test_an_adapter_folder_with_only_pickled_weights_is_refused_before_loading(tmp_path):
+    from lora_rlhf.core.adapters import local_adapter_folder
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
+    with pytest.raises(ModelError, match=r"has no adapter_model.safetensors, only adapter_model.bin: only "
+                                         r"safetensors weights are loaded"):
+        local_adapter_folder(tmp_path)

@@ -180,3 +180,17 @@ def test_revision_with_a_slash_is_a_hub_reference(tmp_path, monkeypatch):
     assert hub.parse_ref("alice/rlhf@feature/x:reward") == hub.HubRef("alice/rlhf", "feature/x", "reward")
     with pytest.raises(ModelError, match="does not exist"):
         resolve_adapter("a/b/c@main")
+
+
+def test_dry_run_refuses_a_token_like_the_real_push_and_never_prints_it(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    leaky = tmp_path / "sft"
+    shutil.copytree(run_dir / "sft", leaky)
+    secret = "hf_" + "a1B2" * 8
+    (leaky / "metrics.json").write_text(json.dumps({"note": f"token {secret}"}))
+    result = CliRunner().invoke(app, ["push", str(leaky), "alice/leaky", "--dry-run"])
+    assert result.exit_code == 2 and "contains a Hugging Face token" in result.output
+    assert secret not in result.output and "Would upload" not in result.output

@@ -98,6 +98,7 @@ def test_duplicate_submission_is_refused_and_restart_resumes(serve, tmp_path):
     ({"labeler": "bob", "id": "p0", "ranks": [1, 2]}, "ranks must be 3 positive integers"),
     ({"labeler": "bob", "id": "zzz", "ranks": [1, 2, 3]}, "no prompt with id"),
     ({"labeler": "", "id": "p0", "ranks": [1, 2, 3]}, "labeler name"),
+    ({"labeler": "bob\n", "id": "p0", "ranks": [1, 2, 3]}, "labeler name"),  # not a second, different "bob"
     ({"labeler": "bob", "id": "p0", "ranks": [1, 2, 3], "flags": {"0": ["spam"]}}, "flag labels"),
 ])
 def test_bad_submissions_get_400_and_write_nothing(serve, tmp_path, body, match):
@@ -137,3 +138,34 @@ def test_concurrent_labelers_over_http_on_two_servers(serve, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert sorted((x["labeler"], x["id"]) for x in lines) == sorted(
         (name, f"p{i}") for name in ("alice", "bob", "sam") for i in range(3))
+
+
+def test_malformed_and_stalled_requests_get_an_answer_not_a_dropped_connection(serve, tmp_path):
+    import socket
+
+    server, _ = serve()
+    host, port = server.server_address[:2]
+    request = (f"POST /api/submit HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+               "Content-Length: abc\r\n\r\n{}").encode()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request)
+        response = b""
+        while chunk := sock.recv(4096):  # the server answers, then closes: the body's end was unknown
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 400") and b"body must be" in response
+    # A client that announces more than it sends is cut off after the read timeout, not held forever.
+    from lora_rlhf.labeling import server as server_module
+
+    assert server_module._Handler.timeout == server_module.READ_TIMEOUT <= 60
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_submission_that_cannot_be_saved_says_so(serve, tmp_path, monkeypatch):
+    server, client = serve()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(server.session, "submit", disk_full)
+    status, res = client.json("/api/submit", {"labeler": "bob", "id": "p0", "ranks": [1, 2, 3]})
+    assert status == 507 and "No space left on device" in res["error"] and "free disk space" in res["fix"]

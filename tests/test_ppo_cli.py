@@ -160,3 +160,12 @@ def test_a_kill_before_the_final_save_ends_leaves_the_stage_unfinished(run_dir, 
     out = run_dir / "run" / "ppo"
     assert (out / "value" / "lora_rlhf.json").is_file() and not (out / "policy" / "lora_rlhf.json").exists()
     assert not is_complete(load_recipe(recipe), "ppo")
+
+
+def test_an_sft_adapter_for_another_base_is_refused_before_anything_is_written(run_dir, tiny_model_dir,
+                                                                               other_tiny_model_dir):
+    make_adapters(tiny_model_dir, run_dir / "run")
+    recipe = write_recipe(run_dir, other_tiny_model_dir)  # the adapters were trained on tiny_model_dir
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 2 and "was trained on base" in result.output
+    assert not (run_dir / "run" / "ppo").exists()

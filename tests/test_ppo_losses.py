@@ -195,3 +195,34 @@ def test_sequence_reward_is_the_score_minus_the_summed_kl_penalty():
     # row 0: 2 - 0.1 * (0.5 + 0.5) = 1.9 (padding's 9 ignored); row 1: 0 - 0.1 * 1 = -0.1
     torch.testing.assert_close(losses.sequence_rewards(torch.tensor([2.0, 0.0]), kl, 0.1, mask),
                                torch.tensor([1.9, -0.1]))
+
+
+def _batch_of(texts):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(prompts=["p"] * len(texts), texts=texts, lengths=torch.ones(len(texts), dtype=torch.long))
+
+
+def test_a_reward_function_must_return_numbers_not_strings():
+    from lora_rlhf.errors import DataError
+    from lora_rlhf.stages.ppo.rollout import RewardSource, function_scores
+
+    ok = RewardSource("mine:score", fn=lambda prompts, responses: [1, 2.5])
+    assert function_scores(ok, _batch_of(["a", "b"])).tolist() == [1.0, 2.5]
+    as_tensor = RewardSource("mine:score", fn=lambda prompts, responses: torch.tensor([0.5, -1.0]))
+    assert function_scores(as_tensor, _batch_of(["a", "b"])).tolist() == [0.5, -1.0]
+    for bad in (["1.5", "2"], [True, False], "12", None):
+        with pytest.raises(DataError, match="must return a list of numbers"):
+            function_scores(RewardSource("mine:score", fn=lambda p, r, bad=bad: bad), _batch_of(["a", "b"]))
+
+
+def test_a_reward_function_that_raises_is_one_line_saying_where():
+    from lora_rlhf.errors import DataError
+    from lora_rlhf.stages.ppo.rollout import RewardSource, function_scores
+
+    def broken(prompts, responses):
+        return [len(r) / 0 for r in responses]
+
+    with pytest.raises(DataError, match=r"reward function mine:broken raised ZeroDivisionError: division by zero "
+                                        r"\(at .*test_ppo_losses.py:\d+\)"):
+        function_scores(RewardSource("mine:broken", fn=broken), _batch_of(["a"]))

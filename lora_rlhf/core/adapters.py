@@ -66,6 +66,11 @@ def local_adapter_folder(source: str | Path) -> Path:
     if not (path / ADAPTER_CONFIG).is_file():
         raise ModelError(f"'{source}' holds no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder",
                          fix="point at the output folder of `lora-rlhf sft`/`reward`/`ppo` (e.g. runs/x/sft)")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        pickled = sorted(p.name for p in path.glob("adapter_model.*"))
+        raise ModelError(f"'{source}' has no {ADAPTER_WEIGHTS}" + (f", only {', '.join(pickled)}" if pickled else "")
+                         + ": only safetensors weights are loaded (a pickled .bin runs code when it is read)",
+                         fix="re-save the adapter with safetensors (PEFT's save_pretrained does by default)")
     return path
 
 

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_rlhf.core.adapters import check_adapter_base, local_adapter_folder, role_kind, write_adapter_meta
+from lora_rlhf.core.adapters import (
+    ADAPTER_WEIGHTS,
+    check_adapter_base,
+    local_adapter_folder,
+    role_kind,
+    write_adapter_meta,
+)
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
 from lora_rlhf.core.loading import load_base_model, lora_config
 from lora_rlhf.errors import ModelError
@@ -83,13 +89,28 @@ class SharedBase:
         """Load a saved adapter folder as `role`, with its head when it has one (Hub references are resolved
         to folders by `lora_rlhf.hub.client.local_adapter` before they reach here)."""
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         folder = local_adapter_folder(folder)
         meta = check_adapter_base(folder, self.info)
-        if self.is_peft:
-            self.model.load_adapter(str(folder), adapter_name=role, is_trainable=trainable)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=role, is_trainable=trainable)
+        try:
+            if self.is_peft:
+                self.model.load_adapter(str(folder), adapter_name=role, is_trainable=trainable)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=role,
+                                                       is_trainable=trainable)
+        except SafetensorError as e:
+            raise ModelError(f"'{folder / ADAPTER_WEIGHTS}' cannot be read ({e}): the file is damaged or was cut "
+                             "short", fix="copy or download the adapter again, or re-run the stage that wrote it") from None
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            # An adapter without lora_rlhf.json (so no fingerprint to compare) trained on a base of another shape.
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "")
+            raise ModelError(f"adapter '{folder}' does not fit the loaded base '{self.info['name_or_path']}': its "
+                             f"weights have other shapes ({first[:160]})",
+                             fix="load it on the base it was trained on (model.name / --model), or use an adapter "
+                                 "trained on this base") from None
         if (folder / HEAD_FILE).is_file():
             self.heads[role] = ScalarHead.load(folder, self.device)
         self._register(role, trainable, meta)

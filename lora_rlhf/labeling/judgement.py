@@ -15,12 +15,12 @@ from lora_rlhf.errors import DataError
 # The paper's per-response metadata (InstructGPT, appendix B); kept for analysis, never changes the pairs.
 FLAG_LABELS = ("harmful", "untruthful", "fails_instruction", "low_quality", "other")
 
-_LABELER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_LABELER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 _TOKEN = re.compile(r"\s*(\d+|=|>|,)\s*")
 
 
 def check_labeler(name: Any) -> str:
-    if not isinstance(name, str) or not _LABELER.match(name):
+    if not isinstance(name, str) or not _LABELER.fullmatch(name):  # `$` in match() would let "alice\n" through
         raise DataError(f"labeler name {name!r} is not valid",
                         fix="use 1-64 letters, digits, '_', '.', '@' or '-', starting with a letter or digit")
     return name

@@ -29,6 +29,7 @@ from lora_rlhf.labeling.stats import compute_stats
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20  # a judgement is a few hundred bytes
+READ_TIMEOUT = 30.0  # seconds a connection may stay silent mid-request
 
 
 class LabelServer(ThreadingHTTPServer):
@@ -69,6 +70,7 @@ class LabelServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: LabelServer
     protocol_version = "HTTP/1.1"
+    timeout = READ_TIMEOUT  # a client that sends less than it announced must not hold a thread forever
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s " + format, self.address_string(), *args)
@@ -124,8 +126,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get_content_type() != "application/json":
             self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST a JSON body (Content-Type: application/json)")
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
         if not 0 < length <= MAX_BODY:
+            self.close_connection = True  # the body's end is unknown: this connection cannot carry another request
             self._error(HTTPStatus.BAD_REQUEST, f"body must be 1..{MAX_BODY} bytes")
             return
         try:
@@ -144,3 +150,6 @@ class _Handler(BaseHTTPRequestHandler):
                        {"recorded": recorded, **session.next_item(labeler)})
         except DataError as e:
             self._error(HTTPStatus.BAD_REQUEST, e.what, e.fix)
+        except OSError as e:  # a full disk or a vanished folder: say so instead of dropping the connection
+            self._error(HTTPStatus.INSUFFICIENT_STORAGE, f"the judgement could not be saved ({e.strerror}); "
+                        "nothing was recorded for it", "free disk space next to the rankings file, then submit again")

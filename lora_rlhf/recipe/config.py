@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,19 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads `2e-4` as a float (YAML 1.1 wants `2.0e-4`; every user writes `2e-4`)."""
+    """SafeLoader that reads `2e-4` as a float (YAML 1.1 wants `2.0e-4`; every user writes `2e-4`) and refuses a
+    key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (line {key_node.start_mark.line + 1}; first on line "
+                    f"{seen[key]}): keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -89,8 +102,15 @@ class LoraSettings:
     bias: Literal["none", "all", "lora_only"] = "none"
 
     def __post_init__(self) -> None:
+        problems = []
         if isinstance(self.r, int) and self.r <= 0:
-            raise ValueError(f"r must be positive, got {self.r}")
+            problems.append(f"r must be positive, got {self.r}")
+        if isinstance(self.alpha, (int, float)) and not self.alpha > 0:
+            problems.append(f"alpha must be positive (the update is scaled by alpha / r), got {self.alpha}")
+        if isinstance(self.dropout, (int, float)) and not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -244,6 +264,30 @@ def _trainer_args_class(section: str) -> type:
     return RewardConfig
 
 
+# TRL/transformers arguments whose range the trainers check only once training starts (or never): checked here, so
+# a bad value fails with the recipe's other problems, before a model loads or an output folder is touched.
+_TRAINER_RANGES: dict[str, tuple[float, str]] = {  # name -> (bound, "gt" | "ge")
+    "learning_rate": (0, "ge"), "num_train_epochs": (0, "ge"), "weight_decay": (0, "ge"),
+    "max_grad_norm": (0, "ge"), "warmup_ratio": (0, "ge"), "warmup_steps": (0, "ge"),
+    "per_device_train_batch_size": (0, "gt"), "per_device_eval_batch_size": (0, "gt"),
+    "gradient_accumulation_steps": (0, "gt"), "max_length": (0, "gt"), "logging_steps": (0, "gt"),
+    "save_steps": (0, "gt"), "eval_steps": (0, "gt"), "save_total_limit": (0, "gt"),
+}
+
+
+def _check_trainer_range(section: str, key: str, value: Any, problems: list[str]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{section}.{key} must be a finite number, got {value}")
+    elif key == "max_steps" and (value == 0 or value < -1):
+        problems.append(f"{section}.{key} must be positive (or -1: use num_train_epochs), got {value}")
+    elif key in _TRAINER_RANGES:
+        bound, kind = _TRAINER_RANGES[key]
+        if (kind == "gt" and not value > bound) or (kind == "ge" and not value >= bound):
+            problems.append(f"{section}.{key} must be {'>' if kind == 'gt' else '>='} {bound}, got {value}")
+
+
 def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems: list[str]) -> tuple[dict, dict]:
     """Split a section into our keys and TRL pass-through keys; check both."""
     cls = _trainer_args_class(section)
@@ -256,6 +300,7 @@ def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems
             ours_part[key] = value
         elif key in trl_fields:
             trl_part[key] = check_value(value, hints.get(key, Any), f"{section}.{key}", problems)
+            _check_trainer_range(section, key, trl_part[key], problems)
         else:
             listing = f"valid keys: {', '.join(sorted(our_fields))} and any {cls.__name__} argument (trl docs)"
             problems.append(unknown_key_problem(section, key, sorted(our_fields | set(trl_fields)), listing))
@@ -330,9 +375,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([f"recipe file '{path}' does not exist (fix: check the path, or copy one from recipes/)"],
                           str(path))
     try:
-        raw = yaml_load(path.read_text())
+        raw = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError([f"not valid YAML: {e}"], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"not UTF-8 text (byte {e.start}: {e.reason}) (fix: save the recipe as UTF-8)"],
+                          str(path)) from None
     recipe = recipe_from_dict(raw, overrides, source=str(path))
     return _resolve_relative_paths(recipe, path.parent)
 

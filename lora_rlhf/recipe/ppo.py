@@ -3,8 +3,14 @@ additions TRL lacked (PPO-ptx, adaptive KL, reward normalisation) are marked."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Literal
+
+# Closed ranges [low, high] of numbers that must lie in one (None: unbounded on that side); every float must be finite.
+_RANGES = {"kl_coef": (0, None), "cliprange": (0, None), "cliprange_value": (0, None), "vf_coef": (0, None),
+           "gamma": (0, 1), "lam": (0, 1), "top_p": (0, 1), "ptx_coef": (0, None), "learning_rate": (0, None),
+           "max_grad_norm": (0, None), "weight_decay": (0, None)}
 
 # ppo.report_to: tracker -> the package that must be importable for it (stages/ppo/tracking.py)
 TRACKERS = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
@@ -140,6 +146,15 @@ class PPOSection:
             problems.append(f"temperature must be > 0 (PPO samples), got {self.temperature}")
         if isinstance(self.target_kl, (int, float)) and self.target_kl <= 0:
             problems.append(f"target_kl must be > 0, got {self.target_kl}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name} must be a finite number, got {value}")
+            elif f.name in _RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+                low, high = _RANGES[f.name]
+                if (low is not None and value < low) or (high is not None and value > high):
+                    bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+                    problems.append(f"{f.name} must be {'in ' if high is not None else ''}{bounds}, got {value}")
         if self.missing_eos_penalty is not None and self.stop_token is None:
             problems.append("missing_eos_penalty needs stop_token: eos (without a stop token no response ends)")
         unknown = [t for t in self.report_to if t not in TRACKERS] if isinstance(self.report_to, list) else []

@@ -3,6 +3,8 @@ the loss summary, so that both behave alike on resume, interruption and precisio
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +19,9 @@ from lora_rlhf.core.logs import close_logger, stage_logger
 from lora_rlhf.recipe.config import Recipe
 
 ADAPTER = "default"  # PEFT's own name: Trainer checkpoints then reload with no renaming
+log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
 
 
 def trainer_args(recipe: Recipe, section: str, defaults: dict[str, Any], out: Path,
@@ -37,10 +41,25 @@ def trainer_args(recipe: Recipe, section: str, defaults: dict[str, Any], out: Pa
 
 
 def last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest COMPLETE Trainer checkpoint under OUT/<stage>/checkpoints, or None.
 
+    A kill (or a full disk) while the Trainer saves leaves a `checkpoint-N` without `trainer_state.json`, which
+    it writes last; resuming from it fails. Such folders are skipped with a warning that says which and why.
+    """
     folder = out / CHECKPOINTS
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    steps = []
+    for path in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            steps.append((int(match.group(1)), path))
+    for _, path in sorted(steps, reverse=True):
+        if (path / TRAINER_STATE).is_file():
+            return str(path)
+        log.warning("skipping %s: it has no %s, so its save was interrupted; resuming from an older checkpoint",
+                    path, TRAINER_STATE)
+    return None
 
 
 def prepare_output(out: Path, resume: bool) -> None:

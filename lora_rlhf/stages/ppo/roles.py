@@ -14,9 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
-from lora_rlhf.core.adapters import read_adapter_meta, recipe_adapter
+from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, read_adapter_meta, recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.heads import HEAD_FILE
+from lora_rlhf.core.loading import load_config
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.errors import ModelError
 from lora_rlhf.hub.client import local_adapter
@@ -61,6 +62,15 @@ def resolve_sources(recipe: Recipe) -> Sources:
         raise ModelError(f"reward adapter '{reward}' has no head.safetensors, so it cannot score responses",
                          fix="point ppo.reward_adapter at the output folder of `lora-rlhf reward`")
     return Sources(sft, reward)
+
+
+def check_bases(recipe: Recipe, sources: Sources) -> None:
+    """Refuse adapters recorded as trained on another base from the base's config alone, before anything is
+    loaded or written (loading them would fail only after PPO had created its output folder)."""
+    info = {"name_or_path": recipe.model.name, "fingerprint": base_fingerprint(load_config(recipe.model))}
+    for folder in (sources.sft, sources.reward_adapter):
+        if folder is not None:
+            check_adapter_base(folder, info)
 
 
 def setup_roles(sb: SharedBase, recipe: Recipe, sources: Sources) -> RewardSource:

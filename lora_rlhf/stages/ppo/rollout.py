@@ -10,6 +10,8 @@ one SharedBase; `sb.use(role)` selects one.
 
 from __future__ import annotations
 
+import numbers
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -198,13 +200,24 @@ def score(sb: SharedBase, batch: Batch, reward: RewardSource, cfg: PPOSection) -
 
 
 def function_scores(reward: RewardSource, batch: Batch) -> torch.Tensor:
-    """Call the user's reward function on (prompts, decoded responses); check it returned one number each."""
-    result = reward.fn(list(batch.prompts), list(batch.texts))
+    """Call the user's reward function on (prompts, decoded responses); check it returned one number each.
+
+    Its own error becomes one line saying where it was raised (the function is the user's code, not ours); a
+    string such as "1.5" is refused rather than converted, since it usually means a parsing bug upstream.
+    """
     try:
-        values = [float(x) for x in result]
-    except (TypeError, ValueError):
+        result = reward.fn(list(batch.prompts), list(batch.texts))
+    except Exception as e:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        raise DataError(f"reward function {reward.description} raised {type(e).__name__}: {e} "
+                        f"(at {where.filename}:{where.lineno})",
+                        fix="fix the function; test it alone on a few prompts and responses") from e
+    # A list or tuple of numbers, or an array/tensor of them (its tolist() gives Python numbers).
+    items = result.tolist() if hasattr(result, "tolist") else list(result) if isinstance(result, (list, tuple)) else None
+    if items is None or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in items):
         raise DataError(f"reward function {reward.description} must return a list of numbers, got {str(result)[:80]}",
-                        fix="return one float per response") from None
+                        fix="return one float per response (a number, not a string)")
+    values = [float(x) for x in items]
     if len(values) != len(batch.texts):
         raise DataError(f"reward function {reward.description} returned {len(values)} scores for "
                         f"{len(batch.texts)} responses", fix="return exactly one float per response")

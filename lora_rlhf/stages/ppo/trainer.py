@@ -51,7 +51,7 @@ from lora_rlhf.stages.ppo import losses, rollout
 from lora_rlhf.stages.ppo.kl import RunningMoments, make_kl_controller
 from lora_rlhf.stages.ppo.outputs import RunLog, write_run_info
 from lora_rlhf.stages.ppo.ptx import PtxData, epoch_order, load_ptx_rows, ptx_loss
-from lora_rlhf.stages.ppo.roles import Sources, resolve_sources, setup_roles
+from lora_rlhf.stages.ppo.roles import Sources, check_bases, resolve_sources, setup_roles
 from lora_rlhf.stages.ppo.rollout import Batch, RewardSource
 from lora_rlhf.stages.ppo.tracking import check_trackers
 
@@ -282,6 +282,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     cfg, out = recipe.ppo, recipe.stage_dir(stage)
     # Setup. Everything the user gave is checked before anything is written or loaded.
     sources = resolve_sources(recipe)
+    check_bases(recipe, sources)
     prompts = load_prompts(recipe.data.prompts, recipe.seed)
     ptx_rows = _ptx_rows(recipe)
     check_trackers(cfg.report_to)
