@@ -135,3 +135,40 @@ def test_final_eval_reuses_an_eval_logged_at_the_last_step():
     assert callback.final_eval(trainer) == {"eval_loss": 1.5, "eval_accuracy": 0.75} and calls == [1]
     trainer.args = SimpleNamespace(load_best_model_at_end=True)  # the final model is another checkpoint: evaluate
     assert callback.final_eval(trainer) == {"eval_loss": 9.0} and calls == [1, 1]
+
+
+def test_a_new_run_that_fails_leaves_the_finished_run_intact(sft_run, tmp_path, monkeypatch):
+    """A value TRL rejects only when the trainer is built (here: any error there) must not cost the finished run."""
+    import trl
+
+    recipe, out, _, _ = sft_run
+    recipe = copy.deepcopy(recipe)
+    recipe.output_dir = str(tmp_path / "run")
+    shutil.copytree(out, recipe.stage_dir("sft"))
+    before = {p.name: p.read_bytes() for p in recipe.stage_dir("sft").iterdir() if p.is_file()}
+
+    def refuse(*args, **kwargs):
+        raise ValueError("per_device_train_batch_size must be positive")
+
+    monkeypatch.setattr(trl, "SFTTrainer", refuse)
+    with pytest.raises(ValueError):
+        train_sft(recipe)
+    after = {p.name: p.read_bytes() for p in recipe.stage_dir("sft").iterdir() if p.is_file()}
+    assert after == before and (recipe.stage_dir("sft") / "checkpoints" / "checkpoint-30").is_dir()
+
+
+def test_a_bad_trainer_value_is_refused_before_the_output_folder_is_touched(sft_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    recipe, out, _, _ = sft_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run / "sft")
+    before = sorted(p.name for p in (run / "sft").iterdir())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": recipe.model.name}, "data": {"sft": {"path": recipe.data.sft.path}}}))
+    result = CliRunner().invoke(app, ["sft", str(path), "--set", f"output_dir={run}",
+                                      "--set", "sft.per_device_train_batch_size=0"])
+    assert result.exit_code == 2 and "per_device_train_batch_size must be > 0" in result.output
+    assert sorted(p.name for p in (run / "sft").iterdir()) == before

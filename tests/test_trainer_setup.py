@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from lora_rlhf.stages.trainer_setup import last_checkpoint, prepare_output
+import pytest
+
+from lora_rlhf.stages.trainer_setup import last_checkpoint, output_folder
 
 
 def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, caplog):
@@ -22,10 +24,48 @@ def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, caplog):
     assert last_checkpoint(tmp_path / "nothing-here") is None
 
 
-def test_a_new_run_removes_the_marker_first_and_resume_keeps_the_checkpoints(tmp_path):
-    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    (tmp_path / "lora_rlhf.json").write_text("{}")
-    prepare_output(tmp_path, resume=True)
-    assert not (tmp_path / "lora_rlhf.json").exists() and (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
-    prepare_output(tmp_path, resume=False)
-    assert not (tmp_path / "checkpoints").exists()
+def finished_run(folder, tag):
+    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_text(tag)
+    (folder / "lora_rlhf.json").write_text("{}")
+
+
+def test_a_failing_new_run_leaves_the_finished_one_in_place(tmp_path):
+    out = tmp_path / "sft"
+    finished_run(out, "old")
+    with pytest.raises(ValueError), output_folder(out, resume=False):
+        assert not (out / "lora_rlhf.json").exists()  # while the new run works, nothing here looks finished
+        (out / "recipe.yaml").write_text("new")
+        raise ValueError("per_device_train_batch_size must be positive")  # e.g. TRL refusing a value
+    assert (out / "adapter_model.safetensors").read_text() == "old" and (out / "lora_rlhf.json").is_file()
+    assert not (out / "recipe.yaml").exists() and not (tmp_path / "sft.previous").exists()
+
+
+def test_a_kill_during_the_new_run_is_undone_at_the_next_start(tmp_path):
+    out = tmp_path / "sft"
+    finished_run(out, "old")
+    runs = output_folder(out, resume=False)
+    runs.__enter__()  # ... and the process is killed: no exit handler runs
+    (out / "half.bin").write_text("x")
+    assert (tmp_path / "sft.previous" / "lora_rlhf.json").is_file()
+    with output_folder(out, resume=False):  # the next start restores, then replaces again
+        assert (tmp_path / "sft.previous" / "adapter_model.safetensors").read_text() == "old"
+        (out / "lora_rlhf.json").write_text("{}")
+    assert not (tmp_path / "sft.previous").exists() and not (out / "half.bin").exists()
+
+
+def test_a_successful_new_run_replaces_the_old_one(tmp_path):
+    out = tmp_path / "sft"
+    finished_run(out, "old")
+    with output_folder(out, resume=False):
+        (out / "adapter_model.safetensors").write_text("new")
+        (out / "lora_rlhf.json").write_text("{}")
+    assert (out / "adapter_model.safetensors").read_text() == "new" and not (out / "checkpoints").exists()
+    assert not (tmp_path / "sft.previous").exists()
+
+
+def test_resume_drops_the_marker_first_and_keeps_the_checkpoints(tmp_path):
+    finished_run(tmp_path, "old")
+    with output_folder(tmp_path, resume=True):
+        assert not (tmp_path / "lora_rlhf.json").exists()
+        assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()

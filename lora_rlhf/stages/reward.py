@@ -44,7 +44,7 @@ from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     last_checkpoint,
     loss_summary,
-    prepare_output,
+    output_folder,
     stage_log,
     trainer_args,
 )
@@ -348,9 +348,8 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
                         fix="raise reward.max_length, or shorten the prompts/responses")
     model, dtype = load_seqcls_model(recipe, tokenizer, init_adapter)
     checkpoint = last_checkpoint(out) if resume else None
-    prepare_output(out, resume)
-    save_recipe(recipe, out / "recipe.yaml")
-    with stage_log(out, "reward") as log:
+    with output_folder(out, resume), stage_log(out, "reward") as log:
+        save_recipe(recipe, out / "recipe.yaml")
         metrics, offset, head, base_info = _train_and_check(
             recipe, model, dtype, tokenizer, args, (train, held_out), (train_ds, eval_ds, dropped), demos,
             init_adapter, out, checkpoint, log)

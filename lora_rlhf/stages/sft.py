@@ -24,7 +24,7 @@ from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     last_checkpoint,
     loss_summary,
-    prepare_output,
+    output_folder,
     stage_log,
     trainer_args,
 )
@@ -67,9 +67,8 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     else:
         shared.add_adapter(ADAPTER, recipe.lora, trainable=True)
     checkpoint = last_checkpoint(out) if resume else None
-    prepare_output(out, resume)
-    save_recipe(recipe, out / "recipe.yaml")
-    with stage_log(out, "sft") as log:
+    with output_folder(out, resume), stage_log(out, "sft") as log:
+        save_recipe(recipe, out / "recipe.yaml")
         log.info("SFT: %d train / %d eval rows, base %s (%s), resume from %s", len(train),
                  0 if held_out is None else len(held_out), recipe.model.name, recipe.quantization.mode, checkpoint)
         metrics = _train(recipe, shared, train, held_out, out, checkpoint, log)

@@ -62,14 +62,37 @@ def last_checkpoint(out: Path) -> str | None:
     return None
 
 
-def prepare_output(out: Path, resume: bool) -> None:
-    """Make `out` ready for a new run. The completion marker goes first, so a crash never leaves an old
-    "complete" folder mixed with new files; a fresh run also drops the old checkpoints."""
-    if out.exists():
+@contextmanager
+def output_folder(out: Path, resume: bool) -> Iterator[None]:
+    """`out`, ready for a run, for the duration of the `with` block.
+
+    A fresh run over a FINISHED run never destroys it before it has something to replace it with: the old run is
+    renamed to OUT/<stage>.previous, put back if the new run fails, and deleted only once the new run has
+    finished. After a kill in between, the next start puts it back first. A resumed (or unfinished) folder loses
+    its completion marker first, so a crash never leaves an old "complete" folder mixed with new files.
+    """
+    previous = out.with_name(out.name + ".previous")
+    if previous.is_dir() and not (out / META_FILE).is_file():  # an earlier replacement was killed half-way
+        shutil.rmtree(out, ignore_errors=True)
+        previous.rename(out)
+    kept = not resume and (out / META_FILE).is_file()
+    if kept:
+        out.rename(previous)
+    elif out.exists():
         (out / META_FILE).unlink(missing_ok=True)
         if not resume:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if kept:
+            shutil.rmtree(out, ignore_errors=True)
+            previous.rename(out)
+            log.warning("the new run failed: the previous finished run in %s is back in place", out)
+        raise
+    if kept:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 @contextmanager
