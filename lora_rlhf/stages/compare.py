@@ -2,7 +2,7 @@
 
 The paper's labelers ranked K = 4..9 responses to each prompt, sampled from earlier models. Here the
 responses come from the base + the SFT adapter (default `OUT/sft` when it is complete, else the bare base, or
-`compare.adapter`), and a labeler - a `module:function` or a reward adapter (lora_rlhf/labelers.py) - stands in
+`compare.adapter`), and a labeler - a `module:function` or a reward adapter (lora_rlhf/stages/labelers.py) - stands in
 for the people. Without a labeler, `candidates.jsonl` is what people rank (docs/FORMATS.md, Rankings).
 
 Everything that can fail on user input (prompts, adapter, labeler) fails before sampling; each batch is labeled

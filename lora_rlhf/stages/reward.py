@@ -6,7 +6,7 @@ one prompt go into one batch (else the RM overfits); afterwards a bias makes the
 
 Here: the base is loaded as AutoModelForSequenceClassification(num_labels=1), quantized as the recipe says; the
 reward LoRA starts from the SFT adapter (OUT/sft, or reward.init_adapter) and the `score` head is trained too.
-Differences from plain TRL: comparisons are tokenized by lora_rlhf.core.scoring.encode (the same text PPO's scoring
+Differences from plain TRL: comparisons are tokenized by lora_rlhf.core.text.encode (the same text PPO's scoring
 sees), batches keep whole prompts together (`reward.group_by_prompt`), and the output is an adapter for the
 CAUSAL-LM shared base: LoRA in PEFT format without the `score` module, the head as head.safetensors.
 
