@@ -55,6 +55,11 @@ def _until_stop(ids: list[int], eos: int | None) -> list[int]:
     return ids
 
 
+def answer_text(tokenizer: Any, answer: list[int]) -> str:
+    """A generated answer's ids as the text shown and judged: special tokens dropped, whitespace stripped."""
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
 def generate_responses(shared_base: Any, prompts: Sequence[Prompt], role: str | None = "policy",
                        max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 1.0,
                        num_return_sequences: int = 1, batch_size: int = 8,
@@ -62,5 +67,4 @@ def generate_responses(shared_base: Any, prompts: Sequence[Prompt], role: str | 
     """`generate_ids`, decoded: one list of answer strings per prompt (special tokens dropped, stripped)."""
     samples = generate_ids(shared_base, prompts, role, max_new_tokens, temperature, top_p, num_return_sequences,
                            batch_size, on_batch)
-    decode = shared_base.tokenizer.decode
-    return [[decode(answer, skip_special_tokens=True).strip() for _, answer in per_prompt] for per_prompt in samples]
+    return [[answer_text(shared_base.tokenizer, answer) for _, answer in per_prompt] for per_prompt in samples]

@@ -52,19 +52,14 @@ from lora_rlhf.stages.trainer_setup import (
 NORMALIZE_MAX_DEMOS = 1000  # demonstrations scored for the offset (a seeded sample beyond that)
 CHECK_ROWS = 8  # texts scored by both the trained model and the reloaded adapter
 
-# Our defaults where TRL's differ from what a LoRA reward run on one GPU wants; every one can be set in `reward:`.
+# Our defaults where TRL's differ from what a LoRA reward run on one GPU wants (on top of
+# trainer_setup.COMMON_DEFAULTS); every one can be set in `reward:`.
 # One epoch: the paper's RM overfits after one.
 REWARD_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 8,
     "learning_rate": 1e-4,
-    "logging_steps": 5,
-    "max_length": 512,
-    "save_strategy": "steps",
-    "save_steps": 50,
-    "save_total_limit": 1,
-    "report_to": "none",
 }
 
 

@@ -29,19 +29,14 @@ from lora_rlhf.stages.trainer_setup import (
     trainer_args,
 )
 
-# Our defaults where TRL's differ from what a LoRA run on one GPU wants; every one can be set in `sft:`.
+# Our defaults where TRL's differ from what a LoRA run on one GPU wants (on top of trainer_setup.COMMON_DEFAULTS);
+# every one can be set in `sft:`.
 SFT_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
     "per_device_train_batch_size": 4,
     "learning_rate": 2e-4,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0,
-    "logging_steps": 5,
-    "max_length": 512,
-    "save_strategy": "steps",
-    "save_steps": 50,
-    "save_total_limit": 1,
-    "report_to": "none",
 }
 
 

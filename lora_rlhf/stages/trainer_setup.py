@@ -22,6 +22,16 @@ ADAPTER = "default"  # PEFT's own name: Trainer checkpoints then reload with no 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
+# Defaults both TRL-trained stages share (logging, length, one rolling checkpoint, no tracker); each stage adds its
+# own, and the recipe's section overrides any of them.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 5,
+    "max_length": 512,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 1,
+    "report_to": "none",
+}
 
 
 def trainer_args(recipe: Recipe, section: str, defaults: dict[str, Any], out: Path,
@@ -30,7 +40,7 @@ def trainer_args(recipe: Recipe, section: str, defaults: dict[str, Any], out: Pa
     follows from the recipe (precision from the compute dtype, gradient checkpointing, output folder, seed)."""
     device = resolve_device(recipe.model)
     dtype = compute_dtype(recipe.model, device)
-    args = {**defaults, **recipe.trainer_args.get(section, {})}
+    args = {**COMMON_DEFAULTS, **defaults, **recipe.trainer_args.get(section, {})}
     if eval_present:
         args.setdefault("eval_strategy", "epoch")
     args.setdefault("gradient_checkpointing", recipe.model.gradient_checkpointing)

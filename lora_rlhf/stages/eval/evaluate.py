@@ -35,7 +35,7 @@ from trl.trainer.utils import selective_log_softmax
 from lora_rlhf.core.adapters import is_finished, recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
-from lora_rlhf.core.generation import generate_ids
+from lora_rlhf.core.generation import answer_text, generate_ids
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.core.scoring import score_texts
 from lora_rlhf.core.text import batches
@@ -347,8 +347,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
         torch.manual_seed(recipe.seed)
         samples = [per_prompt[0] for per_prompt in generate_ids(
             shared, prompts, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
-        responses[p.name] = [shared.tokenizer.decode(answer, skip_special_tokens=True).strip()
-                             for _, answer in samples]
+        responses[p.name] = [answer_text(shared.tokenizer, answer) for _, answer in samples]
         clock.lap("generate")
         res: dict[str, Any] = {"adapter": str(p.adapter) if p.adapter else None}
         # KL and length on the ids that were sampled, never on re-tokenised text.
