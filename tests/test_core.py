@@ -7,15 +7,16 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_adapter
 
 from lora_rlhf.core.adapters import recipe_adapter
 from lora_rlhf.core.base import SharedBase
-from lora_rlhf.core.generation import generate_ids
+from lora_rlhf.core.generation import dequantized_for_decoding, generate_ids
 from lora_rlhf.core.io import atomic_folder, read_jsonl, write_json_atomic
 from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.text import encode, pad, prompt_ids
 from lora_rlhf.errors import DataError, ModelError
-from lora_rlhf.recipe.config import ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
 from lora_rlhf.stages.ppo.roles import resolve_sources
 
 FINISHED_POLICY = ("adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json")
@@ -91,6 +92,38 @@ def test_generation_leaves_the_tokenizer_and_training_mode_as_it_found_them(tiny
     with pytest.raises(RuntimeError, match="out of memory"):
         generate_ids(sb, ["Say hi."], role=None)
     assert sb.model.training  # restored on the error path too
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_decoding_with_dequantized_weights_is_bit_identical_and_leaves_the_4bit_layers_as_they_were(
+        tiny_model_dir, double_quant):
+    """The CPU decoding shortcut computes exactly what bitsandbytes computes, in the same dtype, with and
+    without double quantization, and afterwards the layers are plain 4-bit layers again (also after an error)."""
+    import bitsandbytes as bnb
+
+    sb = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"),
+                         QuantizationConfig(mode="4bit", double_quant=double_quant), for_training=False)
+    sb.add_adapter("policy", LoraSettings(r=4, alpha=8, target_modules="all-linear"))
+    randomize_adapter(sb, "policy")
+    sb.train(False)
+    layers = [m for m in sb.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    ids = torch.tensor([prompt_ids(sb.tokenizer, "Say hi.")])
+    with torch.no_grad(), sb.use("policy") as model:
+        expected = model(input_ids=ids).logits
+        torch.manual_seed(0)
+        sampled = model.generate(input_ids=ids, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0)
+        with dequantized_for_decoding(model):
+            assert all("forward" in m.__dict__ for m in layers)
+            assert torch.equal(model(input_ids=ids).logits, expected)
+            torch.manual_seed(0)
+            assert torch.equal(model.generate(input_ids=ids, max_new_tokens=6, do_sample=True, top_k=0,
+                                              pad_token_id=0), sampled)
+        assert not any("forward" in m.__dict__ for m in layers)
+        with pytest.raises(RuntimeError, match="boom"), dequantized_for_decoding(model):
+            raise RuntimeError("boom")
+        assert not any("forward" in m.__dict__ for m in layers)
+        assert torch.equal(model(input_ids=ids).logits, expected)
 
 
 def test_io_atomic_writes_and_line_numbered_jsonl(tmp_path):

@@ -188,7 +188,9 @@ def disable_cpu_weight_repacking(model: nn.Module) -> None:
     There bitsandbytes repacks a layer's weights in place the first time it runs in eval mode without grad, and
     then computes differently from the training path: PPO's rollout log-probs would not match its training
     forward (ratio != 1 before any update), saved adapters would not reproduce logits, and the "frozen" base
-    weights would change bytes. GPUs are unaffected.
+    weights would change bytes. Worse, the repacked kernel has no backward: after a rollout, training-mode
+    forwards use it too, and gradients stop at every base linear (measured with bitsandbytes 0.50: the input
+    gradient of a repacked layer is None). GPUs are unaffected.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):

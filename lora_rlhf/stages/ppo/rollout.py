@@ -20,6 +20,7 @@ import torch
 from trl.trainer.utils import selective_log_softmax
 
 from lora_rlhf.core.base import SharedBase
+from lora_rlhf.core.generation import dequantized_for_decoding
 from lora_rlhf.core.text import pad, prompt_ids
 from lora_rlhf.errors import DataError
 from lora_rlhf.recipe.ppo import PPOSection
@@ -116,27 +117,42 @@ def generation_config(cfg: PPOSection, stop_id: int | None, pad_id: int):
 
 @torch.no_grad()
 def generate(sb: SharedBase, prompts: list[Any], cfg: PPOSection) -> Batch:
-    """Step 1: sample one response per prompt from the policy, with the KV cache."""
+    """Step 1: sample one response per prompt from the policy, with the KV cache; keep the sampled tokens'
+    log-probs."""
     tokenizer, device = sb.tokenizer, sb.device
     pad_id = tokenizer.pad_token_id
     stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
     query, query_mask = pad([prompt_ids(tokenizer, p) for p in prompts], pad_id, "left", device)
     gen_cfg = generation_config(cfg, stop_id, pad_id)
-    chunks = []
-    with sb.use("policy") as model:
+    chunks, chunk_logprobs = [], []
+    with sb.use("policy") as model, dequantized_for_decoding(model):
         for start in range(0, len(prompts), cfg.local_rollout_forward_batch_size):
             rows = slice(start, start + cfg.local_rollout_forward_batch_size)
-            out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=gen_cfg)
-            chunks.append(out[:, query.shape[1]:])
+            out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=gen_cfg,
+                                 output_logits=True, return_dict_in_generate=True)
+            tokens = out.sequences[:, query.shape[1]:]
+            chunks.append(tokens)
+            chunk_logprobs.append(sampled_logprobs(out.logits, tokens, cfg.temperature))
     width = max(c.shape[1] for c in chunks)
     raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    logprobs = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunk_logprobs])
     responses, lengths, ended = truncate_after_stop(raw, stop_id, pad_id)
     response_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
     texts = tokenizer.batch_decode([r[:n] for r, n in zip(responses.tolist(), lengths.tolist(), strict=True)],
                                    skip_special_tokens=True)
     return Batch(prompts=list(prompts), query_responses=torch.cat([query, responses], 1),
                  attention_mask=torch.cat([query_mask, response_mask], 1), context_length=query.shape[1],
-                 lengths=lengths, ended=ended, texts=texts)
+                 lengths=lengths, ended=ended, texts=texts, logprobs=logprobs * response_mask)
+
+
+def sampled_logprobs(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of the sampled tokens from the logits generation already computed: R x [B, V], [B, R] -> [B, R].
+
+    These are the policy's "old" log-probs: reusing them saves scoring a full policy forward (as TRL's
+    PPOTrainer did). One step at a time, so no [B, R, V] tensor is ever held.
+    """
+    return torch.stack([selective_log_softmax(logits.float() / temperature, tokens[:, t])
+                        for t, logits in enumerate(step_logits)], dim=1)
 
 
 def response_logits(model: Any, batch: Batch) -> torch.Tensor:
@@ -181,13 +197,15 @@ def reward_model_scores(sb: SharedBase, batch: Batch, offset: float) -> torch.Te
 
 @torch.no_grad()
 def score(sb: SharedBase, batch: Batch, reward: RewardSource, cfg: PPOSection) -> Batch:
-    """Step 2: policy and reference log-probs, values and scores for every episode (chunked forwards)."""
+    """Step 2: reference log-probs, values and scores for every episode (chunked forwards); the policy's
+    log-probs too when the batch does not already carry them from generation."""
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     n = len(batch.prompts)
     for start in range(0, n, cfg.local_rollout_forward_batch_size):
         chunk = batch.select(slice(start, start + cfg.local_rollout_forward_batch_size))
-        with sb.use("policy") as model:
-            parts["logprobs"].append(response_logprobs(model, chunk, cfg.temperature)[0])
+        if batch.logprobs is None:  # generation normally gave them (see `sampled_logprobs`)
+            with sb.use("policy") as model:
+                parts["logprobs"].append(response_logprobs(model, chunk, cfg.temperature)[0])
         with sb.use("reference") as model:
             parts["ref_logprobs"].append(response_logprobs(model, chunk, cfg.temperature)[0])
         # No value role (rloo/grpo): zeros keep the batch's shape; nothing reads them.
@@ -196,7 +214,7 @@ def score(sb: SharedBase, batch: Batch, reward: RewardSource, cfg: PPOSection) -
             parts["scores"].append(reward_model_scores(sb, chunk, reward.offset))
     if reward.fn is not None:
         parts["scores"].append(function_scores(reward, batch))
-    return replace(batch, **{k: torch.cat(v).float() for k, v in parts.items()})
+    return replace(batch, **{k: torch.cat(v).float() for k, v in parts.items() if v})
 
 
 def function_scores(reward: RewardSource, batch: Batch) -> torch.Tensor:

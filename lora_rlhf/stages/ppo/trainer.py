@@ -2,8 +2,9 @@
 
 Every PPO step takes `batch_size` prompts and runs, in order:
 
-    1. roll out     sample one response per prompt from the policy (KV cache; stop at end-of-turn)
-    2. score        log-probs under policy and reference, values, and the reward of each episode
+    1. roll out     sample one response per prompt from the policy (KV cache; stop at end-of-turn), keeping
+                    the sampled tokens' log-probs that generation computed anyway
+    2. score        log-probs under the reference, values, and the reward of each episode
     3. rewards      per token: -beta * KL(policy || reference); plus the (normalised) score on the last token
     4. advantages   GAE(gamma, lambda) against the value function, whitened over the batch; or, value-free
                     (`advantage_estimator` rloo / grpo), from the num_generations samples of each prompt
@@ -90,11 +91,11 @@ class PPOTrainer:
         t0 = time.perf_counter()
         self._train_mode(False)
 
-        # 1. Roll out: num_generations sampled responses per prompt, from the policy.
+        # 1. Roll out: num_generations sampled responses per prompt, from the policy, with their log-probs.
         batch = rollout.generate(self.sb, self._next_prompts(), cfg)
         t1 = time.perf_counter()
 
-        # 2. Score: policy / reference log-probs, values, and the reward of every episode.
+        # 2. Score: reference log-probs, values, and the reward of every episode.
         batch = rollout.score(self.sb, batch, self.reward, cfg)
         check_finite(batch.scores, "reward scores", self.step_index + 1)
         t2 = time.perf_counter()
