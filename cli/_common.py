@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -38,7 +39,8 @@ def quiet_libraries() -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """User errors -> one message on stderr and exit 2; Ctrl-C -> exit 130 (the stage has saved what it can)."""
+    """User errors and a full disk -> one message on stderr and exit 2; Ctrl-C -> exit 130 (the stage has saved
+    what it can)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,6 +49,14 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except LoraRlhfError as e:
             typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # sft and reward say which run folder and what was kept (StorageError); elsewhere, at least the file.
+            typer.echo(f"Error: no space left on the device while writing {e.filename or 'a file'}: the command "
+                       "stopped\n  fix: free space on that disk (or set output_dir to another one), then run it again",
+                       err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)

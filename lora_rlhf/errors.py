@@ -31,3 +31,7 @@ class DataError(LoraRlhfError):
 
 class ModelError(LoraRlhfError):
     """A model or adapter cannot be found, loaded, or does not belong to the loaded base."""
+
+
+class StorageError(LoraRlhfError):
+    """The disk refused a write (full, over quota): the stage stopped and says what it left behind."""

@@ -68,6 +68,16 @@ def test_bad_column_and_empty_and_bad_rows(tmp_path, tiny_recipe):
     assert not (tmp_path / "run").exists()
 
 
+def test_data_that_is_not_utf8_exits_2_with_the_file_the_line_and_the_fix(tmp_path, tiny_recipe):
+    data = tmp_path / "demos.jsonl"
+    data.write_bytes(b'{"prompt": "q", "completion": "a"}\n{"prompt": "caf\xe9", "completion": "a"}\n')
+    result = runner.invoke(app, ["sft", str(_recipe(tmp_path, tiny_recipe, data={"sft": {"path": str(data)}}))])
+    assert result.exit_code == 2, result.output
+    assert f"SFT dataset file '{data}' is not UTF-8 text: line 2" in result.output
+    assert "fix: re-save it as UTF-8" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_no_sft_data_section(tmp_path, tiny_recipe):
     result = runner.invoke(app, ["sft", str(_recipe(tmp_path, tiny_recipe))])
     assert result.exit_code == 2 and "has no data.sft section" in result.output

@@ -136,6 +136,18 @@ def test_store_refuses_torn_or_corrupt_file(tmp_path):
         RankingStore(out)
 
 
+def test_candidates_or_rankings_that_are_not_utf8_are_refused(tmp_path):
+    """Reading with errors="replace" put U+FFFD into the rankings as if the labeler had seen it."""
+    cands = tmp_path / "c.jsonl"
+    cands.write_bytes(b'{"id": "p0", "prompt": "caf\xe9", "responses": ["x", "y"]}\n')
+    with pytest.raises(DataError, match="c.jsonl' is not UTF-8 text: line 1"):
+        load_candidates(cands)
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(b'{"id": "p0", "labeler": "a"}\n{"id": "p1", "labeler": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="line 2 is not UTF-8 text"):
+        RankingStore(out)
+
+
 def _label_everything(cands, out, labeler, n_threads_same_labeler=1):
     """One process: its own session (like one server), `n` threads labelling as `labeler` at the same time."""
     session = LabelSession.open(cands, out)

@@ -260,3 +260,30 @@ def test_cli_exit_codes(tiny_recipe, tmp_path):
     assert "all 2 responses are tied" in result.output
     result = CliRunner().invoke(app, ["reward", str(recipe), "--set", "reward.no_such_key=1"])
     assert result.exit_code == 2 and "unknown key 'reward.no_such_key'" in result.output
+
+
+def test_a_full_disk_while_saving_exits_2_and_leaves_the_stage_unfinished(tiny_recipe, tmp_path, monkeypatch):
+    import errno
+
+    import yaml
+
+    from cli.main import app
+    from lora_rlhf.core.adapters import is_finished
+    from lora_rlhf.stages import reward as reward_module
+
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=banana_rankings(4), max_steps=1, normalize=False)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": recipe.output_dir, "model": {"name": recipe.model.name},
+                                    "quantization": {"mode": "none"}, "data": {"reward": {"path": recipe.data.reward.path}},
+                                    "reward": {**FAST, "max_steps": 1, "normalize": False}}))
+
+    def disk_full(model, tokenizer, out):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(reward_module, "save_reward_adapter", disk_full)
+    result = CliRunner().invoke(app, ["reward", str(path)])
+    out = recipe.stage_dir("reward")
+    assert result.exit_code == 2, result.output
+    assert f"no space left on the device while writing {out}" in result.output
+    assert "nothing was marked complete" in result.output and "Traceback" not in result.output
+    assert not is_finished(out, "reward") and not (out / META_FILE).exists()

@@ -172,3 +172,52 @@ def test_a_bad_trainer_value_is_refused_before_the_output_folder_is_touched(sft_
                                       "--set", "sft.per_device_train_batch_size=0"])
     assert result.exit_code == 2 and "per_device_train_batch_size must be > 0" in result.output
     assert sorted(p.name for p in (run / "sft").iterdir()) == before
+
+
+def test_a_full_disk_is_one_error_exit_2_and_the_finished_run_is_back(sft_run, tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from lora_rlhf.core.adapters import is_finished
+
+    recipe, out, _, _ = sft_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run / "sft")
+    before = {p.name: p.read_bytes() for p in (run / "sft").iterdir() if p.is_file()}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(run), "model": {"name": recipe.model.name},
+                                    "data": {"sft": {"path": recipe.data.sft.path}}, "sft": {"max_steps": 1}}))
+
+    def disk_full(self, role, folder, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder) + "/adapter_model.safetensors")
+
+    monkeypatch.setattr(SharedBase, "save_adapter", disk_full)
+    result = CliRunner().invoke(app, ["sft", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"no space left on the device while writing {run / 'sft'}" in result.output
+    assert "nothing was marked complete; the previous finished run is back in place" in result.output
+    assert "Traceback" not in result.output
+    assert {p.name: p.read_bytes() for p in (run / "sft").iterdir() if p.is_file()} == before
+    shutil.rmtree(run)
+    result = CliRunner().invoke(app, ["sft", str(path)])  # no earlier run: nothing is left marked complete
+    assert result.exit_code == 2 and "nothing was marked complete" in result.output
+    assert not is_finished(run / "sft") and not (run / "sft" / "lora_rlhf.json").exists()
+
+
+def test_resume_with_another_save_steps_uses_it_and_says_so(sft_run, tmp_path, caplog):
+    """On resume the Trainer keeps the checkpoint's save_steps (it only warns): a run resumed with a smaller one
+    wrote no checkpoint, and a kill then lost every step since the resume."""
+    import logging
+
+    recipe, out, _, _ = sft_run
+    recipe = copy.deepcopy(recipe)
+    recipe.output_dir = str(tmp_path / "run")
+    shutil.copytree(out, recipe.stage_dir("sft"))
+    recipe.trainer_args["sft"].update(max_steps=31, save_steps=1)  # the checkpoint says save_steps 10
+    with caplog.at_level(logging.WARNING, logger="lora_rlhf.stages.trainer_setup"):
+        out2, _ = train_sft(recipe, resume=True)
+    message = "save_steps is 10 in the checkpoint and 1 in the recipe: continuing with 1"
+    assert message in caplog.text and message in (out2 / "train.log").read_text()
+    assert (out2 / "checkpoints" / "checkpoint-31").is_dir()  # 31 is no multiple of 10: saved because of 1

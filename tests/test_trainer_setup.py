@@ -20,7 +20,7 @@ def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         # by step number, not by name: checkpoint-10 sorts before checkpoint-4 as text
         assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "checkpoint-4")
-    assert "checkpoint-10: it has no trainer_state.json" in caplog.text and "checkpoint-6" in caplog.text
+    assert "checkpoint-10: it has no complete trainer_state.json" in caplog.text and "checkpoint-6" in caplog.text
     assert last_checkpoint(tmp_path / "nothing-here") is None
 
 
@@ -69,3 +69,57 @@ def test_resume_drops_the_marker_first_and_keeps_the_checkpoints(tmp_path):
     with output_folder(tmp_path, resume=True):
         assert not (tmp_path / "lora_rlhf.json").exists()
         assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_resume_skips_a_checkpoint_whose_trainer_state_was_cut_short(tmp_path):
+    for step, state in ((2, "{}"), (4, '{"global_step": 4, "log_hist')):  # the Trainer writes it in place
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(state)
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "checkpoint-2")
+
+
+def test_resume_after_a_killed_replacement_continues_the_new_run_and_keeps_the_old_one_until_it_finishes(tmp_path):
+    out = tmp_path / "sft"
+    finished_run(out, "old")
+    runs = output_folder(out, resume=False)
+    runs.__enter__()  # the new run starts, writes a checkpoint, and is killed
+    (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    with pytest.raises(ValueError), output_folder(out, resume=True):  # --resume, which fails too
+        assert (out / "checkpoints" / "checkpoint-1").is_dir()  # the new run's checkpoint, not the old run's
+        raise ValueError
+    assert (tmp_path / "sft.previous" / "adapter_model.safetensors").read_text() == "old"
+    with output_folder(out, resume=True):  # --resume again, which finishes
+        assert (out / "checkpoints" / "checkpoint-1").is_dir()
+        (out / "lora_rlhf.json").write_text("{}")
+    assert not (tmp_path / "sft.previous").exists()
+
+
+def test_a_kill_while_the_replaced_run_was_being_deleted_is_finished_at_the_next_start(tmp_path):
+    out = tmp_path / "sft"
+    finished_run(out, "new")
+    finished_run(tmp_path / "sft.previous", "old")  # the new run had finished; deleting the old one was cut short
+    for resume in (False, True):
+        with output_folder(out, resume=resume):
+            (out / "lora_rlhf.json").write_text("{}")
+        assert not (tmp_path / "sft.previous").exists()
+        finished_run(tmp_path / "sft.previous", "old")
+
+
+def test_a_full_disk_names_the_folder_and_says_nothing_was_marked_complete(tmp_path):
+    import errno
+
+    from lora_rlhf.errors import StorageError
+
+    out = tmp_path / "sft"
+    finished_run(out, "old")
+    with pytest.raises(StorageError) as e, output_folder(out, resume=False):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "adapter_model.safetensors"))
+    assert f"no space left on the device while writing {out}" in e.value.what
+    assert "nothing was marked complete; the previous finished run is back in place" in e.value.what
+    assert (out / "adapter_model.safetensors").read_text() == "old" and (out / "lora_rlhf.json").is_file()
+    with pytest.raises(StorageError) as e, output_folder(tmp_path / "reward", resume=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert "nothing was marked complete" in e.value.what and "--resume continues" in e.value.fix
+    with pytest.raises(PermissionError), output_folder(tmp_path / "reward", resume=False):
+        raise PermissionError(errno.EACCES, "Permission denied")  # other errors pass through as they are

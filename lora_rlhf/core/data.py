@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lora_rlhf.core.io import check_utf8
 from lora_rlhf.errors import DataError
 from lora_rlhf.recipe.config import DatasetConfig
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as UTF-8 text by datasets (parquet is binary)
 
 # Stage formats: name -> required columns (TRL's dataset formats).
 SFT_FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -34,6 +36,8 @@ def load_table(cfg: DatasetConfig, seed: int = 0, what: str = "dataset"):
                             fix=f"use one of {', '.join(LOCAL_FORMATS)}")
         if path.stat().st_size == 0:
             raise DataError(f"{what} '{cfg.path}' is empty", fix="add rows, or point the recipe at another file")
+        if suffix in TEXT_FORMATS:
+            check_utf8(path, f"{what} file")
         try:
             ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
         except Exception as e:  # malformed JSON/CSV: say which file

@@ -6,6 +6,7 @@ a reader sees the old file or the new one, never a mix. JSON has no NaN or inf: 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import math
@@ -46,21 +47,57 @@ def write_jsonl_atomic(path: str | Path, rows: list[Any]) -> None:
     write_text_atomic(path, "".join(json.dumps(clean_json(r), ensure_ascii=False) + "\n" for r in rows))
 
 
+UTF8_FIX = ("re-save it as UTF-8: in an editor, 'Save as' with encoding UTF-8; or "
+            "`iconv -f LATIN1 -t UTF-8 FILE > FILE.utf8` (use the file's real encoding, e.g. CP1252 or UTF-16)")
+
+
+def check_utf8(path: str | Path, what: str = "file") -> None:
+    """Raise one DataError naming the line and byte of the first invalid UTF-8 sequence in `path`.
+
+    Libraries that read the file later (datasets, pandas, json) fail on such a byte with a raw
+    UnicodeDecodeError deep in their stack, or worse, replace it silently.
+    """
+    path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):  # big chunks: the common, valid case costs one pass at disk speed
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        return
+    except UnicodeDecodeError:
+        pass
+    # Only on failure: find the line, for a message the user can act on. b"\n" never occurs inside a UTF-8
+    # multi-byte sequence, so the bad bytes lie within one line.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{what} '{path}' is not UTF-8 text: line {lineno}, byte {e.start + 1} of that "
+                                f"line is 0x{raw[e.start]:02x}", fix=UTF8_FIX) from None
+    raise DataError(f"{what} '{path}' is not UTF-8 text", fix=UTF8_FIX)  # it changed since the first read
+
+
 def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, Any]]:
     """(line number, parsed value) for every non-blank line; a bad line is one DataError naming its number."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} '{path}' does not exist or is not a file", fix="check the path")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(text)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{what} '{path}' line {lineno}: bad JSON ({e.msg})",
-                                fix="one JSON object per line; repair or delete that line") from None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(text)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{what} '{path}' line {lineno}: bad JSON ({e.msg})",
+                                    fix="one JSON object per line; repair or delete that line") from None
+    except UnicodeDecodeError:
+        check_utf8(path, what)  # raises the DataError that names the line
+        raise
     return rows
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lora_rlhf.core.io import check_utf8
 from lora_rlhf.errors import DataError
 
 MAX_PROBLEMS = 10  # enough to fix a file in one pass without flooding the terminal
@@ -48,7 +49,8 @@ def load_candidates(path: str | Path) -> list[dict[str, Any]]:
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
     first_line_of: dict[str, int] = {}
-    with path.open(encoding="utf-8", errors="replace") as f:
+    check_utf8(path, "candidates file")  # replaced bytes would reach the rankings as if the labeler had seen them
+    with path.open(encoding="utf-8") as f:
         for lineno, text in enumerate(f, start=1):
             if not text.strip():
                 continue

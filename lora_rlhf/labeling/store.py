@@ -84,6 +84,9 @@ class RankingStore:
             except json.JSONDecodeError as e:
                 raise DataError(f"rankings file '{self.path}' line {self._lineno} is not valid JSON ({e.msg})",
                                 fix="repair or delete that line (each line is one judgement), then restart") from None
+            except UnicodeDecodeError:
+                raise DataError(f"rankings file '{self.path}' line {self._lineno} is not UTF-8 text",
+                                fix="repair or delete that line (each line is one judgement), then restart") from None
             if isinstance(row, dict) and isinstance(row.get("labeler"), str) and "id" in row:
                 self._done.setdefault(row["labeler"], set()).add(str(row["id"]))
         self._offset += len(data)

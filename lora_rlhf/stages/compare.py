@@ -85,8 +85,10 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
                 if judge is not None:
                     rankings.append({**line, **judge(row["prompt"], answers), "labeler": cfg.labeler})
             advance(len(chunk))
-    # --- save: whole files, atomically
+    # --- save: whole files, atomically. rankings.jsonl marks the stage complete: an earlier run's must not stand
+    # beside this run's candidates and recipe, were this save cut short (or this run has no labeler).
     out.mkdir(parents=True, exist_ok=True)
+    (out / RANKINGS).unlink(missing_ok=True)
     save_recipe(recipe, out / "recipe.yaml")
     write_jsonl_atomic(out / CANDIDATES, candidates)
     if judge is not None:

@@ -42,6 +42,7 @@ from lora_rlhf.recipe.config import DatasetConfig, Recipe, save_recipe
 from lora_rlhf.stages.rankings import Comparison, to_comparisons
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
+    RecipeStepsOnResume,
     last_checkpoint,
     loss_summary,
     output_folder,
@@ -341,6 +342,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     if len(train_ds) == 0:
         raise DataError(f"all {len(train)} training comparisons are longer than reward.max_length={args.max_length}",
                         fix="raise reward.max_length, or shorten the prompts/responses")
+    torch.manual_seed(recipe.seed)  # the new LoRA and head init follow from the recipe, not from what ran before
     model, dtype = load_seqcls_model(recipe, tokenizer, init_adapter)
     checkpoint = last_checkpoint(out) if resume else None
     with output_folder(out, resume), stage_log(out, "reward") as log:
@@ -369,7 +371,7 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
     callback = LogCallback(log)
     trainer = _grouped_trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        callbacks=[callback], group_by_prompt=recipe.reward.group_by_prompt)
+        callbacks=[callback, RecipeStepsOnResume(log)], group_by_prompt=recipe.reward.group_by_prompt)
     fix_dtypes(trainer.model)
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
     started = time.perf_counter()

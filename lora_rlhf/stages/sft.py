@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.logs import LogCallback, write_metrics
@@ -22,6 +24,7 @@ from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
+    RecipeStepsOnResume,
     last_checkpoint,
     loss_summary,
     output_folder,
@@ -57,6 +60,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_sft_data(recipe.data.sft, recipe.seed)
     shared = SharedBase.load(recipe.model, recipe.quantization)
+    torch.manual_seed(recipe.seed)  # a new adapter's init follows from the recipe, not from what ran before it
     if recipe.sft.init_adapter:
         shared.load_adapter(ADAPTER, local_adapter(recipe.sft.init_adapter), trainable=True)
     else:
@@ -85,7 +89,7 @@ def _train(recipe: Recipe, shared: SharedBase, train: Any, held_out: Any, out: P
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=shared.tokenizer,
-        callbacks=[callback],
+        callbacks=[callback, RecipeStepsOnResume(log)],
     )
     shared.keep_adapters_in_fp32()  # undo TRL's bf16 cast of QLoRA adapters
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)

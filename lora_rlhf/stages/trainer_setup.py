@@ -3,6 +3,8 @@ the loss summary, so that both behave alike on resume, interruption and precisio
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import re
 import shutil
@@ -12,16 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from lora_rlhf.core.adapters import META_FILE
 from lora_rlhf.core.loading import compute_dtype, resolve_device
 from lora_rlhf.core.logs import close_logger, stage_logger
+from lora_rlhf.errors import StorageError
 from lora_rlhf.recipe.config import Recipe
 
 ADAPTER = "default"  # PEFT's own name: Trainer checkpoints then reload with no renaming
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+STEP_KINDS = ("logging", "eval", "save")  # the Trainer's *_steps that a checkpoint's state overrides on resume
 # Defaults both TRL-trained stages share (logging, length, one rolling checkpoint, no tracker); each stage adds its
 # own, and the recipe's section overrides any of them.
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -65,11 +71,38 @@ def last_checkpoint(out: Path) -> str | None:
         if match and path.is_dir():
             steps.append((int(match.group(1)), path))
     for _, path in sorted(steps, reverse=True):
-        if (path / TRAINER_STATE).is_file():
+        if _readable_state(path / TRAINER_STATE):
             return str(path)
-        log.warning("skipping %s: it has no %s, so its save was interrupted; resuming from an older checkpoint",
-                    path, TRAINER_STATE)
+        log.warning("skipping %s: it has no complete %s, so its save was interrupted; resuming from an older "
+                    "checkpoint", path, TRAINER_STATE)
     return None
+
+
+def _readable_state(path: Path) -> bool:
+    # The Trainer writes trainer_state.json in place, not atomically: a kill during that write leaves it cut short.
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+class RecipeStepsOnResume(TrainerCallback):
+    """Resuming, the Trainer takes logging/eval/save steps from the checkpoint's state and only warns when the
+    recipe asks for others (a run resumed with a smaller save_steps then wrote no checkpoint at all). This puts
+    the recipe's values back, once the checkpoint's state is loaded, and logs each change with both values."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        before = {kind: getattr(state, f"{kind}_steps") for kind in STEP_KINDS}
+        state.compute_steps(args, state.max_steps)
+        for kind, old in before.items():
+            new = getattr(state, f"{kind}_steps")
+            if new != old:
+                for logger in (self.logger, log):  # train.log, and the console
+                    logger.warning("%s_steps is %s in the checkpoint and %s in the recipe: continuing with %s",
+                                   kind, old, new, new)
 
 
 @contextmanager
@@ -78,13 +111,18 @@ def output_folder(out: Path, resume: bool) -> Iterator[None]:
 
     A fresh run over a FINISHED run never destroys it before it has something to replace it with: the old run is
     renamed to OUT/<stage>.previous, put back if the new run fails, and deleted only once the new run has
-    finished. After a kill in between, the next start puts it back first. A resumed (or unfinished) folder loses
-    its completion marker first, so a crash never leaves an old "complete" folder mixed with new files.
+    finished. After a kill in between, the next fresh start puts it back first, while a `--resume` continues the
+    interrupted new run and keeps the old one until it finishes. A resumed (or unfinished) folder loses its
+    completion marker first, so a crash never leaves an old "complete" folder mixed with new files.
     """
     previous = out.with_name(out.name + ".previous")
-    if previous.is_dir() and not (out / META_FILE).is_file():  # an earlier replacement was killed half-way
-        shutil.rmtree(out, ignore_errors=True)
-        previous.rename(out)
+    if previous.is_dir():
+        if (out / META_FILE).is_file():  # the replacement had finished; only deleting the old run was cut short
+            shutil.rmtree(previous)
+        elif not resume:  # a replacement was killed half-way: start again from the finished run
+            shutil.rmtree(out, ignore_errors=True)
+            previous.rename(out)
+    replacing = previous.is_dir()  # resuming a killed replacement: its checkpoints are in `out`
     kept = not resume and (out / META_FILE).is_file()
     if kept:
         out.rename(previous)
@@ -92,16 +130,24 @@ def output_folder(out: Path, resume: bool) -> Iterator[None]:
         (out / META_FILE).unlink(missing_ok=True)
         if not resume:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)  # inside: a full disk here must put the finished run back too
         yield
-    except BaseException:
+    except BaseException as e:
         if kept:
             shutil.rmtree(out, ignore_errors=True)
             previous.rename(out)
             log.warning("the new run failed: the previous finished run in %s is back in place", out)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            kept_note = ("; the previous finished run is back in place" if kept
+                         else f"; the previous finished run is kept in {previous}" if replacing else "")
+            resume_note = "" if kept else f"; --resume continues from the newest complete checkpoint in {out / CHECKPOINTS}"
+            raise StorageError(f"no space left on the device while writing {out} ({e.filename or e.strerror}): the "
+                               f"run stopped and nothing was marked complete{kept_note}",
+                               fix=f"free space on that disk (or set output_dir to another one), then rerun{resume_note}"
+                               ) from e
         raise
-    if kept:
+    if kept or replacing:
         shutil.rmtree(previous, ignore_errors=True)
 
 
