@@ -212,6 +212,23 @@ def test_report_from_plain_results_summarises_what_each_trained_policy_changed(t
     assert json.loads((tmp_path / "results.json").read_text())["policies"]["ppo"]["kl"] == 2.5
 
 
+def test_a_rewrite_cut_short_leaves_no_earlier_results_beside_the_new_files(tmp_path, monkeypatch):
+    """results.json marks a finished evaluation: a new report that fails half-way must not leave the old marker
+    next to its own responses.jsonl, or the pipeline would skip the stage."""
+    from lora_rlhf.stages.eval import report
+
+    (tmp_path / "results.json").write_text('{"policies": {}}')
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_scores", disk_full)  # the first write after responses.jsonl
+    results = {"settings": {}, "policies": {}, "win_rates": [], "curves": {}}
+    with pytest.raises(OSError):
+        write_report(tmp_path, results, [{"prompt": "p"}], num_samples=0)
+    assert (tmp_path / "responses.jsonl").is_file() and not (tmp_path / "results.json").exists()
+
+
 def test_training_curve_and_win_rate_plots_are_pngs(tmp_path):
     metrics = write_jsonl(tmp_path / "m.jsonl", [{"step": 1, "objective/scores": 0.1, "objective/kl": 0.0},
                                                  {"step": 2, "objective/scores": 0.4, "objective/kl": 1.5}])

@@ -259,6 +259,8 @@ def write_report(out: Path, results: dict[str, Any], responses: list[dict[str, A
     a finished evaluation (the pipeline skips the stage then).
     """
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier evaluation's marker must not stand beside this one's files if this write is cut short.
+    (out / "results.json").unlink(missing_ok=True)
     results = clean_json(results)
     write_jsonl_atomic(out / "responses.jsonl", responses)
     plots = []
