@@ -202,6 +202,45 @@ def test_grouped_batches_hold_all_pairs_of_a_prompt(tiny_recipe, tmp_path):
     assert any(batch.count(p) != 3 for batch in plain for p in batch)
 
 
+def test_each_distinct_response_is_scored_once_with_the_same_loss_and_gradients(tiny_recipe, tmp_path):
+    """With 3 responses per prompt and all 3 pairs in one batch, each response appears twice among the 6 rows
+    of a prompt's pairs: the grouped trainer forwards each distinct row once (the paper's one pass per
+    completion) and gets TRL's loss and gradients exactly."""
+    from trl import RewardTrainer
+
+    rows = [{"prompt": f"Q{i}", "responses": ["a", "b b", "c c c"], "ranks": [1, 2, 3]} for i in range(4)]
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=rows, per_device_train_batch_size=6)
+    from lora_rlhf.stages.reward import load_reward_data
+
+    train, _ = load_reward_data(recipe.data.reward, recipe.seed)
+    tokenizer = load_tokenizer(recipe.model.name)
+    model, _ = load_seqcls_model(recipe, tokenizer, None)
+    dataset, _ = tokenize_comparisons(train, tokenizer, None)
+    trainer = _grouped_trainer_class()(model=model, args=reward_training_args(recipe, tmp_path / "o", False),
+                                       train_dataset=dataset, processing_class=tokenizer, group_by_prompt=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows = len(batch["input_ids"])  # whole prompts: 3 pairs each, chosen + rejected
+    assert rows >= 6 and rows % 6 == 0
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw["input_ids"])), with_kwargs=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        results = {}
+        for name, compute in (("trl", lambda: RewardTrainer.compute_loss(trainer, model, dict(batch))),
+                              ("once", lambda: trainer.compute_loss(model, dict(batch)))):
+            model.zero_grad()
+            loss = compute()
+            loss.backward()
+            results[name] = (loss.detach(), [p.grad.clone() for p in trainable])
+    finally:
+        hook.remove()
+    assert seen == [rows, rows // 2]  # 3 distinct responses per prompt
+    torch.testing.assert_close(results["once"][0], results["trl"][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results["once"][1], results["trl"][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in results["once"][1])
+
+
 def test_init_from_the_sft_adapter(tiny_recipe, tmp_path):
     recipe = make_recipe(tiny_recipe, tmp_path)
     assert init_adapter_for(recipe) is None  # no OUT/sft yet: a fresh LoRA

@@ -149,7 +149,9 @@ def sampled_logprobs(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor
     """Log-probs of the sampled tokens from the logits generation already computed: R x [B, V], [B, R] -> [B, R].
 
     These are the policy's "old" log-probs: reusing them saves scoring a full policy forward (as TRL's
-    PPOTrainer did). One step at a time, so no [B, R, V] tensor is ever held.
+    PPOTrainer did). The price is that generation keeps R rows of [B, V] logits per rollout chunk (the size of
+    a chunk's logits, as in TRL; `local_rollout_forward_batch_size` bounds it); the log-softmax then runs one
+    step at a time, so no second copy of that size is made.
     """
     return torch.stack([selective_log_softmax(logits.float() / temperature, tokens[:, t])
                         for t, logits in enumerate(step_logits)], dim=1)
