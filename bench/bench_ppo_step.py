@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RECIPE = ROOT / "recipes" / "demo_smollm2_cpu.yaml"
+from bench_rl_learning import RECIPE, run_overrides  # noqa: E402  (same folder: one setup for both RL benches)
+
 VARIANTS = {"before": [], "now": [], "fp32": ["quantization.mode=none"],
             "rloo": ["ppo.advantage_estimator=rloo", "ppo.num_generations=4"]}
 PHASES = ("time/generation", "time/scoring", "time/optimisation", "time/step")
@@ -58,11 +59,7 @@ def child(run: Path, variant: str, steps: int) -> dict:
 
         rollout.generate = generate_then_forget
     with tempfile.TemporaryDirectory() as tmp:
-        data = run / "data"
-        recipe = load_recipe(RECIPE, [f"output_dir={tmp}", f"data.prompts.path={data / 'prompts_train.jsonl'}",
-                                      f"data.sft.path={data / 'sft.jsonl'}", f"data.eval.path={data / 'prompts_eval.jsonl'}",
-                                      f"data.ptx.path={data / 'ptx.jsonl'}", f"ppo.sft_adapter={run / 'sft'}",
-                                      f"ppo.reward_adapter={run / 'reward'}", "ppo.ptx_coef=0", "ppo.save_steps=1000",
+        recipe = load_recipe(RECIPE, [*run_overrides(run, Path(tmp)), f"ppo.reward_adapter={run / 'reward'}",
                                       *VARIANTS[variant]])
         torch.manual_seed(0)
         random.seed(0)

@@ -50,15 +50,21 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def run_overrides(run: Path, out: Path) -> list[str]:
+    """The demo recipe pointed at a finished demo run's data and SFT adapter, writing to `out`: the PPO stage
+    alone, without PPO-ptx or intermediate checkpoints (the benches' common setup)."""
+    data = run / "data"
+    return [f"output_dir={out}", f"data.prompts.path={data / 'prompts_train.jsonl'}",
+            f"data.sft.path={data / 'sft.jsonl'}", f"data.eval.path={data / 'prompts_eval.jsonl'}",
+            f"data.ptx.path={data / 'ptx.jsonl'}", f"ppo.sft_adapter={run / 'sft'}", "ppo.ptx_coef=0",
+            "ppo.save_steps=1000"]
+
+
 def demo_recipe(args: argparse.Namespace, out: Path, seed: int):
     from lora_rlhf.recipe.config import load_recipe
 
-    data = args.run / "data"
     k = args.num_generations or (4 if args.estimator != "gae" else 1)
-    overrides = [f"output_dir={out}", f"seed={seed}", f"data.prompts.path={data / 'prompts_train.jsonl'}",
-                 f"data.sft.path={data / 'sft.jsonl'}", f"data.eval.path={data / 'prompts_eval.jsonl'}",
-                 f"data.ptx.path={data / 'ptx.jsonl'}", f"ppo.sft_adapter={args.run / 'sft'}",
-                 f"ppo.total_episodes={args.episodes}", "ppo.ptx_coef=0", "ppo.save_steps=1000",
+    overrides = [*run_overrides(args.run, out), f"seed={seed}", f"ppo.total_episodes={args.episodes}",
                  f"ppo.advantage_estimator={args.estimator}", f"ppo.num_generations={k}"]
     overrides.append(f"ppo.reward_fn={CHECKER}" if args.reward == "checker"
                      else f"ppo.reward_adapter={args.run / 'reward'}")
