@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -38,6 +39,13 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def only_rank_zero_prints() -> None:
+    """Under torchrun / accelerate launch every rank runs the command: the others' normal output would print each
+    line N times. Their errors and warnings (stderr) still show, so a rank that fails says why."""
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
 def handle_errors(fn: F) -> F:
     """User errors and a full disk -> one message on stderr and exit 2; Ctrl-C -> exit 130 (the stage has saved
     what it can)."""
@@ -45,6 +53,7 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_libraries()
+        only_rank_zero_prints()
         try:
             return fn(*args, **kwargs)
         except LoraRlhfError as e:

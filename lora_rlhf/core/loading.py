@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import base_fingerprint
 from lora_rlhf.core.models import hub_load_error, resolve_model
 from lora_rlhf.errors import ModelError
@@ -30,8 +31,8 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
         raise ModelError("model.device is 'cuda' but no CUDA GPU is visible",
                          fix="set model.device: auto (or cpu), or check the NVIDIA driver / CUDA_VISIBLE_DEVICES")
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed.local_device(torch.device(cfg.device))
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -50,12 +51,13 @@ def load_tokenizer(model_cfg: ModelConfig | str):
 
     if isinstance(model_cfg, str):
         model_cfg = ModelConfig(name=model_cfg)
-    path = resolve_model(model_cfg.name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
-                                                  trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _load_error(model_cfg, path, e, "tokenizer") from e
+    with distributed.main_process_first():
+        path = resolve_model(model_cfg.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
+                                                      trust_remote_code=model_cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise _load_error(model_cfg, path, e, "tokenizer") from e
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         # A pad equal to the end-of-turn token makes "not padding" masks hide real separators.
         for candidate in (*_PAD_CANDIDATES, tokenizer.unk_token):
@@ -72,12 +74,13 @@ def load_config(model_cfg: ModelConfig):
     """The base's transformers config alone (no weights): enough to check that an adapter fits."""
     from transformers import AutoConfig
 
-    path = resolve_model(model_cfg.name)
-    try:
-        return AutoConfig.from_pretrained(path, revision=model_cfg.revision,
-                                          trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _load_error(model_cfg, path, e, "config") from e
+    with distributed.main_process_first():
+        path = resolve_model(model_cfg.name)
+        try:
+            return AutoConfig.from_pretrained(path, revision=model_cfg.revision,
+                                              trust_remote_code=model_cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise _load_error(model_cfg, path, e, "config") from e
 
 
 def quantization_config(q: QuantizationConfig, dtype: torch.dtype):
@@ -108,15 +111,17 @@ def load_pretrained(model_cfg: ModelConfig, quant: QuantizationConfig, pad_token
     """
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
-    path = resolve_model(model_cfg.name)
-    device = resolve_device(model_cfg)
+    device = resolve_device(model_cfg)  # under a launcher: this rank's own GPU
     dtype = compute_dtype(model_cfg, device)
-    try:
-        model = auto_class.from_pretrained(
-            path, revision=model_cfg.revision, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-            quantization_config=quantization_config(quant, dtype), device_map={"": str(device)}, **kwargs)
-    except (OSError, ValueError) as e:
-        raise _load_error(model_cfg, path, e, "model") from e
+    # Rank 0 converts / downloads into the cache first; the other ranks then load from it.
+    with distributed.main_process_first():
+        path = resolve_model(model_cfg.name)
+        try:
+            model = auto_class.from_pretrained(
+                path, revision=model_cfg.revision, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                quantization_config=quantization_config(quant, dtype), device_map={"": str(device)}, **kwargs)
+        except (OSError, ValueError) as e:
+            raise _load_error(model_cfg, path, e, "model") from e
     disable_cpu_weight_repacking(model)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id

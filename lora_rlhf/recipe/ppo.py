@@ -162,3 +162,29 @@ class PPOSection:
             problems.append(f"report_to: unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def world_size_problems(self, world: int, with_ptx: bool) -> list[str]:
+        """What stops this section from running data-parallel on `world` ranks (empty: it fits).
+
+        batch_size stays the global number of episodes per step. Each rank rolls out whole prompt groups, and
+        each micro-batch (and ptx batch) is split evenly across ranks, so that N ranks compute exactly the
+        gradient one process would.
+        """
+        if world <= 1:
+            return []
+        problems = []
+        mini = self.batch_size // self.num_mini_batches
+        micro = mini // self.gradient_accumulation_steps
+        prompts = self.batch_size // self.num_generations
+        if prompts % world:
+            problems.append(f"ppo.batch_size ({self.batch_size}) = {prompts} prompts x num_generations "
+                            f"({self.num_generations}) per step; the {prompts} prompts do not split over {world} "
+                            f"ranks: set ppo.batch_size to a multiple of {world * self.num_generations}")
+        if micro % world:
+            problems.append(f"a micro-batch has {micro} episodes (batch_size / num_mini_batches / "
+                            f"gradient_accumulation_steps), which does not split over {world} ranks: make it a "
+                            f"multiple of {world} (e.g. ppo.batch_size={self.batch_size * world // math.gcd(micro, world)})")
+        if with_ptx and self.ptx_batch_size % world:
+            problems.append(f"ppo.ptx_batch_size ({self.ptx_batch_size}) does not split over {world} ranks: "
+                            f"set it to a multiple of {world}")
+        return problems

@@ -3,7 +3,7 @@
     OUT/ppo/checkpoint/
       policy/            the policy adapter (a plain PEFT folder; usable on its own)
       value/             the value adapter + head.safetensors
-      optimizer.pt       optimizer, LR scheduler and RNG states (torch.load(weights_only=True) reads it)
+      optimizer.pt       optimizer, LR scheduler, and each rank's RNG states (torch.load(weights_only=True) reads it)
       trainer_state.json step, episode, data positions, KL controller, reward normaliser, where roles came from
 
 A checkpoint is written into `checkpoint.tmp/` and then swapped in by renames, so an interruption or a crash
@@ -65,15 +65,17 @@ def _as_tuple(x: Any) -> Any:
 
 
 def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any]) -> Path:
-    """Write a complete checkpoint atomically; return its folder."""
+                    scheduler: Any, state: dict[str, Any], rng: list[dict[str, Any]] | None = None) -> Path:
+    """Write a complete checkpoint atomically; return its folder. `rng`: every rank's RNG state, in rank order
+    (default: this process's). Adapters and optimizer are the same on every rank, so rank 0's are saved."""
     final, tmp, old = stage_dir / CHECKPOINT, stage_dir / (CHECKPOINT + ".tmp"), stage_dir / (CHECKPOINT + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for role in trained_roles(sb):
         sb.save_adapter(role, tmp / role, stage="ppo")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng if rng is not None else [rng_state()]},
                tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, state)
     if final.exists():
@@ -87,8 +89,8 @@ def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Opti
 
 
 def load_checkpoint(folder: Path, sb: SharedBase, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
-    """Restore adapters, head, optimizer, scheduler and RNG from `folder`; return the trainer state."""
+                    scheduler: Any, rank: int = 0) -> dict[str, Any]:
+    """Restore adapters, head, optimizer, scheduler and `rank`'s RNG from `folder`; return the trainer state."""
     from peft import set_peft_model_state_dict
 
     for role in trained_roles(sb):
@@ -106,5 +108,6 @@ def load_checkpoint(folder: Path, sb: SharedBase, optimizer: torch.optim.Optimiz
     extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    set_rng_state(extra["rng"])
+    rng = extra["rng"]
+    set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: written before data parallelism
     return json.loads((folder / STATE_FILE).read_text())

@@ -99,6 +99,19 @@ class RunLog:
             h.close()
 
 
+class QuietRunLog:
+    """A data-parallel rank other than 0: the same calls as RunLog, nothing written or shown."""
+
+    def step(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def samples(self, step: int, prompts: list[Any], texts: list[str], scores: list[float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _clip(text: str, n: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"

@@ -100,3 +100,20 @@ def _permutation(n: int, seed: int) -> list[int]:
 def ptx_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy on the target tokens (the LM loss of PPO-ptx)."""
     return model(**batch, use_cache=False).loss
+
+
+def rank_share(batch: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], float]:
+    """This rank's rows of a ptx batch [N, T] and their share of its target tokens (0..1).
+
+    Every rank draws the same global ptx batch; rank r takes rows [r N/W, (r+1) N/W). Weighting each rank's
+    mean LM loss by its token share makes the sum over ranks the global batch's mean, as one process computes it.
+    """
+    if world == 1:
+        return batch, 1.0
+    size = batch["input_ids"].shape[0] // world
+    part = {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}
+
+    def targets(b: dict[str, torch.Tensor]) -> int:  # HF shifts labels: the first position predicts nothing
+        return int((b["labels"][:, 1:] != IGNORE).sum())
+
+    return part, targets(part) / max(targets(batch), 1)

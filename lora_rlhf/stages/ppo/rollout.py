@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import selective_log_softmax
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.generation import dequantized_for_decoding
 from lora_rlhf.core.text import pad, prompt_ids
@@ -79,6 +80,51 @@ class Batch:
             elif isinstance(v, list):
                 values[f.name] = [v[i] for i in idx]
         return replace(self, **values)
+
+    def to(self, device: torch.device) -> Batch:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def concat(batches: list[Batch], pad_id: int) -> Batch:
+    """Several scored batches as one, in order (the ranks' shares of a step -> the global batch).
+
+    Each share was padded to its own widths: queries are left-padded again to the longest query Q and
+    responses right-padded to the longest R. Padding is masked out and position ids count real tokens, so
+    every episode's forward is unchanged.
+    """
+    if len(batches) == 1:
+        return batches[0]
+    q = max(b.context_length for b in batches)
+    r = max(b.responses.shape[1] for b in batches)
+
+    def widen(b: Batch, t: torch.Tensor, value: float) -> torch.Tensor:  # [B, Q_b + R_b] -> [B, Q + R]
+        return torch.nn.functional.pad(t, (q - b.context_length, r - b.responses.shape[1]), value=value)
+
+    def right(t: torch.Tensor) -> torch.Tensor:  # [B, R_b] -> [B, R]
+        return torch.nn.functional.pad(t, (0, r - t.shape[1]))
+
+    return Batch(
+        prompts=[p for b in batches for p in b.prompts],
+        query_responses=torch.cat([widen(b, b.query_responses, pad_id) for b in batches]),
+        attention_mask=torch.cat([widen(b, b.attention_mask, 0) for b in batches]),
+        context_length=q,
+        lengths=torch.cat([b.lengths for b in batches]),
+        ended=torch.cat([b.ended for b in batches]),
+        texts=[t for b in batches for t in b.texts],
+        scores=torch.cat([b.scores for b in batches]) if batches[0].scores is not None else None,
+        **{name: torch.cat([right(getattr(b, name)) for b in batches]) if getattr(batches[0], name) is not None
+           else None for name in ("logprobs", "ref_logprobs", "values")},
+    )
+
+
+def gather(batch: Batch, pad_id: int) -> Batch:
+    """The global batch on every rank: each rank's scored share, in rank order (a few KB per episode)."""
+    if not distributed.launched():
+        return batch
+    device = batch.query_responses.device
+    shares = distributed.gather_objects(batch.to(torch.device("cpu")))
+    return concat(shares, pad_id).to(device)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,14 @@ Every PPO step takes `batch_size` prompts and runs, in order:
                     clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss on data.ptx)
     6. log / save   metrics.jsonl, samples, progress; beta adapts (adaptive_kl); checkpoint every save_steps
 
+Data parallel (under torchrun / accelerate launch, N ranks): each rank rolls out and scores its share of the
+step's prompts (1-2), then every rank gathers the global batch (token ids and a few floats per token: KBs) and
+computes 3-4 on it identically, so reward normalisation, whitening, group baselines and the KL controller see
+the global batch. In 5 each rank backpropagates its share of every micro-batch, weighted by its share of the
+micro-batch's tokens, and the trainable gradients (policy + value LoRA and the value head: a few MB) are summed
+across ranks before each optimizer step; every rank then holds the same adapters. Why not DDP: see DESIGN.md,
+"Data parallelism".
+
 How this differs from TRL 1.12's PPOTrainer (whose config names we keep):
 - One base, four adapters: the policy and value adapters train together under one optimizer; reference and
   reward are frozen adapters (or the bare base) on the same weights.
@@ -41,6 +49,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import entropy_from_logits
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import META_FILE
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_prompts
@@ -50,8 +59,8 @@ from lora_rlhf.recipe.config import Recipe, recipe_to_dict, save_recipe
 from lora_rlhf.stages.ppo import checkpoint as ckpt
 from lora_rlhf.stages.ppo import losses, rollout
 from lora_rlhf.stages.ppo.kl import RunningMoments, make_kl_controller
-from lora_rlhf.stages.ppo.outputs import RunLog, write_run_info
-from lora_rlhf.stages.ppo.ptx import PtxData, epoch_order, load_ptx_rows, ptx_loss
+from lora_rlhf.stages.ppo.outputs import QuietRunLog, RunLog, write_run_info
+from lora_rlhf.stages.ppo.ptx import PtxData, epoch_order, load_ptx_rows, ptx_loss, rank_share
 from lora_rlhf.stages.ppo.roles import Sources, check_bases, resolve_sources, setup_roles
 from lora_rlhf.stages.ppo.rollout import Batch, RewardSource
 from lora_rlhf.stages.ppo.tracking import check_trackers
@@ -72,6 +81,7 @@ class PPOTrainer:
 
         self.recipe, self.cfg, self.sb, self.prompts = recipe, recipe.ppo, sb, prompts
         self.reward, self.ptx = reward, ptx
+        self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_steps = math.ceil(self.cfg.total_episodes / self.cfg.batch_size)
         self.step_index = 0          # PPO steps done
         self.prompt_position = 0     # prompts served so far (indexes a per-pass shuffled order)
@@ -80,6 +90,9 @@ class PPOTrainer:
         # Fixed order: the optimizer state in a checkpoint is matched to parameters by position.
         self.with_value = self.cfg.advantage_estimator == "gae"
         self.params = sb.trainable_parameters("policy") + (sb.trainable_parameters("value") if self.with_value else [])
+        # Ranks start from identical adapters (same seed), and stay identical since they apply the same summed
+        # gradients; broadcasting rank 0's makes the start independent of how each rank reached this point.
+        distributed.broadcast_(self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
         self.scheduler = get_scheduler(self.cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=self.num_steps)
@@ -91,12 +104,14 @@ class PPOTrainer:
         t0 = time.perf_counter()
         self._train_mode(False)
 
-        # 1. Roll out: num_generations sampled responses per prompt, from the policy, with their log-probs.
+        # 1. Roll out: num_generations sampled responses per prompt, from the policy, with their log-probs
+        #    (this rank's share of the step's prompts).
         batch = rollout.generate(self.sb, self._next_prompts(), cfg)
         t1 = time.perf_counter()
 
-        # 2. Score: reference log-probs, values, and the reward of every episode.
+        # 2. Score: reference log-probs, values, and the reward of every episode; then the global batch.
         batch = rollout.score(self.sb, batch, self.reward, cfg)
+        batch = rollout.gather(batch, self.sb.tokenizer.pad_token_id)
         check_finite(batch.scores, "reward scores", self.step_index + 1)
         t2 = time.perf_counter()
 
@@ -143,17 +158,20 @@ class PPOTrainer:
             "kl_coef": kl_coef, "lr": lr,
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/optimisation": t3 - t2,
             "time/step": t3 - t0, "tokens/s": n_tokens / (t3 - t0), "episodes/s": len(batch.prompts) / (t3 - t0),
-            "memory/peak_gb": peak_memory_gb(device),
+            "memory/peak_gb": distributed.max_over_ranks(peak_memory_gb(device)),
         }
         return metrics, batch
 
     def _next_prompts(self) -> list[Any]:
-        """The step's prompts, each repeated num_generations times in a row (the groups rloo/grpo compare)."""
+        """This rank's share of the step's prompts, each repeated num_generations times in a row (the groups
+        rloo/grpo compare); rank r takes the r-th contiguous share, so the gathered batch is in one process's order."""
         n, k = len(self.prompts), self.cfg.num_generations
         start = self.prompt_position
         distinct = self.cfg.batch_size // k
         self.prompt_position += distinct
-        return [self.prompts[epoch_order(n, self.recipe.seed, start + i)] for i in range(distinct) for _ in range(k)]
+        share = distinct // self.world
+        return [self.prompts[epoch_order(n, self.recipe.seed, start + i)]
+                for i in range(self.rank * share, (self.rank + 1) * share) for _ in range(k)]
 
     def _normalised_scores(self, batch: Batch) -> torch.Tensor:
         scores = batch.scores
@@ -172,35 +190,51 @@ class PPOTrainer:
         # The shuffle is a function of (seed, step), so a resumed run shuffles exactly like an uninterrupted one.
         generator = torch.Generator().manual_seed(self.recipe.seed * 100003 + self.step_index)
         stats: dict[str, list[float]] = defaultdict(list)
+        mask = batch.response_mask
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(size, generator=generator)
             for start in range(0, size, mini):
                 for micro_start in range(start, start + mini, micro):
                     idx = order[micro_start:micro_start + micro].to(advantages.device)
-                    self._backward(batch.select(idx), advantages[idx], returns[idx], stats)
+                    # This rank's part of the micro-batch, weighted by its share of the micro-batch's tokens: the
+                    # ranks' weighted losses sum to the loss one process computes on the whole micro-batch.
+                    own = idx.chunk(self.world)[self.rank]
+                    share = float(mask[own].sum() / mask[idx].sum().clamp(min=1))
+                    self._backward(batch.select(own), advantages[own], returns[own], stats, share)
+                distributed.all_reduce_sum_(self._grads())
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 stats["policy/grad_norm"].append(float(grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        return distributed.mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
+
+    def _grads(self) -> list[torch.Tensor]:
+        """Every trainable parameter's gradient (zeros where a rank's part gave none), in a fixed order."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
 
     def _backward(self, mb: Batch, advantages: torch.Tensor, returns: torch.Tensor,
-                  stats: dict[str, list[float]]) -> None:
-        """Accumulate the gradients of one micro-batch: policy (+ ptx) first, then value."""
+                  stats: dict[str, list[float]], share: float = 1.0) -> None:
+        """Accumulate the gradients of one micro-batch (this rank's part, holding `share` of its tokens):
+        policy (+ ptx) first, then value."""
         cfg, step = self.cfg, self.step_index + 1
-        mask, scale = mb.response_mask, 1.0 / cfg.gradient_accumulation_steps
+        mask, scale = mb.response_mask, share / cfg.gradient_accumulation_steps
         sb = self.sb
         with sb.use("policy") as model:
             logprobs, logits = rollout.response_logprobs(model, mb, cfg.temperature)
             pg_loss, pg_stats = losses.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
-            loss = pg_loss
+            loss = pg_loss * scale
             if self.ptx is not None:
-                lm_loss = ptx_loss(model, self.ptx.next_batch(cfg.ptx_batch_size, sb.tokenizer.pad_token_id,
-                                                              sb.device))
-                loss = loss + cfg.ptx_coef * lm_loss
-                stats["loss/ptx"].append(lm_loss.item())
+                ptx_batch = self.ptx.next_batch(cfg.ptx_batch_size, sb.tokenizer.pad_token_id, sb.device)
+                ptx_part, ptx_share = rank_share(ptx_batch, self.rank, self.world)
+                if ptx_share > 0:  # a rank whose rows hold no target token adds nothing
+                    lm_loss = ptx_loss(model, ptx_part)
+                    loss = loss + cfg.ptx_coef * lm_loss * ptx_share / cfg.gradient_accumulation_steps
+                    stats["loss/ptx"].append(lm_loss.item())
             check_finite(loss, "policy loss", step)
-            (loss * scale).backward()
+            loss.backward()
         with torch.no_grad():
             stats["policy/entropy"].append(losses.masked_mean(entropy_from_logits(logits.float()), mask).item())
         del logits
@@ -281,14 +315,20 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     existing run; None (the pipeline's default) continues when there is a checkpoint and starts otherwise.
     """
     cfg, out = recipe.ppo, recipe.stage_dir(stage)
-    # Setup. Everything the user gave is checked before anything is written or loaded.
+    # Setup. Everything the user gave is checked before anything is written or loaded (on every rank, so a bad
+    # input stops all of them with the same message instead of leaving some waiting in a collective).
+    distributed.refuse_sharded_engine(stage)
     sources = resolve_sources(recipe)
     check_bases(recipe, sources)
     prompts = load_prompts(recipe.data.prompts, recipe.seed)
     ptx_rows = _ptx_rows(recipe)
+    world = distributed.world_size()
+    problems = cfg.world_size_problems(world, with_ptx=ptx_rows is not None)
+    if problems:
+        raise RecipeError(problems, source=f"{stage} on {world} ranks")
     check_trackers(cfg.report_to)
     existing = ckpt.find_checkpoint(out)
-    compat = _resume_fields(recipe, sources)
+    compat = {**_resume_fields(recipe, sources), "world_size": world}
     if resume is None:
         resume = existing is not None
     if resume:
@@ -299,23 +339,33 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     elif existing is not None:
         raise LoraRlhfError(f"'{out}' already holds a PPO run (checkpoint in {existing.name}/)",
                             fix="continue it with --resume, or set another output_dir, or delete that folder")
-    out.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, out / "recipe.yaml")
+    main = distributed.is_main()  # rank 0 alone writes; the other ranks compute and stay silent
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
 
     trainer = build_trainer(recipe, sources, prompts, ptx_rows)
     sb = trainer.sb
     if resume:
-        trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler))
+        trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler,
+                                                     trainer.rank))
     roles = sources.describe(trainer.with_value)
-    write_run_info(out, {"base": sb.info, "device": str(sb.device), "roles": roles,
-                         "num_steps": trainer.num_steps}, trainer.step_index if resume else None)
-    runlog = RunLog(out, cfg, recipe_to_dict(recipe), trainer.step_index, trainer.num_steps, progress)
-    log.info("PPO: %d steps of %d episodes; roles: %s%s", trainer.num_steps, cfg.batch_size, roles,
-             f"; resumed at step {trainer.step_index}" if resume else "")
+    if main:
+        write_run_info(out, {"base": sb.info, "device": str(sb.device), "world_size": world, "roles": roles,
+                             "num_steps": trainer.num_steps}, trainer.step_index if resume else None)
+        runlog: RunLog | QuietRunLog = RunLog(out, cfg, recipe_to_dict(recipe), trainer.step_index,
+                                              trainer.num_steps, progress)
+    else:
+        runlog = QuietRunLog()
+    log.info("PPO: %s; %d steps of %d episodes; roles: %s%s", distributed.describe(), trainer.num_steps,
+             cfg.batch_size, roles, f"; resumed at step {trainer.step_index}" if resume else "")
     try:
         final = fit(trainer, runlog, out, compat)
     finally:
         runlog.close()
+    if not main:
+        distributed.barrier()  # return once rank 0 has written the adapters the next stage reads
+        return final
 
     # Save. policy/lora_rlhf.json marks the whole stage complete (pipeline, eval and push look for it), so it is
     # removed first and written last: value adapter, then metrics.json, then the policy with its marker.
@@ -326,6 +376,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
         sb.save_adapter(role, out / role, stage="ppo")
     write_json_atomic(out / "metrics.json", final)
     sb.save_adapter("policy", out / "policy", stage="ppo")
+    distributed.barrier()
     return final
 
 
@@ -340,7 +391,7 @@ def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any],
     return PPOTrainer(recipe, sb, prompts, reward, ptx)
 
 
-def fit(trainer: PPOTrainer, runlog: RunLog, out: Path, compat: dict[str, Any]) -> dict[str, float]:
+def fit(trainer: PPOTrainer, runlog: RunLog | QuietRunLog, out: Path, compat: dict[str, Any]) -> dict[str, float]:
     """PPO steps until total_episodes, with step 6 (log / samples / checkpoint) after each."""
     cfg = trainer.cfg
     metrics: dict[str, float] = {}
@@ -353,12 +404,17 @@ def fit(trainer: PPOTrainer, runlog: RunLog, out: Path, compat: dict[str, Any]) 
             metrics, batch = trainer.step()
             # 6. Log, show samples, checkpoint.
             step = trainer.step_index
+            # Ctrl-C reaches the ranks at slightly different moments: stop where any rank was asked to.
+            interrupt["requested"] = bool(distributed.max_over_ranks(float(interrupt["requested"])))
             runlog.step(metrics)
             if step % cfg.sample_every == 0 or step == 1:
                 runlog.samples(step, batch.prompts, batch.texts, batch.scores.tolist())
             if interrupt["requested"] or step % cfg.save_steps == 0 or step == trainer.num_steps:
-                ckpt.save_checkpoint(out, trainer.sb, trainer.optimizer, trainer.scheduler,
-                                     {**trainer.state_dict(), "compat": compat})
+                rng = distributed.gather_objects(ckpt.rng_state())  # each rank samples with its own stream
+                if distributed.is_main():
+                    ckpt.save_checkpoint(out, trainer.sb, trainer.optimizer, trainer.scheduler,
+                                         {**trainer.state_dict(), "compat": compat}, rng)
+                distributed.barrier()
             if interrupt["requested"]:
                 log.warning("stopped after PPO step %d; the checkpoint is saved: continue with --resume", step)
                 raise KeyboardInterrupt
@@ -388,7 +444,13 @@ def _resume_fields(recipe: Recipe, sources: Sources) -> dict[str, Any]:
 
 def _check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
     changed = [f"{k} was {saved[k]!r} when the checkpoint was written, now {now.get(k)!r}"
-               for k in saved if saved[k] != now.get(k)]
+               for k in saved if saved[k] != now.get(k) and k != "world_size"]
+    if saved.get("world_size", now["world_size"]) != now["world_size"]:
+        # Each rank's sampling stream and share of the prompts are part of the state: they only continue exactly
+        # on the same number of ranks.
+        changed.append(f"the checkpoint was written by {saved['world_size']} process(es), this run has "
+                       f"{now['world_size']}: relaunch with {saved['world_size']} (torchrun --nproc_per_node / "
+                       "accelerate launch --num_processes), or start a new run in another output_dir")
     if changed:
         raise RecipeError(changed, source="--resume: the checkpoint does not fit this recipe (resume with the "
                                           "recipe the run started with, saved as OUT/ppo/recipe.yaml)")

@@ -1,0 +1,49 @@
+"""Run by tests/test_distributed.py, once as a plain process and once per rank under torchrun.
+
+    python tests/dist_worker.py ppo-optimise RECIPE.json OUT.pt
+
+builds the PPO trainer of RECIPE, takes one fixed global batch (rank 0's, broadcast) with fixed advantages,
+runs step 5 (optimise) on it, and rank 0 saves the trainable tensors and the world size to OUT.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from lora_rlhf.core import distributed
+from lora_rlhf.recipe.config import recipe_from_dict
+from lora_rlhf.stages.ppo import rollout
+from lora_rlhf.stages.ppo.roles import resolve_sources
+from lora_rlhf.stages.ppo.trainer import build_trainer
+
+PROMPTS = ["Say something.", "Tell me a story about a cat.", "Hi!", "2+2?", "Name a colour.", "Why?",
+           "Count to three.", "Write a haiku."]
+
+
+def ppo_optimise(recipe_file: str, out: str) -> None:
+    recipe = recipe_from_dict(json.loads(open(recipe_file).read()))
+    trainer = build_trainer(recipe, resolve_sources(recipe), PROMPTS)
+    sb, cfg = trainer.sb, trainer.cfg
+    batch = None
+    if distributed.is_main():
+        torch.manual_seed(1)
+        batch = rollout.score(sb, rollout.generate(sb, PROMPTS, cfg), trainer.reward, cfg)
+    batch = distributed.broadcast_object(batch)
+    generator = torch.Generator().manual_seed(2)
+    mask = batch.response_mask
+    advantages = torch.randn(mask.shape, generator=generator) * mask
+    returns = torch.randn(mask.shape, generator=generator) * mask
+    initial = {f"param.{i}": p.detach().clone() for i, p in enumerate(trainer.params)}
+    sb.train(True)
+    stats = trainer._optimise(batch, advantages, returns)
+    if distributed.is_main():
+        tensors = {f"param.{i}": p.detach().clone() for i, p in enumerate(trainer.params)}
+        torch.save({"world_size": distributed.world_size(), "tensors": tensors, "initial": initial,
+                    "stats": stats}, out)
+
+
+if __name__ == "__main__":
+    {"ppo-optimise": ppo_optimise}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,163 @@
+"""Data parallelism on the CPU: 2 ranks over gloo, launched by torchrun as a user would (TRL's pattern:
+`torch.distributed.run --standalone`, ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, a subprocess timeout).
+
+Every run asserts it really had 2 ranks (run.json / the saved world size), so a silent fallback to one process
+fails. Tiny Llama, 4-bit, a reward function: each launch takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_ppo_trainer import REWARD_MODULE
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 300  # a hang (a rank waiting in a collective forever) fails instead of blocking the suite
+PROMPTS = ["Say something.", "Tell me a story about a cat.", "Hi!", "2+2?", "Name a colour.", "Why?"]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+    env.pop("PPO_TEST_INTERRUPT_AT", None)
+    return {**env, **extra}
+
+
+def torchrun(*args: str, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=launch_env(**env),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def ppo_recipe(tiny_recipe, tmp_path):
+    """Write a PPO recipe (tiny model, reward function, 6 prompts) to YAML; returns (path, recipe dict)."""
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+    def make(name: str = "run", **ppo) -> tuple[Path, dict]:
+        recipe = tiny_recipe(output_dir=str(tmp_path / name), data={"prompts": {"path": str(prompts)}},
+                             ppo={"total_episodes": 12, "batch_size": 4, "local_rollout_forward_batch_size": 4,
+                                  "response_length": 6, "num_ppo_epochs": 1, "num_mini_batches": 2,
+                                  "learning_rate": 1e-3, "temperature": 1.0, "save_steps": 10, "sample_every": 1,
+                                  "reward_fn": f"{tmp_path / 'my_rewards.py'}:count_e", **ppo})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path, recipe
+
+    return make
+
+
+def test_ppo_optimisation_on_two_ranks_gives_the_adapters_of_one_process(ppo_recipe, tmp_path):
+    # 8 episodes, 2 mini-batches x 2 micro-batches of 2: each rank takes 1 episode of every micro-batch. With
+    # GAE (value adapter + head) and PPO-ptx (whose batch is split too), 2 epochs: 8 optimizer steps.
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("".join(json.dumps({"text": f"The {w} sat on the mat and looked at the door."}) + "\n"
+                           for w in ("cat", "dog", "bird", "fox", "cow", "owl")))
+    _, recipe = ppo_recipe(batch_size=8, local_rollout_forward_batch_size=8, num_mini_batches=2,
+                           gradient_accumulation_steps=2, num_ppo_epochs=2, ptx_coef=0.5, ptx_batch_size=4)
+    recipe["data"]["ptx"] = {"path": str(ptx)}
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe))
+    worker = str(REPO / "tests" / "dist_worker.py")
+
+    one = subprocess.run([sys.executable, worker, "ppo-optimise", str(recipe_file), str(tmp_path / "one.pt")],
+                         cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(worker, "ppo-optimise", str(recipe_file), str(tmp_path / "two.pt"))
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["tensors"].keys() == two["tensors"].keys()
+    moved = [k for k in one["initial"] if not torch.equal(one["initial"][k], one["tensors"][k])]
+    assert len(moved) == len(one["initial"])  # every trainable tensor (policy, value, head) was updated
+    for key, expected in one["tensors"].items():
+        torch.testing.assert_close(two["tensors"][key], expected, rtol=1e-4, atol=2e-6, msg=key)
+
+
+def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe, tmp_path):
+    straight, recipe = ppo_recipe("straight")
+    run = torchrun("-m", "cli.main", "ppo", str(straight))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = Path(recipe["output_dir"]) / "ppo"
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert "world size 2" in (out / "train.log").read_text()
+    expected = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in expected] == [1, 2, 3]            # once per step, not once per rank
+    assert run.stdout.count("PPO policy written to") == 1
+    samples = [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and len(samples) == len(set(samples)) * (len(samples) // len(set(samples)))
+    assert len(samples) == 3 * 4  # 4 rows per step, written by rank 0 only
+
+    # Ctrl-C during step 2 on both ranks: they finish the step, save one checkpoint, stop; --resume continues.
+    interrupted, recipe2 = ppo_recipe("interrupted")
+    stopped = torchrun("-m", "cli.main", "ppo", str(interrupted), PPO_TEST_INTERRUPT_AT="2")
+    assert stopped.returncode != 0
+    out2 = Path(recipe2["output_dir"]) / "ppo"
+    assert json.loads((out2 / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    resumed_run = torchrun("-m", "cli.main", "ppo", str(interrupted), "--resume")
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    resumed = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "kl_coef", "lr"):
+        assert resumed[2][key] == pytest.approx(expected[2][key], rel=1e-5, abs=1e-6), key
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(o / "policy" / "adapter_model.safetensors")) for o in (out, out2))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+
+    # The checkpoint holds 2 ranks' sampling streams: one process refuses to continue it.
+    single = cli("ppo", str(interrupted), "--resume")
+    assert single.returncode == 2
+    assert "written by 2 process(es), this run has 1" in single.stderr
+
+
+def test_two_nodes_on_one_machine_run_a_ppo_step_together(ppo_recipe):
+    path, recipe = ppo_recipe("nodes", total_episodes=4)
+    with socket.socket() as s:  # a free port for the c10d rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc_per_node=1",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=lora-rlhf-test",
+         "-m", "cli.main", "ppo", str(path)],
+        cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        results = [(n.wait(timeout=TIMEOUT), n.stderr.read()) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    for code, err in results:
+        assert code == 0, err[-3000:]
+    out = Path(recipe["output_dir"]) / "ppo"
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("case", ["batch does not split", "fsdp"])
+def test_bad_distributed_input_stops_every_rank_with_one_message(ppo_recipe, case):
+    if case == "batch does not split":
+        path, recipe = ppo_recipe(batch_size=3, num_mini_batches=1, local_rollout_forward_batch_size=3)
+        run, message = torchrun("-m", "cli.main", "ppo", str(path)), "do not split over 2 ranks"
+    else:
+        path, recipe = ppo_recipe()
+        run, message = torchrun("-m", "cli.main", "ppo", str(path), ACCELERATE_USE_FSDP="true"), "does not run under FSDP"
+    assert run.returncode != 0
+    assert run.stderr.count(message) == 2, run.stderr[-3000:]  # each rank says it once
+    # torchrun then reports the failed ranks with its own traceback; none comes from our code
+    assert f"{REPO / 'lora_rlhf'}" not in run.stderr and f"{REPO / 'cli'}" not in run.stderr
+    assert not (Path(recipe["output_dir"]) / "ppo").exists()  # nothing half-written
