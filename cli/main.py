@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import compare, eval, generate, label, merge, pipeline, ppo, pull, push, reward, score, sft
+from cli import compare, eval, generate, label, merge, pipeline, plan, ppo, pull, push, reward, score, sft
 
 app = typer.Typer(
     name="lora-rlhf",
@@ -31,6 +31,7 @@ app.command("label", help="Rank candidate responses in a local web page (or --te
 app.command("push", help="Upload adapters with model cards to the Hugging Face Hub.  e.g. lora-rlhf push runs/x user/my-rlhf --what all")(push.command)
 app.command("pull", help="Download an adapter repo from the Hub (safetensors only).  e.g. lora-rlhf pull user/my-rlhf adapters/")(pull.command)
 app.command("merge", help="Merge an adapter into a bf16/fp16/fp32 copy of its base for serving.  e.g. lora-rlhf merge runs/x/sft merged/")(merge.command)
+app.command("plan", help="Predict each stage's peak memory from the recipe alone; what to --set when it does not fit.  e.g. lora-rlhf plan recipe.yaml --gpu 24GB")(plan.command)
 app.command("eval", help="Compare base, SFT, PPO(-ptx) on held-out prompts: scores, KL, win rates, alignment tax.  e.g. lora-rlhf eval recipe.yaml")(eval.command)
 
 

@@ -1,0 +1,355 @@
+"""Peak memory of each stage, as pure functions of a model's shape and the recipe's numbers. No torch, no I/O.
+
+A stage runs as phases (load, train; PPO: rollout, scoring, optimisation); each phase's memory is the sum of
+named parts, and the stage's peak is its largest phase. Every part is a count times a byte size, from what
+the code keeps alive (lora_rlhf.core.base, lora_rlhf.stages.*, TRL's trainers):
+
+    weights      quantized linear layers (NF4: 0.5 byte/param + absmax constants per 64-block; double
+                 quantization stores those in 8 bits + one fp32 per 256 blocks), embeddings / LM head / norms
+                 in the compute dtype (fp32 once prepared for k-bit training: PEFT upcasts them)
+    adapters     LoRA A [r, in] + B [out, r] per targeted layer, fp32 (PEFT's default; we keep them fp32);
+                 trainable roles add the gradient and AdamW's two moments: 16 bytes/param
+    activations  what autograd saves for backward, per token per layer (counted with saved-tensor hooks on
+                 Llama layers, see ACT_*), or only each layer's input with gradient checkpointing plus one
+                 layer recomputed
+    logits       [B, R, V] in the compute dtype plus the copies softmax-based log-probs make
+    KV cache     2 * layers * kv_heads * head_dim * bytes * rows * (prompt + response) while generating
+    runtime      CPU: the interpreter with torch / transformers / TRL / PEFT imported (resident set);
+                 CUDA: the context (not in torch.cuda.max_memory_allocated, but taken from the free memory)
+
+Units: bytes everywhere; B = sequences in a forward, T = tokens per sequence, V = vocabulary, H = hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from lora_rlhf.plan.model_shape import ModelShape
+
+GB = 1024**3
+
+# --- constants measured on this project's stack (torch 2.13, transformers 5.23, peft 0.21, bitsandbytes 0.50)
+CPU_RUNTIME = 560 * 2**20        # RSS after importing the stages (527 MB measured) + a margin for TRL's trainers
+CUDA_CONTEXT = 500 * 2**20       # CUDA context + kernels of torch/bitsandbytes (typical, not in max_memory_allocated)
+NF4_BLOCK = 64                   # bitsandbytes' 4-bit block size: one absmax per 64 weights
+DQ_BLOCK = 256                   # double quantization: one fp32 scale per 256 absmax values
+# Saved for backward per token per decoder layer, in elements of the compute dtype, with an attention mask
+# (every stage passes one): 8H + 4I + T + r per LoRA-targeted module (+ 2 * heads + 8 small tensors).
+# Measured with torch.autograd.graph.saved_tensors_hooks on three tiny Llamas and SmolLM2-135M
+# (tests/test_plan.py checks it): exact to within 1 %.
+ACT_H, ACT_I = 8, 4
+# LoRA dropout > 0 keeps a dropped-out copy of each targeted layer's input and its mask: 1.45 x those widths.
+ACT_DROPOUT = 1.45
+# With gradient checkpointing only each layer's input (H per token) stays, plus one layer recomputed in backward.
+ADAM_BYTES = 8                   # AdamW: exp_avg + exp_avg_sq, fp32
+ADAM_8BIT_BYTES = 2              # bitsandbytes' 8-bit AdamW (sft/reward `optim: *adamw_8bit`)
+# RSS above the live tensors on the CPU: glibc keeps freed activations in its heap between steps, so the
+# high-water mark exceeds the largest live set by a share of the transient memory (fitted on bench_plan.py).
+CPU_HEAP_SLACK = 0.25
+
+Device = Literal["cpu", "cuda"]
+QuantMode = Literal["4bit", "8bit", "none"]
+
+
+@dataclass(frozen=True)
+class Base:
+    """How the shared base is loaded and what adapters look like: the parts of a recipe every stage shares."""
+
+    device: Device
+    dtype_bytes: int                  # compute dtype: 4 fp32, 2 bf16/fp16
+    quant: QuantMode
+    double_quant: bool = True
+    lora_r: int = 16
+    lora_targets: str | list[str] = "all-linear"
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    optim_state_bytes: int = ADAM_BYTES  # per trainable parameter
+
+
+@dataclass(frozen=True)
+class Part:
+    """One named amount of memory inside a phase."""
+
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Phase:
+    name: str
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+
+@dataclass
+class StageEstimate:
+    """The predicted memory of one stage: its phases, the largest of which is the peak."""
+
+    stage: str
+    phases: list[Phase]
+    settings: dict[str, object] = field(default_factory=dict)  # the numbers it was computed from
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: p.total)
+
+    @property
+    def peak(self) -> int:
+        return self.peak_phase.total
+
+
+# ---------------------------------------------------------------------------------------------- resident parts
+def runtime(base: Base) -> Part:
+    if base.device == "cuda":
+        return Part("runtime", CUDA_CONTEXT, "CUDA context and kernels (outside max_memory_allocated)")
+    return Part("runtime", CPU_RUNTIME, "Python + torch/transformers/TRL/PEFT/bitsandbytes, imported")
+
+
+def quantized_linear_bytes(shape: ModelShape, quant: QuantMode, double_quant: bool, dtype_bytes: int) -> int:
+    """The decoder's linear weights as loaded: NF4 0.5 byte/param + constants; int8 1 byte + a scale per row."""
+    n = shape.linear_params()
+    if quant == "4bit":
+        blocks = -(-n // NF4_BLOCK)
+        constants = blocks + 4 * -(-blocks // DQ_BLOCK) if double_quant else 4 * blocks
+        return n // 2 + constants
+    if quant == "8bit":
+        rows = shape.num_layers * sum(out for _, out in shape.linear_shapes().values())
+        return n + 4 * rows
+    return n * dtype_bytes
+
+
+def weight_parts(shape: ModelShape, base: Base, for_training: bool = True, lm_head: bool = True) -> list[Part]:
+    """The base's weights. `lm_head=False`: a sequence classifier (the reward stage) has a score head instead."""
+    quantized = base.quant != "none"
+    # PEFT's prepare_model_for_kbit_training upcasts every non-quantized bf16/fp16 weight to fp32.
+    other_bytes = 4 if quantized and for_training else base.dtype_bytes
+    label = {"4bit": "NF4" + (" + double-quantized constants" if base.double_quant else " + fp32 absmax"),
+             "8bit": "int8 + row scales", "none": f"{base.dtype_bytes}-byte weights"}[base.quant]
+    parts = [Part("linear weights", quantized_linear_bytes(shape, base.quant, base.double_quant, base.dtype_bytes),
+                  f"{shape.linear_params() / 1e6:.0f}M params, {label}")]
+    embed = shape.embedding_params()
+    parts.append(Part("embeddings", embed * other_bytes, f"{shape.vocab_size} x {shape.hidden_size}, "
+                                                          f"{other_bytes}-byte, unquantized"))
+    if lm_head and not shape.tie_word_embeddings:
+        parts.append(Part("lm head", shape.lm_head_params() * other_bytes, "untied, unquantized"))
+    small = (shape.norm_params() + shape.linear_bias_params()) * other_bytes
+    if not lm_head:
+        small += shape.hidden_size * 4 * 2  # the score head and PEFT's trainable copy of it
+    parts.append(Part("norms, biases, heads", small))
+    return parts
+
+
+def adapter_parts(shape: ModelShape, base: Base, roles: dict[str, bool]) -> list[Part]:
+    """LoRA weights per role (role -> trainable); trainable ones with gradient and optimizer state."""
+    n = shape.lora_params(base.lora_r, base.lora_targets)
+    parts = []
+    for role, trainable in roles.items():
+        per = 4 + (4 + base.optim_state_bytes if trainable else 0)
+        what = "trainable: fp32 weights + grads + AdamW moments" if trainable else "frozen, fp32"
+        parts.append(Part(f"lora {role}", n * per + 4 * (shape.hidden_size + 1) * (per if role in ("value", "reward")
+                                                                                    else 0),
+                          f"{n / 1e6:.2f}M params r={base.lora_r}, {what}"))
+    return parts
+
+
+def load_parts(shape: ModelShape, base: Base, weights: int) -> list[Part]:
+    """Memory only loading needs, on top of the final weights (CPU: the memory-mapped checkpoint's pages)."""
+    if base.device != "cpu":
+        # bitsandbytes quantizes tensor by tensor on the GPU: the largest one in the checkpoint's dtype at a time.
+        largest = max(shape.embedding_params(), max(a * b for a, b in shape.linear_shapes().values()))
+        return [Part("loading", largest * shape.checkpoint_bytes_per_param, "one tensor being quantized/cast")]
+    file = shape.total_params() * shape.checkpoint_bytes_per_param
+    if base.quant == "none" and shape.checkpoint_bytes_per_param == base.dtype_bytes:
+        return []  # the weights ARE the mapped file's pages
+    return [Part("checkpoint file", file, "read through a memory map while quantizing/casting, then released")]
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def lora_dropout_width(shape: ModelShape, base: Base) -> int:
+    """Per token per layer: the input widths of the targeted layers (each keeps its own dropped-out copy)."""
+    if base.lora_dropout <= 0:
+        return 0
+    return sum(a for a, _ in shape.lora_targets(base.lora_targets).values())
+
+
+def saved_per_token_layer(shape: ModelShape, base: Base, seq_len: int) -> float:
+    """Elements autograd keeps per token per decoder layer for a forward with grad (no checkpointing)."""
+    n_targets = len(shape.lora_targets(base.lora_targets))
+    return (ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size + seq_len + base.lora_r * n_targets
+            + 2 * shape.num_heads + 8 + ACT_DROPOUT * lora_dropout_width(shape, base))
+
+
+def activation_bytes(shape: ModelShape, base: Base, rows: int, seq_len: int) -> int:
+    """Saved activations of a forward with grad over rows x seq_len tokens, held until backward."""
+    tokens = rows * seq_len
+    per_layer = saved_per_token_layer(shape, base, seq_len) * tokens * base.dtype_bytes
+    if base.gradient_checkpointing:
+        # each layer's input stays; backward recomputes one layer at a time with everything it saves
+        return int(shape.num_layers * tokens * (shape.hidden_size + 19) * base.dtype_bytes + per_layer)
+    return int(shape.num_layers * per_layer)
+
+
+def layer_workspace(shape: ModelShape, base: Base, tokens: int) -> int:
+    """Temporaries of one layer's forward (no grad) or backward: hidden states, the MLP's inner width, grads."""
+    return int(tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) * base.dtype_bytes)
+
+
+def heap_slack(base: Base, transient: int) -> list[Part]:
+    if base.device != "cpu" or transient <= 0:
+        return []
+    return [Part("allocator slack", int(CPU_HEAP_SLACK * transient), "freed temporaries glibc keeps mapped")]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _resident(shape: ModelShape, base: Base, roles: dict[str, bool], for_training: bool = True,
+              lm_head: bool = True) -> list[Part]:
+    return [runtime(base), *weight_parts(shape, base, for_training, lm_head), *adapter_parts(shape, base, roles)]
+
+
+def _load_phase(shape: ModelShape, base: Base, for_training: bool = True, lm_head: bool = True) -> Phase:
+    parts = [runtime(base), *weight_parts(shape, base, for_training, lm_head)]
+    return Phase("load", parts + load_parts(shape, base, sum(p.bytes for p in parts[1:])))
+
+
+def sft_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> StageEstimate:
+    """`lora-rlhf sft`: TRL's SFTTrainer, one trainable adapter, batches padded to at most max_length.
+
+    The loss goes through the model's own LM head and cross-entropy over [B, T, V]: the logits in the compute
+    dtype, an fp32 copy (when not fp32 already), the log-softmax kept for backward, and in backward the
+    gradients of both (measured on the CPU: 5 fp32 vocabulary-sized rows per token).
+    """
+    tokens = batch * max_length
+    acts = activation_bytes(shape, base, batch, max_length)
+    logits = tokens * shape.vocab_size * (base.dtype_bytes + 16)
+    transient = acts + logits + layer_workspace(shape, base, tokens)
+    train = Phase("train", [*_resident(shape, base, {"policy": True}),
+                            Part("activations", acts, _act_note(base, batch, max_length)),
+                            Part("logits", logits, f"[{batch}, {max_length}, {shape.vocab_size}] + fp32 copy, "
+                                                   "log-softmax and their grads"),
+                            Part("backward workspace", layer_workspace(shape, base, tokens)),
+                            *heap_slack(base, transient)])
+    return StageEstimate("sft", [_load_phase(shape, base), train],
+                         {"micro_batch": batch, "max_length": max_length})
+
+
+def reward_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> StageEstimate:
+    """`lora-rlhf reward`: a sequence classifier (no LM head) on up to 2 x batch distinct sequences (chosen and
+    rejected; K-wise rankings repeat responses, which are forwarded once, so they need fewer)."""
+    rows = 2 * batch
+    tokens = rows * max_length
+    acts = activation_bytes(shape, base, rows, max_length)
+    transient = acts + layer_workspace(shape, base, tokens)
+    train = Phase("train", [*_resident(shape, base, {"reward": True}, lm_head=False),
+                            Part("activations", acts, _act_note(base, rows, max_length)),
+                            Part("backward workspace", layer_workspace(shape, base, tokens)),
+                            *heap_slack(base, transient)])
+    return StageEstimate("reward", [_load_phase(shape, base, lm_head=False), train],
+                         {"micro_batch_pairs": batch, "sequences": rows, "max_length": max_length})
+
+
+def generation_parts(shape: ModelShape, base: Base, rows: int, prompt_len: int, new_tokens: int,
+                     keep_logits: bool) -> list[Part]:
+    """What sampling `rows` sequences adds: KV cache, (kept) logits, the CPU's dequantized weights, prefill."""
+    parts = [Part("kv cache", shape.kv_cache_bytes_per_token(base.dtype_bytes) * rows * (prompt_len + new_tokens),
+                  f"{rows} rows x {prompt_len}+{new_tokens} tokens")]
+    if keep_logits:
+        parts.append(Part("generation logits", rows * new_tokens * shape.vocab_size * 4,
+                          "fp32 [B, V] per new token, kept for the rollout log-probs"))
+    else:
+        parts.append(Part("step logits", 3 * rows * shape.vocab_size * 4, "fp32 [B, V] of the current token"))
+    if base.device == "cpu" and base.quant == "4bit":
+        parts.append(Part("dequantized weights", shape.linear_params() * base.dtype_bytes,
+                          "CPU: 4-bit layers decoded once per generate call (core.generation)"))
+    prefill = layer_workspace(shape, base, rows * prompt_len) + rows * prompt_len * shape.hidden_size * base.dtype_bytes
+    parts.append(Part("prefill workspace", prefill, "one layer's temporaries over the prompts"))
+    return parts
+
+
+def generation_estimate(shape: ModelShape, base: Base, rows: int, prompt_len: int, new_tokens: int,
+                        adapters: int = 1, stage: str = "compare") -> StageEstimate:
+    """`compare` / `eval`: the base (not prepared for training) + frozen adapters, sampling `rows` at a time."""
+    gen = generation_parts(shape, base, rows, prompt_len, new_tokens, keep_logits=False)
+    roles = {f"adapter {i + 1}": False for i in range(adapters)}
+    phase = Phase("generate", [*_resident(shape, base, roles, for_training=False), *gen,
+                               *heap_slack(base, sum(p.bytes for p in gen if p.name != "dequantized weights"))])
+    return StageEstimate(stage, [_load_phase(shape, base, for_training=False), phase],
+                         {"rows": rows, "prompt_length": prompt_len, "new_tokens": new_tokens})
+
+
+@dataclass(frozen=True)
+class PPOShape:
+    """The PPO numbers memory depends on (recipe.ppo, resolved)."""
+
+    batch_size: int
+    forward_batch: int           # local_rollout_forward_batch_size, capped at batch_size
+    micro_batch: int             # batch_size / num_mini_batches / gradient_accumulation_steps
+    response_length: int
+    prompt_length: int
+    with_value: bool = True      # advantage_estimator gae
+    reward_adapter: bool = True  # False with ppo.reward_fn
+    reference_adapter: bool = True
+    ptx_rows: int = 0            # ptx_batch_size when ptx_coef > 0
+    ptx_length: int = 0
+
+
+def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo") -> StageEstimate:
+    """`lora-rlhf ppo`: four roles on one base; 1. roll out, 2. score, 5. optimise (stages/ppo/trainer.py)."""
+    roles = {"policy": True}
+    if p.reference_adapter:
+        roles["reference"] = False
+    if p.reward_adapter:
+        roles["reward"] = False
+    if p.with_value:
+        roles["value"] = True
+    resident = _resident(shape, base, roles)
+    seq = p.prompt_length + p.response_length
+    v, dt = shape.vocab_size, base.dtype_bytes
+    buffers = Part("rollout buffers", p.batch_size * (seq * 8 * 3 + p.response_length * 4 * 8),
+                   "ids, masks, log-probs, values, rewards, advantages")
+
+    # 1. roll out: KV cache of one forward batch, its kept logits; CPU: the dequantized copy of the weights
+    gen = generation_parts(shape, base, p.forward_batch, p.prompt_length, p.response_length, keep_logits=True)
+    rollout = Phase("rollout", [*resident, buffers, *gen,
+                                *heap_slack(base, sum(x.bytes for x in gen if x.name != "dequantized weights"))])
+
+    # 2. score: no-grad forwards of one forward batch; reference logits [b, R+1, V], /temperature, log-softmax rows
+    b = p.forward_batch
+    score_logits = b * (p.response_length + 1) * v * dt + b * p.response_length * v * max(dt, 4)
+    score_work = layer_workspace(shape, base, b * seq)
+    scoring = Phase("scoring", [*resident, buffers,
+                                Part("scoring logits", score_logits, f"reference [{b}, {p.response_length}+1, {v}] "
+                                                                     "and its tempered copy"),
+                                Part("forward workspace", score_work), *heap_slack(base, score_logits + score_work)])
+
+    # 5. optimise: the policy's forward + backward (+ ptx on the same graph), then the value's
+    m = p.micro_batch
+    acts = activation_bytes(shape, base, m, seq)
+    logits = 3 * m * p.response_length * v * max(dt, 4)  # tempered logits, their grad, the LM head's grad
+    policy = acts + logits + layer_workspace(shape, base, m * seq)
+    opt_parts = [Part("activations", acts, _act_note(base, m, seq)),
+                 Part("logits", logits, f"[{m}, {p.response_length}, {v}] tempered + 2 grads, kept for entropy")]
+    if p.ptx_rows:
+        ptx_acts = activation_bytes(shape, base, p.ptx_rows, p.ptx_length)
+        ptx_logits = 3 * p.ptx_rows * p.ptx_length * v * 4
+        opt_parts += [Part("ptx activations", ptx_acts, f"{p.ptx_rows} x {p.ptx_length} tokens, same graph"),
+                      Part("ptx logits", ptx_logits, "LM loss over the ptx rows, fp32")]
+        policy += ptx_acts + ptx_logits
+    opt_parts.append(Part("backward workspace", layer_workspace(shape, base, m * seq)))
+    optimise = Phase("optimisation", [*resident, buffers, *opt_parts, *heap_slack(base, policy)])
+    settings = {"batch_size": p.batch_size, "forward_batch": b, "micro_batch": m, "prompt_length": p.prompt_length,
+                "response_length": p.response_length, "roles": list(roles)}
+    return StageEstimate(stage, [_load_phase(shape, base), rollout, scoring, optimise], settings)
+
+
+def _act_note(base: Base, rows: int, seq: int) -> str:
+    how = "layer inputs only (gradient checkpointing)" if base.gradient_checkpointing else "every layer, for backward"
+    return f"{rows} x {seq} tokens, {how}"
+
+
+def with_base(base: Base, **changes: object) -> Base:
+    return replace(base, **changes)

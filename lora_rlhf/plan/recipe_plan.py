@@ -1,0 +1,121 @@
+"""A recipe -> the predicted peak memory of each of its stages (lora_rlhf.plan.estimate), from the model's config.
+
+The planner reads the same recipe the stages run (after `--set` overrides) and resolves every default the
+stages would apply, so its numbers are for the run that recipe starts. Nothing is loaded but a config.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lora_rlhf.errors import LoraRlhfError
+from lora_rlhf.plan.estimate import (
+    ADAM_8BIT_BYTES,
+    ADAM_BYTES,
+    Base,
+    Device,
+    Part,
+    Phase,
+    PPOShape,
+    StageEstimate,
+    generation_estimate,
+    ppo_estimate,
+    reward_estimate,
+    sft_estimate,
+)
+from lora_rlhf.plan.model_shape import ModelShape, load_shape
+from lora_rlhf.recipe.config import Recipe
+
+# The TRL-trained stages' defaults (stages/trainer_setup.COMMON_DEFAULTS, stages/sft.SFT_DEFAULTS,
+# stages/reward.REWARD_DEFAULTS). The planner sits below the stages (they call its preflight), so it cannot
+# import them; tests/test_plan.py checks these copies against the originals.
+TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"per_device_train_batch_size": 4, "max_length": 512},
+    "reward": {"per_device_train_batch_size": 8, "max_length": 512},
+}
+DEFAULT_PROMPT_LENGTH = 128  # tokens; recipes do not bound prompts, so the plan assumes this (--prompt-length)
+PLANNED_STAGES = ("sft", "compare", "reward", "ppo", "ppo-ptx", "eval")
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What the recipe does not say and the plan must assume."""
+
+    device: Device = "cpu"
+    prompt_length: int = DEFAULT_PROMPT_LENGTH
+
+
+def planning_dtype_bytes(recipe: Recipe, device: Device) -> int:
+    """Compute dtype bytes as lora_rlhf.core.loading.compute_dtype resolves it: `auto` is fp32 on the CPU and
+    bf16 on a GPU (the planner may plan a GPU it does not see, so `auto` on CUDA assumes a bf16-capable one)."""
+    dtype = recipe.model.dtype
+    if dtype == "auto":
+        return 2 if device == "cuda" else 4
+    return 4 if dtype == "fp32" else 2
+
+
+def base_settings(recipe: Recipe, device: Device, section: str | None = None) -> Base:
+    """The shared base's settings for a stage; `section` (sft / reward) adds its trainer's optimizer."""
+    optim = str(recipe.trainer_args.get(section, {}).get("optim", "")) if section else ""
+    lora = recipe.lora
+    return Base(device=device, dtype_bytes=planning_dtype_bytes(recipe, device), quant=recipe.quantization.mode,
+                double_quant=recipe.quantization.double_quant, lora_r=lora.r, lora_targets=lora.target_modules,
+                lora_dropout=lora.dropout, gradient_checkpointing=recipe.trainer_args.get(section or "", {}).get(
+                    "gradient_checkpointing", recipe.model.gradient_checkpointing),
+                optim_state_bytes=ADAM_8BIT_BYTES if "8bit" in optim else ADAM_BYTES)
+
+
+def trainer_value(recipe: Recipe, section: str, key: str) -> int:
+    return int(recipe.trainer_args.get(section, {}).get(key, TRAINER_DEFAULTS[section][key]))
+
+
+def ppo_shape(recipe: Recipe, prompt_length: int, ptx: bool) -> PPOShape:
+    cfg = recipe.ppo
+    micro = max(1, cfg.batch_size // cfg.num_mini_batches // cfg.gradient_accumulation_steps)
+    return PPOShape(batch_size=cfg.batch_size, forward_batch=min(cfg.local_rollout_forward_batch_size, cfg.batch_size),
+                    micro_batch=micro, response_length=cfg.response_length, prompt_length=prompt_length,
+                    with_value=cfg.advantage_estimator == "gae", reward_adapter=cfg.reward_fn is None,
+                    ptx_rows=cfg.ptx_batch_size if ptx and cfg.ptx_coef > 0 else 0, ptx_length=cfg.ptx_max_length)
+
+
+def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanContext) -> StageEstimate:
+    """The prediction for one stage of `recipe` (sft, compare, reward, ppo, ppo-ptx, eval)."""
+    q = ctx.prompt_length
+    if stage == "sft":
+        return sft_estimate(shape, base_settings(recipe, ctx.device, "sft"),
+                            trainer_value(recipe, "sft", "per_device_train_batch_size"),
+                            trainer_value(recipe, "sft", "max_length"))
+    if stage == "reward":
+        return reward_estimate(shape, base_settings(recipe, ctx.device, "reward"),
+                               trainer_value(recipe, "reward", "per_device_train_batch_size"),
+                               trainer_value(recipe, "reward", "max_length"))
+    base = base_settings(recipe, ctx.device)
+    if stage in ("ppo", "ppo-ptx"):
+        return ppo_estimate(shape, base, ppo_shape(recipe, q, ptx=stage == "ppo-ptx"), stage)
+    if stage == "compare":
+        c = recipe.compare
+        return generation_estimate(shape, base, c.batch_size * c.k, q, c.max_new_tokens, adapters=1, stage="compare")
+    if stage == "eval":
+        e = recipe.eval
+        est = generation_estimate(shape, base, e.batch_size, q, e.max_new_tokens, adapters=4, stage="eval")
+        # KL and perplexity score whole sequences: fp32 logits and log-softmax over [B, T, V]
+        tokens = e.batch_size * (q + e.max_new_tokens)
+        generating = ("kv cache", "step logits", "dequantized weights", "prefill workspace", "allocator slack")
+        resident = [p for p in est.phases[1].parts if p.name not in generating]
+        est.phases.append(Phase("score", resident + [Part("scoring logits", 2 * tokens * shape.vocab_size * 4,
+                                                          "fp32 logits + log-softmax of the sampled sequences")]))
+        return est
+    raise LoraRlhfError(f"no memory plan for stage '{stage}'", fix=f"plan one of: {', '.join(PLANNED_STAGES)}")
+
+
+def recipe_stages(recipe: Recipe) -> list[str]:
+    """The stages the recipe's pipeline runs that load a model (data is the recipe's own builder: not planned)."""
+    return [s for s in recipe.pipeline.stages if s in PLANNED_STAGES]
+
+
+def plan_recipe(recipe: Recipe, ctx: PlanContext, stages: list[str] | None = None,
+                shape: ModelShape | None = None) -> list[StageEstimate]:
+    """Every stage's prediction, in pipeline order."""
+    shape = shape or load_shape(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    return [stage_estimate(recipe, s, shape, ctx) for s in (stages or recipe_stages(recipe))]
