@@ -36,9 +36,6 @@ PROMPTS = ["Write a haiku about rain.", "Explain photosynthesis to a child.", "G
 CONFIGS: dict[str, tuple[str, str, list[str]]] = {
     "sft-tiny-4bit": ("sft", "tiny", ["quantization.mode=4bit", "sft.per_device_train_batch_size=8",
                                       "sft.max_length=256"]),
-    "x1": ("sft", "tiny", ["quantization.mode=4bit", "sft.per_device_train_batch_size=4", "sft.max_length=128"]),
-    "x2": ("sft", "tiny", ["quantization.mode=4bit", "sft.per_device_train_batch_size=4", "sft.max_length=256"]),
-    "x3": ("sft", "tiny", ["quantization.mode=none", "sft.per_device_train_batch_size=4", "sft.max_length=256"]),
     "sft-135m-4bit": ("sft", "135m", ["quantization.mode=4bit", "sft.per_device_train_batch_size=4",
                                       "sft.max_length=128"]),
     "sft-135m-fp32-ckpt": ("sft", "135m", ["quantization.mode=none", "model.gradient_checkpointing=true",

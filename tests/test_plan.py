@@ -121,17 +121,18 @@ def test_trainer_defaults_are_the_stages_own():
         assert {k: merged[k] for k in TRAINER_DEFAULTS[section]} == TRAINER_DEFAULTS[section]
 
 
-def test_value_free_ppo_and_checkpointing_cost_less():
+def test_value_free_ppo_costs_less_and_checkpointing_is_counted_where_the_stage_applies_it():
     shape = load_shape("smollm2-135m-instruct")
-    recipe = recipe_from_dict({"ppo": {"batch_size": 8, "response_length": 48}})
-    gae = stage_estimate(recipe, "ppo", shape, PlanContext()).peak
-    rloo = stage_estimate(recipe_from_dict({"ppo": {"batch_size": 8, "response_length": 48, "num_generations": 2,
-                                                    "advantage_estimator": "rloo"}}), "ppo", shape, PlanContext())
-    ckpt = stage_estimate(recipe_from_dict({"model": {"gradient_checkpointing": True},
-                                            "ppo": {"batch_size": 8, "response_length": 48}}), "ppo", shape,
-                          PlanContext())
-    assert rloo.peak < gae and ckpt.peak < gae
-    assert "lora value" not in {p.name for p in rloo.phases[-1].parts}
+    ppo = {"batch_size": 8, "response_length": 48}
+    gae = stage_estimate(recipe_from_dict({"ppo": ppo}), "ppo", shape, PlanContext()).peak
+    rloo = stage_estimate(recipe_from_dict({"ppo": {**ppo, "num_generations": 2, "advantage_estimator": "rloo"}}),
+                          "ppo", shape, PlanContext())
+    assert rloo.peak < gae and "lora value" not in {p.name for p in rloo.phases[-1].parts}
+    ckpt = recipe_from_dict({"model": {"gradient_checkpointing": True}, "ppo": ppo})
+    assert stage_estimate(ckpt, "sft", shape, PlanContext()).peak < \
+        stage_estimate(recipe_from_dict({}), "sft", shape, PlanContext()).peak
+    # the PPO stage does not checkpoint its training forwards (yet): the plan must not pretend it does
+    assert (stage_estimate(ckpt, "ppo", shape, PlanContext()).peak < gae) == estimate.PPO_CHECKPOINTS
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -153,25 +154,29 @@ def test_json_has_every_phase_and_part():
     assert all(sum(x["bytes"] for x in p["parts"]) == p["total_bytes"] for p in ppo["phases"])
 
 
-def test_8b_recipe_fits_24gb_and_advice_for_16gb_parses_and_fits(tmp_path):
+@pytest.mark.parametrize("gpu", ["24GB", "16GB"])
+def test_8b_recipe_verdict_and_advice_that_parses_and_fits(gpu):
     recipe = str(ROOT / "recipes/llama3_8b_qlora_1gpu.yaml")
-    fits = json.loads(runner.invoke(app, ["plan", recipe, "--gpu", "24GB", "--json"]).output)
-    assert fits["capacity_bytes"] == 24 * 2**30
-    assert [s["stage"] for s in fits["stages"]] == ["sft", "reward", "ppo-ptx", "eval"]
-    assert all(s["verdict"].startswith("fits") for s in fits["stages"])  # the README's claim: 8B RLHF on 24 GB
-
-    result = runner.invoke(app, ["plan", recipe, "--gpu", "16GB", "--json"])
+    capacity = int(gpu[:-2]) * 2**30
+    result = runner.invoke(app, ["plan", recipe, "--gpu", gpu, "--json"])
     assert result.exit_code == 0, result.output
-    over = [s for s in json.loads(result.output)["stages"] if s["verdict"] == "does not fit"]
-    assert over and all(s["advice"] for s in over)
+    plan = json.loads(result.output)
+    assert plan["capacity_bytes"] == capacity
+    assert [s["stage"] for s in plan["stages"]] == ["sft", "reward", "ppo-ptx", "eval"]
+    for stage in plan["stages"]:
+        assert (stage["verdict"] == "does not fit") == (stage["peak_bytes"] > capacity)
+    over = [s for s in plan["stages"] if s["verdict"] == "does not fit"]
+    assert over  # PPO-ptx as written does not fit (its training forwards keep every layer's activations)
     for stage in over:
         first = stage["advice"][0]
-        assert first["fits"], stage["stage"]
+        # ranked: what fits comes first (at 16 GB no combination of four knobs makes 8B PPO-ptx fit)
+        assert first["fits"] or not any(k["fits"] for k in stage["advice"]), stage["stage"]
+        assert first["fits"] or stage["stage"] == "ppo-ptx" and gpu == "16GB"
         # the --set lines are real recipe overrides, and applying them gives the predicted peak
         changed = load_recipe(recipe, first["set"])
         peak = stage_estimate(changed, stage["stage"], load_shape(changed.model.name), PlanContext("cuda")).peak
-        assert peak == first["peak_bytes"] <= 16 * 2**30
-    table = runner.invoke(app, ["plan", recipe, "--gpu", "16GB"], env={"COLUMNS": "200"}).output
+        assert peak == first["peak_bytes"] < stage["peak_bytes"]
+    table = runner.invoke(app, ["plan", recipe, "--gpu", gpu], env={"COLUMNS": "200"}).output
     assert "does not fit" in table and "--set " in table
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_rlhf.errors import RecipeError
+from lora_rlhf.plan.estimate import PPO_CHECKPOINTS
 from lora_rlhf.plan.model_shape import ModelShape
 from lora_rlhf.plan.recipe_plan import PlanContext, stage_estimate, trainer_value
 from lora_rlhf.recipe.config import Recipe, recipe_from_dict, recipe_to_dict
@@ -33,7 +34,8 @@ class Knob:
 def _candidates(recipe: Recipe, stage: str) -> list[tuple[tuple[str, ...], str, bool]]:
     """(overrides, effect, keeps results) worth trying for `stage`, from the recipe's current values."""
     out: list[tuple[tuple[str, ...], str, bool]] = []
-    if not recipe.model.gradient_checkpointing and stage in ("sft", "reward", "ppo", "ppo-ptx"):
+    checkpointed = ("sft", "reward", "ppo", "ppo-ptx") if PPO_CHECKPOINTS else ("sft", "reward")
+    if not recipe.model.gradient_checkpointing and stage in checkpointed:
         out.append((("model.gradient_checkpointing=true",), "~30 % slower steps, same results", True))
     if stage in ("sft", "reward"):
         batch = trainer_value(recipe, stage, "per_device_train_batch_size")

@@ -44,9 +44,13 @@ ACT_DROPOUT = 1.45
 # With gradient checkpointing only each layer's input (H per token) stays, plus one layer recomputed in backward.
 ADAM_BYTES = 8                   # AdamW: exp_avg + exp_avg_sq, fp32
 ADAM_8BIT_BYTES = 2              # bitsandbytes' 8-bit AdamW (sft/reward `optim: *adamw_8bit`)
-# RSS above the live tensors on the CPU: glibc keeps freed activations in its heap between steps, so the
-# high-water mark exceeds the largest live set by a share of the transient memory (fitted on bench_plan.py).
-CPU_HEAP_SLACK = 0.25
+# RSS above the live tensors on the CPU: glibc keeps freed activations (many tensors of a few MB, served from its
+# heap) between steps, so the high-water mark exceeds the live set by a share of them (fitted on bench_plan.py).
+# Vocabulary-sized logits are large enough to be mmapped and returned on free: no slack on them.
+CPU_HEAP_SLACK = 0.5
+# stages/ppo does not apply model.gradient_checkpointing to its training forwards (yet): set True once it does.
+PPO_CHECKPOINTS = False
+CPU_ADAPTER_SETUP = 0.8
 
 Device = Literal["cpu", "cuda"]
 QuantMode = Literal["4bit", "8bit", "none"]
@@ -213,7 +217,13 @@ def _resident(shape: ModelShape, base: Base, roles: dict[str, bool], for_trainin
 
 def _load_phase(shape: ModelShape, base: Base, for_training: bool = True, lm_head: bool = True) -> Phase:
     parts = [runtime(base), *weight_parts(shape, base, for_training, lm_head)]
-    return Phase("load", parts + load_parts(shape, base, sum(p.bytes for p in parts[1:])))
+    parts += load_parts(shape, base, sum(p.bytes for p in parts[1:]))
+    if base.device == "cpu" and base.quant == "4bit":
+        # measured (bench_plan.py): putting PEFT adapters on a 4-bit CPU base right after loading raises the
+        # resident set by ~0.8 x an fp32 copy of the linear weights before it settles
+        parts.append(Part("adapter setup", int(CPU_ADAPTER_SETUP * shape.linear_params() * 4),
+                          "CPU 4-bit: measured while PEFT wraps the base"))
+    return Phase("load", parts)
 
 
 def sft_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> StageEstimate:
@@ -226,7 +236,7 @@ def sft_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> 
     tokens = batch * max_length
     acts = activation_bytes(shape, base, batch, max_length)
     logits = tokens * shape.vocab_size * (base.dtype_bytes + 16)
-    transient = acts + logits + layer_workspace(shape, base, tokens)
+    transient = acts + layer_workspace(shape, base, tokens)
     train = Phase("train", [*_resident(shape, base, {"policy": True}),
                             Part("activations", acts, _act_note(base, batch, max_length)),
                             Part("logits", logits, f"[{batch}, {max_length}, {shape.vocab_size}] + fp32 copy, "
@@ -295,6 +305,7 @@ class PPOShape:
     reference_adapter: bool = True
     ptx_rows: int = 0            # ptx_batch_size when ptx_coef > 0
     ptx_length: int = 0
+    backward_passes: int = 1     # policy backward passes per PPO step: epochs x mini-batches x accumulation
 
 
 def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo") -> StageEstimate:
@@ -328,19 +339,30 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
 
     # 5. optimise: the policy's forward + backward (+ ptx on the same graph), then the value's
     m = p.micro_batch
-    acts = activation_bytes(shape, base, m, seq)
-    logits = 3 * m * p.response_length * v * max(dt, 4)  # tempered logits, their grad, the LM head's grad
-    policy = acts + logits + layer_workspace(shape, base, m * seq)
-    opt_parts = [Part("activations", acts, _act_note(base, m, seq)),
-                 Part("logits", logits, f"[{m}, {p.response_length}, {v}] tempered + 2 grads, kept for entropy")]
+    # the PPO stage does not checkpoint today (measured: the same peak with model.gradient_checkpointing on)
+    acts = activation_bytes(shape, replace(base, gradient_checkpointing=PPO_CHECKPOINTS), m, seq)
+    # tempered logits, their grad, the LM head output's grad, the fp32 copy / chunks the entropy statistic takes
+    logits = 4 * m * p.response_length * v * max(dt, 4)
+    policy = acts + layer_workspace(shape, base, m * seq)
+    opt_parts = [Part("activations", acts, _act_note(replace(base, gradient_checkpointing=PPO_CHECKPOINTS), m, seq)),
+                 Part("logits", logits, f"[{m}, {p.response_length}, {v}] tempered + 2 grads + entropy copy")]
     if p.ptx_rows:
-        ptx_acts = activation_bytes(shape, base, p.ptx_rows, p.ptx_length)
+        ptx_acts = activation_bytes(shape, replace(base, gradient_checkpointing=PPO_CHECKPOINTS), p.ptx_rows,
+                                    p.ptx_length)
         ptx_logits = 3 * p.ptx_rows * p.ptx_length * v * 4
         opt_parts += [Part("ptx activations", ptx_acts, f"{p.ptx_rows} x {p.ptx_length} tokens, same graph"),
                       Part("ptx logits", ptx_logits, "LM loss over the ptx rows, fp32")]
-        policy += ptx_acts + ptx_logits
+        policy += ptx_acts
     opt_parts.append(Part("backward workspace", layer_workspace(shape, base, m * seq)))
-    optimise = Phase("optimisation", [*resident, buffers, *opt_parts, *heap_slack(base, policy)])
+    if base.device == "cpu":
+        # measured: glibc keeps what the rollout freed (dequantized weights, logits) and the optimisation's
+        # tensors mostly land beside it, so on the CPU the rollout's temporaries still count here
+        kept = sum(x.bytes for x in gen)
+        opt_parts.append(Part("rollout heap kept", kept, "CPU: freed by the rollout, still resident (glibc)"))
+    # measured: each further backward pass of a step (epochs x mini-batches x accumulation) fragments the heap more;
+    # two passes or more hold about twice the one-pass slack
+    passes = min(2, p.backward_passes)
+    optimise = Phase("optimisation", [*resident, buffers, *opt_parts, *heap_slack(base, passes * policy)])
     settings = {"batch_size": p.batch_size, "forward_batch": b, "micro_batch": m, "prompt_length": p.prompt_length,
                 "response_length": p.response_length, "roles": list(roles)}
     return StageEstimate(stage, [_load_phase(shape, base), rollout, scoring, optimise], settings)

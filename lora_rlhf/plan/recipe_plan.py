@@ -6,7 +6,7 @@ stages would apply, so its numbers are for the run that recipe starts. Nothing i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lora_rlhf.errors import LoraRlhfError
@@ -76,7 +76,8 @@ def ppo_shape(recipe: Recipe, prompt_length: int, ptx: bool) -> PPOShape:
     return PPOShape(batch_size=cfg.batch_size, forward_batch=min(cfg.local_rollout_forward_batch_size, cfg.batch_size),
                     micro_batch=micro, response_length=cfg.response_length, prompt_length=prompt_length,
                     with_value=cfg.advantage_estimator == "gae", reward_adapter=cfg.reward_fn is None,
-                    ptx_rows=cfg.ptx_batch_size if ptx and cfg.ptx_coef > 0 else 0, ptx_length=cfg.ptx_max_length)
+                    ptx_rows=cfg.ptx_batch_size if ptx and cfg.ptx_coef > 0 else 0, ptx_length=cfg.ptx_max_length,
+                    backward_passes=cfg.num_ppo_epochs * cfg.num_mini_batches * cfg.gradient_accumulation_steps)
 
 
 def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanContext) -> StageEstimate:
@@ -92,6 +93,8 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
                                trainer_value(recipe, "reward", "max_length"))
     base = base_settings(recipe, ctx.device)
     if stage in ("ppo", "ppo-ptx"):
+        # PPO sets every dropout to p=0 (stages/ppo/roles.disable_dropout): torch then returns the input, no copy
+        base = replace(base, lora_dropout=0.0)
         return ppo_estimate(shape, base, ppo_shape(recipe, q, ptx=stage == "ppo-ptx"), stage)
     if stage == "compare":
         c = recipe.compare
