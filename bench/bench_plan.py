@@ -2,12 +2,14 @@
 
     python bench/bench_plan.py                 # every configuration (~10 min on one core)
     python bench/bench_plan.py --only sft-135m-4bit ppo-anchor
+    python bench/bench_plan.py --device cuda --model meta-llama/Llama-3.1-8B-Instruct   # validate on a GPU
 
 Each configuration runs the library's own stage code (run_sft, run_reward, the PPO trainer's steps, generation)
 on the embedded SmolLM2-135M or a tiny Llama, in its own subprocess so that high-water marks do not mix. The
 measurement is the resident-set high-water mark over the stage (VmHWM after resetting it through
 /proc/self/clear_refs once the libraries are imported: lora_rlhf.plan.preflight.reset_peak / peak_bytes);
-the prediction is `lora-rlhf plan` on the same recipe, with the prompt length the data really has. Sequences
+on CUDA the measurement is torch.cuda.max_memory_allocated over the stage, compared with the prediction minus
+its CUDA-context part (which that counter does not see). The prediction is `lora-rlhf plan` on the same recipe, with the prompt length the data really has. Sequences
 are made exactly as long as the recipe's max_length (SFT texts are cut there; reward pairs are built to that
 length; PPO responses never stop early), so the plan's upper bound is the real length.
 
@@ -58,9 +60,9 @@ CONFIGS: dict[str, tuple[str, str, list[str]]] = {
 
 
 # ---------------------------------------------------------------------------------------------- child side
-def base_recipe(work: Path, model: str) -> dict:
+def base_recipe(work: Path, model: str, device: str = "cpu") -> dict:
     return {"output_dir": str(work / "run"), "seed": 0,
-            "model": {"name": model, "device": "cpu", "dtype": "fp32"},
+            "model": {"name": model, "device": device, "dtype": "fp32" if device == "cpu" else "auto"},
             "quantization": {"mode": "4bit"}, "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
             "sft": {"max_steps": 2, "logging_steps": 1, "save_strategy": "no"},
             "reward": {"max_steps": 2, "logging_steps": 1, "save_strategy": "no", "normalize": False,
@@ -95,14 +97,15 @@ def _to_length(tokenizer, encode, prompt: str, length: int, seed: int) -> str:
     return " ".join(words)
 
 
-def prepare_adapters(work: Path, model: str) -> None:
+def prepare_adapters(work: Path, model: str, device: str = "cpu") -> None:
     """Random (fixed) SFT and reward adapters for PPO, written once per model."""
     import torch
 
     from lora_rlhf.core.base import SharedBase
     from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
 
-    sb = SharedBase.load(ModelConfig(name=model, device="cpu"), QuantizationConfig(mode="none"), for_training=False)
+    quant = QuantizationConfig(mode="4bit" if device == "cuda" else "none")
+    sb = SharedBase.load(ModelConfig(name=model, device=device), quant, for_training=False)
     lora = LoraSettings(r=16, alpha=32, dropout=0.0)
     torch.manual_seed(0)
     sb.add_adapter("policy", lora)
@@ -112,33 +115,34 @@ def prepare_adapters(work: Path, model: str) -> None:
     sb.save_adapter("reward", work / "reward-adapter", stage="reward", reward_offset=0.0)
 
 
-def child(name: str, work: Path, model: str) -> dict:
+def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     import torch
 
     import lora_rlhf.stages.ppo.trainer  # noqa: F401 - libraries count in the runtime, imported before the reset
     import lora_rlhf.stages.reward  # noqa: F401
     import lora_rlhf.stages.sft  # noqa: F401
     from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.plan.model_shape import load_shape
     from lora_rlhf.plan.preflight import peak_bytes, reset_peak
     from lora_rlhf.plan.recipe_plan import PlanContext, stage_estimate
-    from lora_rlhf.plan.model_shape import load_shape
     from lora_rlhf.recipe.config import recipe_from_dict
 
     torch.set_num_threads(1)
     stage, _, overrides = CONFIGS[name]
-    raw = base_recipe(work, model)
+    raw = base_recipe(work, model, device_type)
     raw["data"] = {"sft": {"path": str(work / "sft.jsonl")}, "reward": {"path": str(work / "pairs.jsonl")},
                    "prompts": {"path": str(work / "prompts.jsonl")}}
     recipe = recipe_from_dict(raw, overrides)
     tokenizer = load_tokenizer(recipe.model)
     prompt_length = write_data(work, tokenizer, recipe)
-    predicted = stage_estimate(recipe, stage, load_shape(model), PlanContext("cpu", prompt_length))
-    device = torch.device("cpu")
+    predicted = stage_estimate(recipe, stage, load_shape(model), PlanContext(device_type, prompt_length))
+    device = torch.device(device_type)
     reset_peak(device)
     started = time.perf_counter()
     run_stage(stage, recipe)
     measured = peak_bytes(device)
-    return {"name": name, "stage": stage, "measured": measured, "predicted": predicted.peak,
+    context = sum(p.bytes for p in predicted.peak_phase.parts if p.name == "runtime") if device_type == "cuda" else 0
+    return {"name": name, "stage": stage, "measured": measured, "predicted": predicted.peak - context,
             "phase": predicted.peak_phase.name, "seconds": time.perf_counter() - started,
             "parts": {p.name: p.bytes for p in predicted.peak_phase.parts}}
 
@@ -174,31 +178,38 @@ def run_stage(stage: str, recipe) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="run only these configurations")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the stages run")
+    parser.add_argument("--model", dest="big_model", default=EMBEDDED,
+                        help="the base of the non-tiny configurations (a Hub id works with Hub access)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--child-model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "prepare":
-        prepare_adapters(Path(args.work), args.model)
+        prepare_adapters(Path(args.work), args.child_model, args.device)
         return
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, Path(args.work), args.model)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, Path(args.work), args.child_model, args.device)), flush=True)
         return
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.big_model == EMBEDDED:
+        env["HF_HUB_OFFLINE"] = "1"  # the embedded model needs no network; never wait on one
     names = args.only or list(CONFIGS)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
-        models = {"135m": EMBEDDED, "tiny": str(build_tiny(Path(tmp) / "tiny-model"))}
+        models = {"135m": args.big_model, "tiny": str(build_tiny(Path(tmp) / "tiny-model"))}
         for key, model in models.items():
             work = Path(tmp) / key
             work.mkdir()
             if any(CONFIGS[n][1] == key and CONFIGS[n][0] in ("ppo", "compare") for n in names):
-                _run([sys.executable, __file__, "--child", "prepare", "--work", str(work), "--model", model], env)
+                _run([sys.executable, __file__, "--child", "prepare", "--work", str(work), "--child-model", model,
+                      "--device", args.device], env)
         for name in names:
             stage, key, _ = CONFIGS[name]
             work = Path(tmp) / key
-            out = _run([sys.executable, __file__, "--child", name, "--work", str(work), "--model", models[key]], env)
+            out = _run([sys.executable, __file__, "--child", name, "--work", str(work), "--child-model", models[key],
+                        "--device", args.device], env)
             results += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
             r = results[-1]
             print(f"[{name}: {r['seconds']:.0f} s]", file=sys.stderr, flush=True)

@@ -18,7 +18,13 @@ from lora_rlhf.plan.estimate import Base, activation_bytes, quantized_linear_byt
 from lora_rlhf.plan.model_shape import load_shape, shipped_configs
 from lora_rlhf.plan.preflight import OutOfMemoryPlan, peak_bytes, preflight, reset_peak
 from lora_rlhf.plan.recipe_plan import TRAINER_DEFAULTS, PlanContext, stage_estimate
-from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, load_recipe, recipe_from_dict
+from lora_rlhf.recipe.config import (
+    LoraSettings,
+    ModelConfig,
+    QuantizationConfig,
+    load_recipe,
+    recipe_from_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
