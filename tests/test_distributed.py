@@ -30,9 +30,9 @@ def launch_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def torchrun(*args: str, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, timeout: int = TIMEOUT, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -161,3 +161,81 @@ def test_bad_distributed_input_stops_every_rank_with_one_message(ppo_recipe, cas
     # torchrun then reports the failed ranks with its own traceback; none comes from our code
     assert f"{REPO / 'lora_rlhf'}" not in run.stderr and f"{REPO / 'cli'}" not in run.stderr
     assert not (Path(recipe["output_dir"]) / "ppo").exists()  # nothing half-written
+
+
+def _run_twice(tiny_recipe, tmp_path, stage: str, data: dict, one: dict, two: dict) -> tuple[Path, Path]:
+    """`stage` as one process with `one` trainer settings and as 2 ranks with `two`; returns both output folders."""
+    outs = []
+    for name, settings, nproc in (("one", one, 1), ("two", two, 2)):
+        recipe = tiny_recipe(output_dir=str(tmp_path / name), data=data, **{stage: settings})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        run = torchrun("-m", "cli.main", stage, str(path), nproc=nproc)
+        assert run.returncode == 0, run.stderr[-3000:]
+        out = tmp_path / name / stage
+        assert json.loads((out / "metrics.json").read_text())["world_size"] == nproc
+        assert f"world size {nproc}" in (out / "train.log").read_text()
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def _assert_same_trained_tensors(one: Path, two: Path, *files: str) -> None:
+    from safetensors.torch import load_file
+
+    for file in files:
+        a, b = load_file(str(one / file)), load_file(str(two / file))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=f"{file}: {key}")
+    lora_b = [v for k, v in load_file(str(one / files[0])).items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # the step moved the adapter off PEFT's zero init
+
+
+def test_one_sft_step_on_two_ranks_equals_one_process_accumulating_both_batches(tiny_recipe, tmp_path):
+    from conftest import write_jsonl
+    from test_sft import DEMOS
+
+    data = {"sft": {"path": str(write_jsonl(tmp_path / "demos.jsonl", DEMOS)), "eval_fraction": 0}}
+    common = {"max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "save_strategy": "no",
+              "logging_steps": 1}
+    one, two = _run_twice(tiny_recipe, tmp_path, "sft", data, {**common, "gradient_accumulation_steps": 2}, common)
+    _assert_same_trained_tensors(one, two, "adapter_model.safetensors")
+
+
+def test_one_reward_step_on_two_ranks_equals_one_process_and_keeps_prompt_groups(tiny_recipe, tmp_path):
+    from conftest import write_jsonl
+    from test_reward import banana_rankings, demos
+
+    data = {"reward": {"path": str(write_jsonl(tmp_path / "rank.jsonl", banana_rankings(8))), "eval_fraction": 0.25},
+            "sft": {"path": str(write_jsonl(tmp_path / "demos.jsonl", demos()))}}
+    # 4 pairs per prompt and 4 pairs per batch: each rank's batch is one whole prompt.
+    common = {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "save_strategy": "no",
+              "eval_strategy": "no", "logging_steps": 1}
+    one, two = _run_twice(tiny_recipe, tmp_path, "reward", data, {**common, "gradient_accumulation_steps": 2}, common)
+    _assert_same_trained_tensors(one, two, "adapter_model.safetensors", "head.safetensors")
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["eval_pairs"] == 8 and "reward_offset" in metrics  # rank 0 checked and normalised once
+
+
+@pytest.mark.slow
+def test_two_process_pipeline_quick_variant_completes_and_writes_once(tmp_path):
+    from test_pipeline import quick_overrides
+
+    out = tmp_path / "demo"
+    args = [a for o in quick_overrides(out) for a in ("--set", o)]
+    run = torchrun("-m", "cli.main", "pipeline", "recipes/demo_smollm2_cpu.yaml", *args, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("pipeline done") == 1
+    assert json.loads((out / "sft" / "metrics.json").read_text())["world_size"] == 2
+    assert json.loads((out / "reward" / "metrics.json").read_text())["world_size"] == 2
+    for stage in ("ppo", "ppo-ptx"):
+        assert json.loads((out / stage / "run.json").read_text())["world_size"] == 2
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["settings"]["world_size"] == 2
+    # compare and eval: prompts sharded over the ranks, gathered back in the prompts' own order
+    prompts = [json.loads(line)["prompt"] for line in (out / "data" / "prompts_train.jsonl").read_text().splitlines()]
+    candidates = [json.loads(line) for line in (out / "compare" / "candidates.jsonl").read_text().splitlines()]
+    assert [c["prompt"] for c in candidates] == prompts and all(len(c["responses"]) == 3 for c in candidates)
+    eval_prompts = [json.loads(line)["prompt"] for line in (out / "data" / "prompts_eval.jsonl").read_text().splitlines()]
+    responses = [json.loads(line) for line in (out / "eval" / "responses.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in responses] == eval_prompts

@@ -1,7 +1,7 @@
 """The library's shape, read from its imports (ast, nothing executed): layers that import only downward,
 no import cycles, and no imports of our own modules hidden inside functions.
 
-    0 errors, the package itself     1 recipe     2 core     3 hub, labeling, tasks     4 stages
+    0 errors, the package itself     1 recipe     2 core     3 hub, labeling, tasks, plan     4 stages
 cli sits on top of everything and the library never imports it.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lora_rlhf"
-LAYERS = {"errors": 0, "recipe": 1, "core": 2, "hub": 3, "labeling": 3, "tasks": 3, "stages": 4}
+LAYERS = {"errors": 0, "recipe": 1, "core": 2, "hub": 3, "labeling": 3, "tasks": 3, "plan": 3, "stages": 4}
 
 
 def module_name(path: Path) -> str:

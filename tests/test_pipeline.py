@@ -64,11 +64,9 @@ def test_complete_stages_are_skipped_and_force_reruns(tmp_path, monkeypatch):
     assert is_complete(recipe, "reward")
 
 
-@pytest.mark.slow
-def test_demo_pipeline_end_to_end_quick_variant(tmp_path):
-    """The demo recipe with tiny sizes on the embedded 135M model: every stage, then a resume that skips all."""
-    out = tmp_path / "demo"
-    overrides = [
+def quick_overrides(out) -> list[str]:
+    """--set values that shrink the demo recipe to seconds per stage (the test below; 2 ranks in test_distributed)."""
+    return [
         f"output_dir={out}",
         f"data.sft.path={out}/data/sft.jsonl", f"data.prompts.path={out}/data/prompts_train.jsonl",
         f"data.ptx.path={out}/data/ptx.jsonl", f"data.eval.path={out}/data/prompts_eval.jsonl",
@@ -81,7 +79,13 @@ def test_demo_pipeline_end_to_end_quick_variant(tmp_path):
         "ppo.num_mini_batches=1", "ppo.num_ppo_epochs=1", "ppo.response_length=12", "ppo.save_steps=1",
         "ppo.ptx_batch_size=2",
     ]
-    args = ["pipeline", "recipes/demo_smollm2_cpu.yaml"] + [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_quick_variant(tmp_path):
+    """The demo recipe with tiny sizes on the embedded 135M model: every stage, then a resume that skips all."""
+    out = tmp_path / "demo"
+    args = ["pipeline", "recipes/demo_smollm2_cpu.yaml"] + [a for o in quick_overrides(out) for a in ("--set", o)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     for path in ("data/sft.jsonl", "sft/lora_rlhf.json", "compare/candidates.jsonl", "compare/rankings.jsonl",

@@ -9,12 +9,12 @@ returns its input, and no process group is created.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from lora_rlhf.errors import LoraRlhfError
 
 
 def launched() -> bool:
@@ -59,17 +59,6 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (converts or downloads into the shared cache); the others wait, then run it
-    and find the cache filled, so N ranks never write one cache folder at once."""
-    if not launched():
-        yield
-        return
-    with state().main_process_first():
-        yield
-
-
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (pickled: keep it small, tensors on the CPU)."""
     if not launched():
@@ -77,6 +66,17 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def shard(n: int) -> range:
+    """This rank's contiguous share of n items (shares differ in size by at most one)."""
+    world, r = world_size(), rank()
+    return range(r * n // world, (r + 1) * n // world)
+
+
+def gather_shards(items: list[Any]) -> list[Any]:
+    """Every rank's `shard` results concatenated in rank order: the order of one process over all n items."""
+    return [x for part in gather_objects(items) for x in part]
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -131,13 +131,16 @@ def describe() -> str:
     return f"world size {world_size()}" + (f" (rank {rank()})" if launched() else "")
 
 
+def sharded_engine() -> str | None:
+    """'FSDP' or 'DeepSpeed' when `accelerate launch` was given such a config (it says so in the environment)."""
+    return next((name for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+                 if os.environ.get(flag, "").lower() in ("1", "true", "yes")), None)
+
+
 def refuse_sharded_engine(stage: str) -> None:
     """PPO keeps several adapters on one base; under FSDP / DeepSpeed ZeRO that is known to hang or break
     (peft #2834, trl #3371). Stop before loading, with what to use instead."""
-    from lora_rlhf.errors import LoraRlhfError
-
-    engine = next((name for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
-                   if os.environ.get(flag, "").lower() in ("1", "true", "yes")), None)
+    engine = sharded_engine()
     if engine is not None:
         raise LoraRlhfError(
             f"`{stage}` does not run under {engine}: its policy, reference, reward and value adapters share one base, "

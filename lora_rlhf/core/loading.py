@@ -51,13 +51,12 @@ def load_tokenizer(model_cfg: ModelConfig | str):
 
     if isinstance(model_cfg, str):
         model_cfg = ModelConfig(name=model_cfg)
-    with distributed.main_process_first():
-        path = resolve_model(model_cfg.name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
-                                                      trust_remote_code=model_cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise _load_error(model_cfg, path, e, "tokenizer") from e
+    path = resolve_model(model_cfg.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg, path, e, "tokenizer") from e
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         # A pad equal to the end-of-turn token makes "not padding" masks hide real separators.
         for candidate in (*_PAD_CANDIDATES, tokenizer.unk_token):
@@ -74,21 +73,24 @@ def load_config(model_cfg: ModelConfig):
     """The base's transformers config alone (no weights): enough to check that an adapter fits."""
     from transformers import AutoConfig
 
-    with distributed.main_process_first():
-        path = resolve_model(model_cfg.name)
-        try:
-            return AutoConfig.from_pretrained(path, revision=model_cfg.revision,
-                                              trust_remote_code=model_cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise _load_error(model_cfg, path, e, "config") from e
+    path = resolve_model(model_cfg.name)
+    try:
+        return AutoConfig.from_pretrained(path, revision=model_cfg.revision,
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg, path, e, "config") from e
 
 
 def quantization_config(q: QuantizationConfig, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if q.mode == "4bit":
+        # FSDP / ZeRO shard flat parameters of one dtype: the packed 4-bit weights must then be stored in the
+        # compute dtype rather than uint8 (PEFT's FSDP-QLoRA recipe).
+        storage = dtype if distributed.sharded_engine() else torch.uint8
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                  bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=storage)
     if q.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -113,26 +115,31 @@ def load_pretrained(model_cfg: ModelConfig, quant: QuantizationConfig, pad_token
         from transformers import AutoModelForCausalLM as auto_class
     device = resolve_device(model_cfg)  # under a launcher: this rank's own GPU
     dtype = compute_dtype(model_cfg, device)
-    # Rank 0 converts / downloads into the cache first; the other ranks then load from it.
-    with distributed.main_process_first():
-        path = resolve_model(model_cfg.name)
-        try:
-            model = auto_class.from_pretrained(
-                path, revision=model_cfg.revision, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                quantization_config=quantization_config(quant, dtype), device_map={"": str(device)}, **kwargs)
-        except (OSError, ValueError) as e:
-            raise _load_error(model_cfg, path, e, "model") from e
+    # Ranks never race on a cache folder: the embedded model converts under a lock (models.prepare_embedded), and
+    # huggingface_hub locks each file it downloads, so N ranks fetch a Hub model once.
+    path = resolve_model(model_cfg.name)
+    # Under FSDP / ZeRO the engine places (and shards) the weights; otherwise every weight goes to this rank's device.
+    sharded = distributed.sharded_engine() is not None
+    try:
+        model = auto_class.from_pretrained(
+            path, revision=model_cfg.revision, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+            quantization_config=quantization_config(quant, dtype),
+            device_map=None if sharded else {"": str(device)}, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg, path, e, "model") from e
     disable_cpu_weight_repacking(model)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = pad_token_id
-    if for_training and quant.mode != "none":
+    if for_training and quant.mode != "none" and not sharded:  # it upcasts norms to fp32: FSDP needs one dtype
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
+        # Non-reentrant checkpointing: the reentrant kind breaks under DDP (parameters marked ready twice).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif for_training and model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if device.type == "cpu" and quant.mode != "none":
         release_checkpoint_file(model)

@@ -45,10 +45,24 @@ def _gguf_location(name: str) -> tuple[Path, str]:
 
 
 def prepare_embedded(name: str) -> Path:
-    """Convert the embedded GGUF into a cached HF folder once; return the folder."""
+    """Convert the embedded GGUF into a cached HF folder once; return the folder.
+
+    Under a lock: the ranks of a data-parallel run (or two commands started together) all ask for the folder at
+    once; the first converts, the others wait and find it done. A lock rather than a barrier, because a rank
+    may load alone (the reward stage's reload check runs on rank 0 only) and a barrier there would pair with an
+    unrelated one on the other ranks.
+    """
+    from filelock import FileLock
+
     target = cache_home() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            return target
+        return _convert(name, target)
+
+
+def _convert(name: str, target: Path) -> Path:
     folder, filename = _gguf_location(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

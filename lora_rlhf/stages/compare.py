@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
@@ -70,11 +71,12 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
         role = "policy"
     judge = load_labeler(cfg.labeler, shared) if cfg.labeler else None
     torch.manual_seed(recipe.seed)  # the samples follow from the recipe's seed, not from whatever ran before
-    # --- sample (and label) batch by batch
+    # --- sample (and label) batch by batch; under a launcher each rank takes its contiguous share of the prompts
+    mine = [rows[i] for i in distributed.shard(len(rows))]
     candidates, rankings = [], []
-    with _progress(len(rows), enabled=progress) as advance:
-        for start in range(0, len(rows), cfg.batch_size):
-            chunk = rows[start:start + cfg.batch_size]
+    with _progress(len(mine), enabled=progress and distributed.is_main()) as advance:
+        for start in range(0, len(mine), cfg.batch_size):
+            chunk = mine[start:start + cfg.batch_size]
             responses = generate_responses(
                 shared, [r["prompt"] for r in chunk], role=role, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_p=cfg.top_p, num_return_sequences=cfg.k, batch_size=cfg.batch_size)
@@ -85,14 +87,17 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
                 if judge is not None:
                     rankings.append({**line, **judge(row["prompt"], answers), "labeler": cfg.labeler})
             advance(len(chunk))
-    # --- save: whole files, atomically. rankings.jsonl marks the stage complete: an earlier run's must not stand
-    # beside this run's candidates and recipe, were this save cut short (or this run has no labeler).
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RANKINGS).unlink(missing_ok=True)
-    save_recipe(recipe, out / "recipe.yaml")
-    write_jsonl_atomic(out / CANDIDATES, candidates)
-    if judge is not None:
-        write_jsonl_atomic(out / RANKINGS, rankings)
+    candidates, rankings = distributed.gather_shards(candidates), distributed.gather_shards(rankings)
+    # --- save (rank 0): whole files, atomically. rankings.jsonl marks the stage complete: an earlier run's must
+    # not stand beside this run's candidates and recipe, were this save cut short (or this run has no labeler).
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RANKINGS).unlink(missing_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
+        write_jsonl_atomic(out / CANDIDATES, candidates)
+        if judge is not None:
+            write_jsonl_atomic(out / RANKINGS, rankings)
+    distributed.barrier()
     return out
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import is_finished
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.errors import RecipeError
@@ -83,7 +84,9 @@ def _run_stage(recipe: Recipe, stage: str) -> Path | None:
         if not recipe.pipeline.data_builder:
             return None  # the datasets are the user's own files; each stage validates what it reads
         builder = load_callable(recipe.pipeline.data_builder, "pipeline.data_builder")
-        builder(recipe, **recipe.pipeline.data_builder_args)
+        if distributed.is_main():  # the files are written once; the other ranks read them after the barrier
+            builder(recipe, **recipe.pipeline.data_builder_args)
+        distributed.barrier()
         return Path(recipe.output_dir) / "data"
     if stage == "sft":
         return run_sft(recipe)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, recipe_adapter, write_adapter_meta
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data, load_table
@@ -45,8 +46,7 @@ from lora_rlhf.stages.trainer_setup import (
     RecipeStepsOnResume,
     last_checkpoint,
     loss_summary,
-    output_folder,
-    stage_log,
+    stage_outputs,
     trainer_args,
 )
 
@@ -376,11 +376,14 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     torch.manual_seed(recipe.seed)  # the new LoRA and head init follow from the recipe, not from what ran before
     model, dtype = load_seqcls_model(recipe, tokenizer, init_adapter)
     checkpoint = last_checkpoint(out) if resume else None
-    with output_folder(out, resume), stage_log(out, "reward") as log:
-        save_recipe(recipe, out / "recipe.yaml")
-        metrics, offset, head, base_info = _train_and_check(
-            recipe, model, dtype, tokenizer, args, (train, held_out), (train_ds, eval_ds, dropped), demos,
-            init_adapter, out, checkpoint, log)
+    with stage_outputs(out, "reward", resume) as (log, main):
+        if main:
+            save_recipe(recipe, out / "recipe.yaml")
+        checked = _train_and_check(recipe, model, dtype, tokenizer, args, (train, held_out),
+                                   (train_ds, eval_ds, dropped), demos, init_adapter, out, checkpoint, log)
+        if checked is None:  # not rank 0: it trained its share; rank 0 saves and checks
+            return out
+        metrics, offset, head, base_info = checked
         write_metrics(out, metrics)
         write_adapter_meta(out, "reward", "reward", base_info, head, reward_offset=offset)
         log.info("reward done: %s", {k: metrics.get(k) for k in ("train_loss", "eval_pairwise_accuracy",
@@ -391,9 +394,10 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
 def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: Any, args: Any,
                      comparisons: tuple[list[Comparison], list[Comparison] | None], datasets_: tuple[Any, Any, int],
                      demos: Any, init_adapter: Path | None, out: Path, checkpoint: str | None,
-                     log: Any) -> tuple[dict[str, Any], float, ScalarHead, dict[str, Any]]:
+                     log: Any) -> tuple[dict[str, Any], float, ScalarHead, dict[str, Any]] | None:
     """Train; save the adapter for the causal base; reload it there as PPO will and check it reproduces the
-    trained scores; held-out accuracy; the demonstrations' offset. -> (metrics, offset, head, base info)."""
+    trained scores; held-out accuracy; the demonstrations' offset. -> (metrics, offset, head, base info), or
+    None on a rank other than 0 once training and the trainer's evaluation (both collective) are done."""
     (train, held_out), (train_ds, eval_ds, dropped) = comparisons, datasets_
     log.info("reward: %d train / %d held-out comparisons (%d dropped as longer than %s tokens), init from %s, "
              "base %s (%s), group_by_prompt=%s, resume from %s", len(train_ds), len(held_out or []), dropped,
@@ -410,10 +414,13 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
     metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,
                                "global_step": result.global_step, "resumed_from": checkpoint,
                                "train_pairs": len(train_ds), "pairs_dropped_too_long": dropped,
-                               "init_adapter": str(init_adapter) if init_adapter else None}
+                               "init_adapter": str(init_adapter) if init_adapter else None,
+                               "world_size": distributed.world_size()}
     metrics.update(loss_summary(callback.history))
     if eval_ds is not None:
         metrics.update(callback.final_eval(trainer))
+    if not distributed.is_main():
+        return None
     # --- save the adapter for the causal base; keep reference scores of the trained model
     check = (held_out or train)[:CHECK_ROWS]
     check_prompts = [c.prompt for c in check] + [c.prompt for c in check]

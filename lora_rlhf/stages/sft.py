@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.logs import LogCallback, write_metrics
@@ -27,8 +28,7 @@ from lora_rlhf.stages.trainer_setup import (
     RecipeStepsOnResume,
     last_checkpoint,
     loss_summary,
-    output_folder,
-    stage_log,
+    stage_outputs,
     trainer_args,
 )
 
@@ -66,14 +66,16 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     else:
         shared.add_adapter(ADAPTER, recipe.lora, trainable=True)
     checkpoint = last_checkpoint(out) if resume else None
-    with output_folder(out, resume), stage_log(out, "sft") as log:
-        save_recipe(recipe, out / "recipe.yaml")
+    with stage_outputs(out, "sft", resume) as (log, main):
+        if main:
+            save_recipe(recipe, out / "recipe.yaml")
         log.info("SFT: %d train / %d eval rows, base %s (%s), resume from %s", len(train),
                  0 if held_out is None else len(held_out), recipe.model.name, recipe.quantization.mode, checkpoint)
         metrics = _train(recipe, shared, train, held_out, out, checkpoint, log)
-        # --- save: adapter + tokenizer + metadata last
-        write_metrics(out, metrics)
-        shared.save_adapter(ADAPTER, out, stage="sft")
+        # --- save (rank 0): adapter + tokenizer + metadata last
+        if main:
+            write_metrics(out, metrics)
+            shared.save_adapter(ADAPTER, out, stage="sft")
         log.info("SFT done: %s", {k: metrics[k] for k in ("train_loss", "wall_seconds") if k in metrics})
     return out, shared
 
@@ -96,7 +98,8 @@ def _train(recipe: Recipe, shared: SharedBase, train: Any, held_out: Any, out: P
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,
-                               "train_rows": len(train), **loss_summary(callback.history)}
+                               "train_rows": len(train), "world_size": distributed.world_size(),
+                               **loss_summary(callback.history)}
     if held_out is not None:
         metrics.update(callback.final_eval(trainer))
         metrics["eval_rows"] = len(held_out)

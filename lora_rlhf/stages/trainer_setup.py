@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import META_FILE
 from lora_rlhf.core.loading import compute_dtype, resolve_device
 from lora_rlhf.core.logs import close_logger, stage_logger
@@ -37,6 +38,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "save_steps": 50,
     "save_total_limit": 1,
     "report_to": "none",
+    # LoRA under DDP: every trainable parameter is used in each step, and looking for unused ones costs a graph
+    # walk (and breaks with gradient checkpointing); TRL's reward model and PEFT models are not PreTrainedModels,
+    # for which transformers would otherwise turn the search on.
+    "ddp_find_unused_parameters": False,
 }
 
 
@@ -50,6 +55,9 @@ def trainer_args(recipe: Recipe, section: str, defaults: dict[str, Any], out: Pa
     if eval_present:
         args.setdefault("eval_strategy", "epoch")
     args.setdefault("gradient_checkpointing", recipe.model.gradient_checkpointing)
+    if args["gradient_checkpointing"]:
+        # Reentrant checkpointing re-runs the forward outside autograd: under DDP it marks parameters ready twice.
+        args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     # Mixed precision exactly when the base computes in that dtype on a GPU; the CPU computes in the base's dtype.
     args.setdefault("bf16", device.type == "cuda" and dtype == torch.bfloat16)
     args.setdefault("fp16", device.type == "cuda" and dtype == torch.float16)
@@ -149,6 +157,23 @@ def output_folder(out: Path, resume: bool) -> Iterator[None]:
         raise
     if kept or replacing:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextmanager
+def stage_outputs(out: Path, stage: str, resume: bool) -> Iterator[tuple[Any, bool]]:
+    """`output_folder` + `stage_log` on rank 0, which alone writes; yields (logger, is_main).
+
+    Under a launcher the other ranks train alongside (the Trainer syncs them) and get a silent logger; they
+    leave the block once rank 0 has written everything, so a next stage on any rank finds its inputs.
+    """
+    if not distributed.is_main():
+        yield logging.getLogger(f"lora_rlhf.{stage}.rank{distributed.rank()}.silent"), False
+        distributed.barrier()
+        return
+    with output_folder(out, resume), stage_log(out, stage) as logger:
+        logger.info("%s: %s", stage, distributed.describe())
+        yield logger, True
+    distributed.barrier()
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import selective_log_softmax
 
+from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import is_finished, recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
@@ -222,13 +223,18 @@ def kl_to_reference(shared: SharedBase, role: str | None, ref_role: str | None, 
 
 def perplexity(shared: SharedBase, role: str | None, texts: Sequence[str], batch_size: int = 8,
                max_tokens: int = PERPLEXITY_MAX_TOKENS) -> float:
-    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens)."""
-    sequences = [shared.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens).
+
+    Under a launcher each rank scores its share of the texts and every rank returns the perplexity of all.
+    """
+    mine = [texts[i] for i in distributed.shard(len(texts))]
+    sequences = [shared.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in mine]
     logp = sequence_logprobs(shared, role, sequences, [1] * len(sequences), 1.0, batch_size)
-    tokens = sum(len(x) for x in logp)
+    parts = distributed.gather_objects((float(sum(x.sum() for x in logp)), sum(len(x) for x in logp)))
+    total, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
     if tokens == 0:
         return float("nan")
-    return math.exp(-float(sum(x.sum() for x in logp)) / tokens)
+    return math.exp(-total / tokens)
 
 
 # ---------------------------------------------------------------------------------------------- labeler
@@ -337,7 +343,9 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
                              fix="point ppo.reward_adapter at the output folder of `lora-rlhf reward`")
     log(f"loaded the base and {len(roles) + has_rm} adapter(s) in {time.time() - t0:.0f}s")
 
-    # 1. sample, 3. RM, 4. KL, 5. length, 7. perplexity
+    # 1. sample, 3. RM, 4. KL, 5. length, 7. perplexity. Under a launcher each rank takes its contiguous share
+    #    of the prompts; the per-prompt results are gathered in prompt order and every rank holds them all.
+    mine = [prompts[i] for i in distributed.shard(len(prompts))]
     responses: dict[str, list[str]] = {}
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, dict[str, float]] = {}
@@ -346,18 +354,21 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
         clock = _Clock()
         torch.manual_seed(recipe.seed)
         samples = [per_prompt[0] for per_prompt in generate_ids(
-            shared, prompts, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
-        responses[p.name] = [answer_text(shared.tokenizer, answer) for _, answer in samples]
+            shared, mine, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
+        my_responses = [answer_text(shared.tokenizer, answer) for _, answer in samples]
+        responses[p.name] = distributed.gather_shards(my_responses)
         clock.lap("generate")
         res: dict[str, Any] = {"adapter": str(p.adapter) if p.adapter else None}
         # KL and length on the ids that were sampled, never on re-tokenised text.
         sequences, starts = [q + a for q, a in samples], [len(q) for q, _ in samples]
-        res["length"] = _mean([len(a) for _, a in samples])
-        res["_kl"] = kl_to_reference(shared, role, ref_role, sequences, starts, cfg.temperature, cfg.batch_size)
+        res["length"] = _mean(distributed.gather_shards([len(a) for _, a in samples]))
+        res["_kl"] = distributed.gather_shards(
+            kl_to_reference(shared, role, ref_role, sequences, starts, cfg.temperature, cfg.batch_size))
         res["kl"] = _mean(res["_kl"])
         clock.lap("kl")
         if has_rm:
-            res["_rm"] = score_texts(shared, prompts, responses[p.name], batch_size=cfg.batch_size).cpu().tolist()
+            res["_rm"] = distributed.gather_shards(
+                score_texts(shared, mine, my_responses, batch_size=cfg.batch_size).cpu().tolist())
             res["rm_score"] = _mean(res["_rm"])
             clock.lap("rm")
         if general is not None:
@@ -402,9 +413,12 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
                 "reward_adapter": str(rm_folder) if rm_folder else None, "labeler": cfg.labeler,
                 "general_text": cfg.general_text, "general_texts": len(general) if general else 0,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "seed": recipe.seed, "seconds_per_policy": timings, "seconds_total": round(time.time() - t0, 1)}
+                "seed": recipe.seed, "world_size": distributed.world_size(), "seconds_per_policy": timings,
+                "seconds_total": round(time.time() - t0, 1)}
     result = EvalResult(results, wins, settings, paired, rows,
                         {p.name: str(p.metrics) for p in policies if p.metrics is not None})
 
-    write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)
+    if distributed.is_main():
+        write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)
+    distributed.barrier()
     return result, out

@@ -17,8 +17,11 @@ step's prompts (1-2), then every rank gathers the global batch (token ids and a 
 computes 3-4 on it identically, so reward normalisation, whitening, group baselines and the KL controller see
 the global batch. In 5 each rank backpropagates its share of every micro-batch, weighted by its share of the
 micro-batch's tokens, and the trainable gradients (policy + value LoRA and the value head: a few MB) are summed
-across ranks before each optimizer step; every rank then holds the same adapters. Why not DDP: see DESIGN.md,
-"Data parallelism".
+across ranks before each optimizer step; every rank then holds the same adapters, and the result equals one
+process's (tests/test_distributed.py). Not DDP: it hooks one model whose parameters all take part in every
+backward, while here the policy and the value backpropagate separately through one model whose active adapter
+changes (DDP's "unused parameters" / "reduction not finished" errors: peft #905, trl #982); one explicit sum per
+optimizer step is also all DDP would communicate.
 
 How this differs from TRL 1.12's PPOTrainer (whose config names we keep):
 - One base, four adapters: the policy and value adapters train together under one optimizer; reference and
