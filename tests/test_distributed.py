@@ -239,3 +239,23 @@ def test_two_process_pipeline_quick_variant_completes_and_writes_once(tmp_path):
     eval_prompts = [json.loads(line)["prompt"] for line in (out / "data" / "prompts_eval.jsonl").read_text().splitlines()]
     responses = [json.loads(line) for line in (out / "eval" / "responses.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in responses] == eval_prompts
+
+
+def test_accelerate_launch_runs_ppo_on_two_processes(ppo_recipe):
+    path, recipe = ppo_recipe("accelerate", total_episodes=4)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", "-m", "cli.main", "ppo", str(path)]
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = Path(recipe["output_dir"]) / "ppo"
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("name", ["ddp_1node", "ddp_2nodes", "fsdp_qlora", "deepspeed_zero3"])
+def test_shipped_accelerate_configs_are_valid(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(REPO / "recipes" / "accelerate" / f"{name}.yaml")
+    assert config.num_processes == 8 * config.num_machines
+    assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[name.split("_")[0]]

@@ -230,3 +230,24 @@ def test_peak_helpers_see_a_new_allocation():
     block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
     assert peak_bytes(cpu) >= before + 60 * 2**20
     del block
+
+
+def test_a_stage_stops_before_loading_when_it_would_not_fit_and_reports_its_own_peak(tiny_recipe, tmp_path,
+                                                                                    monkeypatch):
+    from conftest import write_jsonl
+    from test_sft import DEMOS
+
+    from lora_rlhf.plan import preflight as preflight_module
+    from lora_rlhf.stages.sft import run_sft
+
+    data = {"sft": {"path": str(write_jsonl(tmp_path / "demos.jsonl", DEMOS)), "eval_fraction": 0}}
+    recipe = recipe_from_dict(tiny_recipe(data=data, sft={"max_steps": 1, "save_strategy": "no"}))
+    with monkeypatch.context() as m:
+        m.setattr(preflight_module, "free_bytes", lambda device: 64 * 2**20)  # a device with 64 MB free
+        with pytest.raises(OutOfMemoryPlan, match="predicted to need"):
+            run_sft(recipe)
+        assert not Path(recipe.output_dir).exists()  # stopped before loading or writing anything
+        m.setenv("LORA_RLHF_SKIP_PREFLIGHT", "1")
+        out = run_sft(recipe)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["memory/predicted_gb"] and 0 < metrics["memory/peak_gb"]

@@ -28,6 +28,7 @@ from lora_rlhf.errors import DataError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
 from lora_rlhf.stages.labelers import load_labeler
+from lora_rlhf.stages.memory import check_memory
 
 CANDIDATES = "candidates.jsonl"
 RANKINGS = "rankings.jsonl"
@@ -62,6 +63,7 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
     out = recipe.stage_dir("compare")
     # --- setup: validate prompts, load base + sampling adapter + labeler before sampling anything
     rows = load_prompt_rows(recipe)
+    check_memory(recipe, "compare")
     shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
     # compare.adapter, else OUT/sft when that stage finished, else the bare base
     adapter = recipe_adapter(recipe, "sft", recipe.compare.adapter)

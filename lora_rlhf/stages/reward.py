@@ -40,6 +40,7 @@ from lora_rlhf.core.text import batches, encode
 from lora_rlhf.errors import DataError, ModelError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe, save_recipe
+from lora_rlhf.stages.memory import check_memory
 from lora_rlhf.stages.rankings import Comparison, to_comparisons
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
@@ -373,6 +374,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     if len(train_ds) == 0:
         raise DataError(f"all {len(train)} training comparisons are longer than reward.max_length={args.max_length}",
                         fix="raise reward.max_length, or shorten the prompts/responses")
+    memory = check_memory(recipe, "reward")
     torch.manual_seed(recipe.seed)  # the new LoRA and head init follow from the recipe, not from what ran before
     model, dtype = load_seqcls_model(recipe, tokenizer, init_adapter)
     checkpoint = last_checkpoint(out) if resume else None
@@ -384,10 +386,12 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
         if checked is None:  # not rank 0: it trained its share; rank 0 saves and checks
             return out
         metrics, offset, head, base_info = checked
+        metrics.update(memory.metrics())
         write_metrics(out, metrics)
         write_adapter_meta(out, "reward", "reward", base_info, head, reward_offset=offset)
         log.info("reward done: %s", {k: metrics.get(k) for k in ("train_loss", "eval_pairwise_accuracy",
-                                                                 "reward_offset", "reload_max_abs_diff")})
+                                                                 "reward_offset", "reload_max_abs_diff",
+                                                                 "memory/peak_gb", "memory/predicted_gb")})
     return out
 
 

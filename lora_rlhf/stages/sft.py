@@ -23,6 +23,7 @@ from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.logs import LogCallback, write_metrics
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
+from lora_rlhf.stages.memory import check_memory
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     RecipeStepsOnResume,
@@ -59,6 +60,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     out = recipe.stage_dir("sft")
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_sft_data(recipe.data.sft, recipe.seed)
+    memory = check_memory(recipe, "sft")
     shared = SharedBase.load(recipe.model, recipe.quantization)
     torch.manual_seed(recipe.seed)  # a new adapter's init follows from the recipe, not from what ran before it
     if recipe.sft.init_adapter:
@@ -71,12 +73,13 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
             save_recipe(recipe, out / "recipe.yaml")
         log.info("SFT: %d train / %d eval rows, base %s (%s), resume from %s", len(train),
                  0 if held_out is None else len(held_out), recipe.model.name, recipe.quantization.mode, checkpoint)
-        metrics = _train(recipe, shared, train, held_out, out, checkpoint, log)
+        metrics = {**_train(recipe, shared, train, held_out, out, checkpoint, log), **memory.metrics()}
         # --- save (rank 0): adapter + tokenizer + metadata last
         if main:
             write_metrics(out, metrics)
             shared.save_adapter(ADAPTER, out, stage="sft")
-        log.info("SFT done: %s", {k: metrics[k] for k in ("train_loss", "wall_seconds") if k in metrics})
+        log.info("SFT done: %s", {k: metrics[k] for k in ("train_loss", "wall_seconds", "memory/peak_gb",
+                                                           "memory/predicted_gb") if k in metrics})
     return out, shared
 
 

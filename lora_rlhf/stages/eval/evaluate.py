@@ -45,6 +45,7 @@ from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe
 from lora_rlhf.stages.eval.report import write_report
 from lora_rlhf.stages.labelers import function_labeler
+from lora_rlhf.stages.memory import check_memory
 
 EVAL_DIR = "eval"
 RESULTS_FILE = "results.json"  # written last: its presence marks a finished evaluation
@@ -317,6 +318,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
     out = Path(out_dir) if out_dir is not None else recipe.stage_dir(EVAL_DIR)
 
     # --- load the base once, each adapter once (a folder used twice, e.g. sft as policy and reference, is shared)
+    memory = check_memory(recipe, "eval")
     t0 = time.time()
     shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
     roles: dict[Path, str] = {}
@@ -414,7 +416,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
                 "general_text": cfg.general_text, "general_texts": len(general) if general else 0,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "seed": recipe.seed, "world_size": distributed.world_size(), "seconds_per_policy": timings,
-                "seconds_total": round(time.time() - t0, 1)}
+                "seconds_total": round(time.time() - t0, 1), **memory.metrics()}
     result = EvalResult(results, wins, settings, paired, rows,
                         {p.name: str(p.metrics) for p in policies if p.metrics is not None})
 

@@ -59,6 +59,7 @@ from lora_rlhf.core.data import load_prompts
 from lora_rlhf.core.io import write_json_atomic
 from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
 from lora_rlhf.recipe.config import Recipe, recipe_to_dict, save_recipe
+from lora_rlhf.stages.memory import StageMemory, check_memory
 from lora_rlhf.stages.ppo import checkpoint as ckpt
 from lora_rlhf.stages.ppo import losses, rollout
 from lora_rlhf.stages.ppo.kl import RunningMoments, make_kl_controller
@@ -79,11 +80,12 @@ class PPOTrainer:
     """The PPO loop over one SharedBase whose role adapters are already set up (roles.setup_roles)."""
 
     def __init__(self, recipe: Recipe, sb: SharedBase, prompts: list[Any],
-                 reward: RewardSource, ptx: PtxData | None = None):
+                 reward: RewardSource, ptx: PtxData | None = None, memory: StageMemory | None = None):
         from transformers import get_scheduler
 
         self.recipe, self.cfg, self.sb, self.prompts = recipe, recipe.ppo, sb, prompts
         self.reward, self.ptx = reward, ptx
+        self.memory = memory
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_steps = math.ceil(self.cfg.total_episodes / self.cfg.batch_size)
         self.step_index = 0          # PPO steps done
@@ -161,7 +163,7 @@ class PPOTrainer:
             "kl_coef": kl_coef, "lr": lr,
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/optimisation": t3 - t2,
             "time/step": t3 - t0, "tokens/s": n_tokens / (t3 - t0), "episodes/s": len(batch.prompts) / (t3 - t0),
-            "memory/peak_gb": distributed.max_over_ranks(peak_memory_gb(device)),
+            "memory/peak_gb": distributed.max_over_ranks(self._peak_gb(device)),
         }
         return metrics, batch
 
@@ -255,6 +257,12 @@ class PPOTrainer:
         stats["loss/value"].append(vf_loss.item())
         stats["val/clipfrac"].append(vf_stats["clipfrac"].item())
 
+    def _peak_gb(self, device: torch.device) -> float:
+        """The stage's peak so far (since its preflight), in GB."""
+        if self.memory is not None:
+            return self.memory.peak_gb()
+        return peak_memory_gb(device)
+
     def _train_mode(self, on: bool) -> None:
         self.sb.train(on)
 
@@ -342,12 +350,13 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     elif existing is not None:
         raise LoraRlhfError(f"'{out}' already holds a PPO run (checkpoint in {existing.name}/)",
                             fix="continue it with --resume, or set another output_dir, or delete that folder")
+    memory = check_memory(recipe, stage)
     main = distributed.is_main()  # rank 0 alone writes; the other ranks compute and stay silent
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
 
-    trainer = build_trainer(recipe, sources, prompts, ptx_rows)
+    trainer = build_trainer(recipe, sources, prompts, ptx_rows, memory)
     sb = trainer.sb
     if resume:
         trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler,
@@ -355,7 +364,8 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     roles = sources.describe(trainer.with_value)
     if main:
         write_run_info(out, {"base": sb.info, "device": str(sb.device), "world_size": world, "roles": roles,
-                             "num_steps": trainer.num_steps}, trainer.step_index if resume else None)
+                             "num_steps": trainer.num_steps, "memory/predicted_gb": memory.metrics()[
+                                 "memory/predicted_gb"]}, trainer.step_index if resume else None)
         runlog: RunLog | QuietRunLog = RunLog(out, cfg, recipe_to_dict(recipe), trainer.step_index,
                                               trainer.num_steps, progress)
     else:
@@ -384,14 +394,16 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
 
 
 def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any],
-                  ptx_rows: list[dict[str, Any]] | None = None) -> PPOTrainer:
-    """Load the base once, put the four roles on it, and return a trainer at step 0."""
+                  ptx_rows: list[dict[str, Any]] | None = None, memory: StageMemory | None = None) -> PPOTrainer:
+    """Load the base once, put the four roles on it, and return a trainer at step 0. `memory` (from
+    `check_memory`) is where the stage's peak is read; without one the peak counts from here."""
+    memory = memory or check_memory(recipe, "ppo")
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     sb = SharedBase.load(recipe.model, recipe.quantization)
     reward = setup_roles(sb, recipe, sources)
     ptx = PtxData.build(ptx_rows, sb.tokenizer, recipe.ppo.ptx_max_length, recipe.seed) if ptx_rows else None
-    return PPOTrainer(recipe, sb, prompts, reward, ptx)
+    return PPOTrainer(recipe, sb, prompts, reward, ptx, memory)
 
 
 def fit(trainer: PPOTrainer, runlog: RunLog | QuietRunLog, out: Path, compat: dict[str, Any]) -> dict[str, float]:

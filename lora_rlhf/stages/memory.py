@@ -1,0 +1,39 @@
+"""Each stage's memory: the planner's preflight before anything loads, then the stage's own peak beside it.
+
+Inside `pipeline` several stages run in one process; the high-water mark is reset when each starts, so a
+stage reports its own peak (PPO no longer shows the reward stage's), next to what `lora-rlhf plan` predicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lora_rlhf.core.loading import resolve_device
+from lora_rlhf.plan.preflight import peak_bytes, preflight, reset_peak
+from lora_rlhf.recipe.config import Recipe
+
+
+@dataclass
+class StageMemory:
+    device: torch.device
+    predicted: int  # bytes; 0 when the model's config could not be read
+
+    def peak_gb(self) -> float:
+        """This stage's peak so far: GB allocated on a GPU, resident GB on the CPU."""
+        return peak_bytes(self.device) / 2**30
+
+    def metrics(self) -> dict[str, float]:
+        return {"memory/peak_gb": round(self.peak_gb(), 3), "memory/predicted_gb": round(self.predicted / 2**30, 3)}
+
+
+def check_memory(recipe: Recipe, stage: str) -> StageMemory:
+    """Stop (exit 2, with the knobs that fit) when `stage` is predicted not to fit; then start its peak.
+
+    stage: sft | compare | reward | ppo | ppo-ptx | eval. LORA_RLHF_SKIP_PREFLIGHT=1 starts it anyway.
+    """
+    device = resolve_device(recipe.model)
+    predicted = preflight(recipe, stage, device)
+    reset_peak(device)
+    return StageMemory(device, predicted)
