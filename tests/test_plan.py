@@ -162,6 +162,7 @@ def test_json_has_every_phase_and_part():
 
 @pytest.mark.parametrize("gpu", ["24GB", "16GB"])
 def test_8b_recipe_verdict_and_advice_that_parses_and_fits(gpu):
+    """The README's claim: the 8B recipe fits 24 GB as written; at 16 GB every stage but eval needs a knob."""
     recipe = str(ROOT / "recipes/llama3_8b_qlora_1gpu.yaml")
     capacity = int(gpu[:-2]) * 2**30
     result = runner.invoke(app, ["plan", recipe, "--gpu", gpu, "--json"])
@@ -171,19 +172,17 @@ def test_8b_recipe_verdict_and_advice_that_parses_and_fits(gpu):
     assert [s["stage"] for s in plan["stages"]] == ["sft", "reward", "ppo-ptx", "eval"]
     for stage in plan["stages"]:
         assert (stage["verdict"] == "does not fit") == (stage["peak_bytes"] > capacity)
-    over = [s for s in plan["stages"] if s["verdict"] == "does not fit"]
-    assert over  # PPO-ptx as written does not fit (its training forwards keep every layer's activations)
-    for stage in over:
+    over = [s["stage"] for s in plan["stages"] if s["verdict"] == "does not fit"]
+    assert over == ([] if gpu == "24GB" else ["sft", "reward", "ppo-ptx"])
+    for stage in [s for s in plan["stages"] if s["stage"] in over]:
         first = stage["advice"][0]
-        # ranked: what fits comes first (at 16 GB no combination of four knobs makes 8B PPO-ptx fit)
-        assert first["fits"] or not any(k["fits"] for k in stage["advice"]), stage["stage"]
-        assert first["fits"] or stage["stage"] == "ppo-ptx" and gpu == "16GB"
+        assert first["fits"], stage["stage"]  # ranked: what fits comes first
         # the --set lines are real recipe overrides, and applying them gives the predicted peak
         changed = load_recipe(recipe, first["set"])
         peak = stage_estimate(changed, stage["stage"], load_shape(changed.model.name), PlanContext("cuda")).peak
         assert peak == first["peak_bytes"] < stage["peak_bytes"]
     table = runner.invoke(app, ["plan", recipe, "--gpu", gpu], env={"COLUMNS": "200"}).output
-    assert "does not fit" in table and "--set " in table
+    assert ("does not fit" in table and "--set " in table) == bool(over)
 
 
 def test_unknown_model_offline_is_one_clear_error(tmp_path):
