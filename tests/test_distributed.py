@@ -259,3 +259,37 @@ def test_shipped_accelerate_configs_are_valid(name):
     config = ClusterConfig.from_yaml_file(REPO / "recipes" / "accelerate" / f"{name}.yaml")
     assert config.num_processes == 8 * config.num_machines
     assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[name.split("_")[0]]
+
+
+def test_gathered_shares_give_each_episode_the_forward_it_had_alone(tiny_recipe, tmp_path):
+    """Ranks pad their shares to their own widths; the global batch re-pads them. Every episode must keep its
+    tokens, masks, lengths and per-token numbers, and a forward over the global batch its log-probs."""
+    from lora_rlhf.recipe.config import recipe_from_dict
+    from lora_rlhf.stages.ppo import rollout
+    from lora_rlhf.stages.ppo.roles import resolve_sources
+    from lora_rlhf.stages.ppo.trainer import build_trainer
+
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    recipe = recipe_from_dict(tiny_recipe(ppo={"batch_size": 4, "response_length": 8, "temperature": 1.0,
+                                               "reward_fn": f"{tmp_path / 'my_rewards.py'}:count_e"}))
+    trainer = build_trainer(recipe, resolve_sources(recipe), PROMPTS)
+    sb, cfg = trainer.sb, trainer.cfg
+    torch.manual_seed(0)
+    shares = [rollout.score(sb, rollout.generate(sb, prompts, cfg), trainer.reward, cfg)
+              for prompts in (PROMPTS[:1], PROMPTS[1:4])]  # a short and a long prompt: different paddings
+    whole = rollout.concat(shares, sb.tokenizer.pad_token_id)
+    assert whole.prompts == PROMPTS[:4] and whole.texts == shares[0].texts + shares[1].texts
+    with sb.use("policy") as model:
+        again = rollout.response_logprobs(model, whole, cfg.temperature)[0]
+    row = 0
+    for share in shares:
+        n, width = len(share.prompts), share.responses.shape[1]
+        rows = slice(row, row + n)
+        assert torch.equal(whole.lengths[rows], share.lengths)
+        assert torch.equal(whole.responses[rows, :width], share.responses)
+        assert torch.equal(whole.response_mask[rows, :width], share.response_mask)
+        assert whole.response_mask[rows, width:].sum() == 0
+        for name in ("logprobs", "ref_logprobs", "values"):
+            assert torch.equal(getattr(whole, name)[rows, :width], getattr(share, name))
+        torch.testing.assert_close(again[rows, :width], share.logprobs, rtol=1e-4, atol=1e-4)
+        row += n
