@@ -50,6 +50,8 @@ bench: $(STAMP)
 	$(PYTHON) bench/bench_sft.py
 	$(PYTHON) bench/bench_forward_backward.py
 	$(PYTHON) bench/bench_ppo_memory.py
+	$(PYTHON) bench/bench_ppo_ranks.py
+	$(PYTHON) bench/bench_plan.py
 
 clean:
 	rm -rf runs/ .pytest_cache build *.egg-info
