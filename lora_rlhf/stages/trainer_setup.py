@@ -38,9 +38,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "save_steps": 50,
     "save_total_limit": 1,
     "report_to": "none",
-    # LoRA under DDP: every trainable parameter is used in each step, and looking for unused ones costs a graph
-    # walk (and breaks with gradient checkpointing); TRL's reward model and PEFT models are not PreTrainedModels,
-    # for which transformers would otherwise turn the search on.
+    # LoRA under DDP: every trainable parameter is used in each step. Looking for unused ones costs a graph walk
+    # and breaks with gradient checkpointing; transformers turns the search on for any model that is not a
+    # PreTrainedModel, and a PEFT model is not one.
     "ddp_find_unused_parameters": False,
 }
 
