@@ -157,7 +157,9 @@ def test_bad_distributed_input_stops_every_rank_with_one_message(ppo_recipe, cas
         path, recipe = ppo_recipe()
         run, message = torchrun("-m", "cli.main", "ppo", str(path), ACCELERATE_USE_FSDP="true"), "does not run under FSDP"
     assert run.returncode != 0
-    assert run.stderr.count(message) == 2, run.stderr[-3000:]  # each rank says it once
+    # Every rank raises it before any collective; torchrun stops the other ranks as soon as the first one exits,
+    # sometimes before they print, so at least one copy and at most one per rank.
+    assert 1 <= run.stderr.count(message) <= 2, run.stderr[-3000:]
     # torchrun then reports the failed ranks with its own traceback; none comes from our code
     assert f"{REPO / 'lora_rlhf'}" not in run.stderr and f"{REPO / 'cli'}" not in run.stderr
     assert not (Path(recipe["output_dir"]) / "ppo").exists()  # nothing half-written
