@@ -137,7 +137,7 @@ def test_value_free_ppo_costs_less_and_checkpointing_is_counted_where_the_stage_
     ckpt = recipe_from_dict({"model": {"gradient_checkpointing": True}, "ppo": ppo})
     assert stage_estimate(ckpt, "sft", shape, PlanContext()).peak < \
         stage_estimate(recipe_from_dict({}), "sft", shape, PlanContext()).peak
-    # the PPO stage does not checkpoint its training forwards (yet): the plan must not pretend it does
+    # PPO checkpoints its training forwards when the recipe asks (PPO_CHECKPOINTS): the plan must say so
     assert (stage_estimate(ckpt, "ppo", shape, PlanContext()).peak < gae) == estimate.PPO_CHECKPOINTS
 
 
