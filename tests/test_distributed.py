@@ -25,8 +25,8 @@ PROMPTS = ["Say something.", "Tell me a story about a cat.", "Hi!", "2+2?", "Nam
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
-    env.pop("PPO_TEST_INTERRUPT_AT", None)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PPO_TEST_INTERRUPT_AT", None)  # only a test that asks for an interruption gets one
     return {**env, **extra}
 
 
@@ -99,8 +99,7 @@ def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe,
     assert [m["step"] for m in expected] == [1, 2, 3]            # once per step, not once per rank
     assert run.stdout.count("PPO policy written to") == 1
     samples = [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert samples == sorted(samples) and len(samples) == len(set(samples)) * (len(samples) // len(set(samples)))
-    assert len(samples) == 3 * 4  # 4 rows per step, written by rank 0 only
+    assert samples == [step for step in (1, 2, 3) for _ in range(4)]  # 4 rows per step, written by rank 0 only
 
     # Ctrl-C during step 2 on both ranks: they finish the step, save one checkpoint, stop; --resume continues.
     interrupted, recipe2 = ppo_recipe("interrupted")
