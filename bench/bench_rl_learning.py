@@ -83,7 +83,9 @@ def held_out_prompts(n: int) -> list[str]:
 
     demo = load_recipe(RECIPE)
     args = demo.pipeline.data_builder_args
-    return [row["prompt"] for row in demo_data.build_prompts(demo.seed, args["n_demos"] + args["n_train"], n)[1]]
+    train_and_eval = demo_data.build_prompts(demo.seed, args["n_demos"] + args["n_train"], n,
+                                             args.get("constraint_types"))
+    return [row["prompt"] for row in train_and_eval[1]]
 
 
 def answer_scores(trainer, role: str, prompts: list, seed: int) -> tuple[list[float], dict[str, list[bool]]]:

@@ -18,6 +18,9 @@ def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -
     cfg = load_recipe(recipe, set_ or [])
     out = run_reward(cfg, resume=resume)
     metrics = json.loads((out / "metrics.json").read_text())
-    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("eval_pairwise_accuracy", "reward_offset") if k in metrics
-                        and metrics[k] is not None)
+    summary = f"reward_offset {metrics['reward_offset']:.3f}"
+    if metrics.get("eval_pairwise_accuracy") is not None:
+        summary = (f"held-out accuracy {metrics['eval_pairwise_accuracy']:.3f} "
+                   f"[{metrics['eval_pairwise_accuracy_low']:.3f}, {metrics['eval_pairwise_accuracy_high']:.3f}] "
+                   f"over {metrics['eval_pairs']} pairs of {metrics['eval_prompts']} prompts, {summary}")
     typer.echo(f"Reward adapter written to {out}" + (f" ({summary})" if summary else ""))

@@ -111,6 +111,20 @@ def test_best_of_prefers_compliance_then_soft_credit_and_repairs_when_nothing_co
     assert demo_data.best_of(prompt, ["No."]) is None
 
 
+def test_constraint_types_limit_every_prompt_train_and_eval():
+    types = ("max_words", "keyword", "no_commas")
+    train, evaluation = demo_data.build_prompts(seed=3, n_train=120, n_eval=40, types=types)
+    used = {spec["type"] for row in train + evaluation for spec in row["constraints"]}
+    assert used == set(types)  # every allowed type drawn, nothing else
+    for row in train + evaluation:
+        assert [s["type"] for s in ifeval_lite.parse_constraints(row["prompt"])] == [
+            s["type"] for s in row["constraints"]]
+    # None means every type: the same draw as leaving the argument out.
+    assert demo_data.build_prompts(seed=3, n_train=5, n_eval=2, types=None) == demo_data.build_prompts(3, 5, 2)
+    with pytest.raises(ValueError, match="not known"):
+        demo_data.build_prompts(seed=3, n_train=5, n_eval=2, types=("max_words", "haiku"))
+
+
 def test_build_demonstrations_samples_n_per_prompt_and_writes_prompt_completion(tiny_model_dir, tmp_path):
     shared = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"),
                              for_training=False)

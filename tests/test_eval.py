@@ -209,6 +209,12 @@ def test_report_from_plain_results_summarises_what_each_trained_policy_changed(t
             "(labeler); general-text perplexity 25.00 vs base 20.00 (+25 %).") in report
     assert "| ppo | 0.750 | 2.50 | 25.0 | 25.00 |" in report
     assert "RM score" not in report.split("## Win rates")[0]  # not measured, not shown
+    assert "held-out pairs" not in report  # no reward model, no accuracy line
+    results["settings"] |= {"reward_adapter": "run/reward", "reward_model_accuracy": {
+        "accuracy": 0.625, "accuracy_low": 0.5, "accuracy_high": 0.75, "pairs": 40, "prompts": 4}}
+    report = write_report(tmp_path, results, rows, num_samples=1).read_text()
+    assert ("Reward model: `run/reward` (orders 62.5 % of 40 held-out pairs from 4 prompts correctly, 95 % "
+            "interval [50.0, 75.0] %)") in report
     assert json.loads((tmp_path / "results.json").read_text())["policies"]["ppo"]["kl"] == 2.5
 
 

@@ -17,8 +17,9 @@ from lora_rlhf.plan import estimate
 from lora_rlhf.plan.estimate import Base, activation_bytes, quantized_linear_bytes, saved_per_token_layer
 from lora_rlhf.plan.model_shape import load_shape, shipped_configs
 from lora_rlhf.plan.preflight import OutOfMemoryPlan, peak_bytes, preflight, reset_peak
-from lora_rlhf.plan.recipe_plan import TRAINER_DEFAULTS, PlanContext, stage_estimate
+from lora_rlhf.plan.recipe_plan import TRAINER_DEFAULTS, PlanContext, ranked_responses, stage_estimate
 from lora_rlhf.recipe.config import (
+    DatasetConfig,
     LoraSettings,
     ModelConfig,
     QuantizationConfig,
@@ -250,3 +251,21 @@ def test_a_stage_stops_before_loading_when_it_would_not_fit_and_reports_its_own_
         out = run_sft(recipe)
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["memory/predicted_gb"] and 0 < metrics["memory/peak_gb"]
+
+
+def test_reward_sequences_count_each_ranked_response_once():
+    # Pairs of unknown shape: chosen + rejected each.
+    assert estimate.reward_sequences(15, None) == 30
+    # K=6 rankings, 15 pairs per prompt: one prompt's 6 responses, plus one more prompt the batcher may top up.
+    assert estimate.reward_sequences(15, 6) == 12
+    # K=4 (6 pairs each), 12 pairs: 2 prompts + 1 -> 12 responses, under 2 x 12.
+    assert estimate.reward_sequences(12, 4) == 12
+    # Never more than two per pair (K larger than the batch's pairs).
+    assert estimate.reward_sequences(2, 9) == 4
+
+
+def test_plan_reads_k_from_compare_when_the_reward_learns_from_its_rankings():
+    recipe = load_recipe(ROOT / "recipes/demo_smollm2_cpu.yaml")
+    assert ranked_responses(recipe) == recipe.compare.k  # the pipeline chains compare -> reward
+    recipe.data.reward = DatasetConfig(path="my_pairs.jsonl")
+    assert ranked_responses(recipe) is None  # a user's file: its shape is unknown, assume 2 per pair

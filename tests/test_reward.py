@@ -22,6 +22,7 @@ from lora_rlhf.errors import DataError, ModelError
 from lora_rlhf.recipe.config import recipe_from_dict
 from lora_rlhf.stages.reward import (
     _grouped_trainer_class,
+    accuracy_interval,
     init_adapter_for,
     load_seqcls_model,
     reward_training_args,
@@ -93,7 +94,28 @@ def test_rm_learns_a_separable_preference(trained):
     assert metrics["eval_pairs"] == 16  # 4 held-out prompts x 4 pairs, split by prompt
     assert metrics["train_pairs"] == 48
     assert metrics["eval_pairwise_accuracy"] >= 0.9
+    assert metrics["eval_prompts"] == 4
+    assert metrics["eval_pairwise_accuracy_low"] <= metrics["eval_pairwise_accuracy"]
+    assert metrics["eval_pairwise_accuracy"] <= metrics["eval_pairwise_accuracy_high"]
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+
+
+def test_accuracy_interval_resamples_prompts_not_pairs():
+    # 4 prompts of 6 pairs: two prompts all right, two all wrong. Pairs within a prompt move together, so the
+    # interval must span what drawing 4 prompts can give (0.0 .. 1.0 in steps of 0.25), far wider than 24
+    # independent pairs at 50 % would (about [0.3, 0.7]).
+    wins = [True] * 12 + [False] * 12
+    groups = [g for g in range(4) for _ in range(6)]
+    accuracy, low, high = accuracy_interval(wins, groups)
+    assert accuracy == 0.5
+    assert low <= 0.25 and high >= 0.75
+    # One prompt, all right: no spread at all.
+    assert accuracy_interval([True, True], [3, 3]) == (1.0, 1.0, 1.0)
+    # Independent prompts (one pair each) at 60 of 100 right: the usual binomial width, about +-0.1.
+    accuracy, low, high = accuracy_interval([i < 60 for i in range(100)], list(range(100)))
+    assert accuracy == 0.6 and 0.47 < low < 0.53 and 0.67 < high < 0.73
+    with pytest.raises(ValueError):
+        accuracy_interval([], [])
 
 
 def test_output_folder_is_an_adapter_for_the_causal_base(trained):

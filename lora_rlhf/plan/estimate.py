@@ -248,10 +248,22 @@ def sft_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> 
                          {"micro_batch": batch, "max_length": max_length})
 
 
-def reward_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> StageEstimate:
-    """`lora-rlhf reward`: a sequence classifier (no LM head) on up to 2 x batch distinct sequences (chosen and
-    rejected; K-wise rankings repeat responses, which are forwarded once, so they need fewer)."""
-    rows = 2 * batch
+def reward_sequences(batch: int, responses_per_prompt: int | None) -> int:
+    """Distinct sequences one reward step forwards: 2 per pair, or, for K-wise rankings grouped by prompt (all
+    K(K-1)/2 pairs of a prompt in one batch, each response forwarded once), K per prompt in the batch; the
+    batcher tops a batch up from one more prompt, hence the +1. Never more than 2 per pair."""
+    if not responses_per_prompt or responses_per_prompt < 2:
+        return 2 * batch
+    k = responses_per_prompt
+    prompts = -(-batch // (k * (k - 1) // 2)) + 1
+    return min(2 * batch, prompts * k)
+
+
+def reward_estimate(shape: ModelShape, base: Base, batch: int, max_length: int,
+                    responses_per_prompt: int | None = None) -> StageEstimate:
+    """`lora-rlhf reward`: a sequence classifier (no LM head) on the distinct sequences of `batch` pairs
+    (`reward_sequences`: K-wise rankings repeat responses, which are forwarded once, so they need fewer)."""
+    rows = reward_sequences(batch, responses_per_prompt)
     tokens = rows * max_length
     acts = activation_bytes(shape, base, rows, max_length)
     transient = acts + layer_workspace(shape, base, tokens)

@@ -80,6 +80,18 @@ def ppo_shape(recipe: Recipe, prompt_length: int, ptx: bool) -> PPOShape:
                     backward_passes=cfg.num_ppo_epochs * cfg.num_mini_batches * cfg.gradient_accumulation_steps)
 
 
+def ranked_responses(recipe: Recipe) -> int | None:
+    """K when the reward stage learns from compare's K-wise rankings grouped by prompt (the pipeline's default
+    chain, or data.reward pointing at compare's output); None when the data's shape is unknown (2 per pair)."""
+    if not recipe.reward.group_by_prompt:
+        return None
+    rankings = str(recipe.stage_dir("compare") / "rankings.jsonl")
+    chained = recipe.data.reward is None and "compare" in recipe.pipeline.stages
+    if chained or (recipe.data.reward is not None and recipe.data.reward.path == rankings):
+        return recipe.compare.k
+    return None
+
+
 def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanContext) -> StageEstimate:
     """The prediction for one stage of `recipe` (sft, compare, reward, ppo, ppo-ptx, eval)."""
     q = ctx.prompt_length
@@ -90,7 +102,7 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
     if stage == "reward":
         return reward_estimate(shape, base_settings(recipe, ctx.device, "reward"),
                                trainer_value(recipe, "reward", "per_device_train_batch_size"),
-                               trainer_value(recipe, "reward", "max_length"))
+                               trainer_value(recipe, "reward", "max_length"), ranked_responses(recipe))
     base = base_settings(recipe, ctx.device)
     if stage in ("ppo", "ppo-ptx"):
         # PPO sets every dropout to p=0 (stages/ppo/roles.disable_dropout): torch then returns the input, no copy

@@ -326,8 +326,8 @@ def seqcls_scores(model: Any, tokenizer: Any, prompts: Sequence[Any], responses:
     return scores
 
 
-def pairwise_accuracy(shared: SharedBase, comparisons: Sequence[Comparison], batch_size: int = 16) -> float:
-    """Share of comparisons where the chosen response outscores the rejected one (each text scored once)."""
+def pairwise_wins(shared: SharedBase, comparisons: Sequence[Comparison], batch_size: int = 16) -> list[bool]:
+    """Per comparison, whether the chosen response outscores the rejected one (each text scored once)."""
     texts: dict[tuple[str, str], int] = {}
     prompts, responses = [], []
     for c in comparisons:
@@ -338,9 +338,29 @@ def pairwise_accuracy(shared: SharedBase, comparisons: Sequence[Comparison], bat
                 prompts.append(c.prompt)
                 responses.append(response)
     scores = score_texts(shared, prompts, responses, batch_size=batch_size, apply_offset=False).cpu()
-    wins = [scores[texts[(json.dumps(c.prompt), c.chosen)]] > scores[texts[(json.dumps(c.prompt), c.rejected)]]
+    return [bool(scores[texts[(json.dumps(c.prompt), c.chosen)]] > scores[texts[(json.dumps(c.prompt), c.rejected)]])
             for c in comparisons]
-    return float(sum(bool(w) for w in wins) / len(wins))
+
+
+def accuracy_interval(wins: Sequence[bool], groups: Sequence[int], n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float, float]:
+    """(accuracy, low, high): share of wins with a percentile bootstrap interval that resamples *prompts*.
+
+    The pairs of one prompt share its responses, so they are not independent: resampling single pairs would
+    give too narrow an interval. wins, groups: [P] (groups: the prompt each pair came from).
+    """
+    if len(wins) != len(groups) or not wins:
+        raise ValueError(f"need one group per win and at least one pair, got {len(wins)} and {len(groups)}")
+    ids = sorted(set(groups))
+    per_group = torch.zeros(len(ids), 2, dtype=torch.float64)  # [G, (wins, pairs)]
+    index = {g: i for i, g in enumerate(ids)}
+    for w, g in zip(wins, groups, strict=True):
+        per_group[index[g]] += torch.tensor([float(w), 1.0], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = per_group[torch.randint(len(ids), (n_boot, len(ids)), generator=generator)].sum(1)  # [n_boot, 2]
+    tail = (1 - level) / 2
+    low, high = torch.quantile(draws[:, 0] / draws[:, 1], torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return sum(wins) / len(wins), float(low), float(high)
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -389,9 +409,9 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
         metrics.update(memory.metrics())
         write_metrics(out, metrics)
         write_adapter_meta(out, "reward", "reward", base_info, head, reward_offset=offset)
-        log.info("reward done: %s", {k: metrics.get(k) for k in ("train_loss", "eval_pairwise_accuracy",
-                                                                 "reward_offset", "reload_max_abs_diff",
-                                                                 "memory/peak_gb", "memory/predicted_gb")})
+        log.info("reward done: %s", {k: metrics.get(k) for k in (
+            "train_loss", "eval_pairwise_accuracy", "eval_pairwise_accuracy_low", "eval_pairwise_accuracy_high",
+            "reward_offset", "reload_max_abs_diff", "memory/peak_gb", "memory/predicted_gb")})
     return out
 
 
@@ -443,8 +463,10 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
         log.warning("the reloaded adapter's scores differ from the trained model's by %.4g (tolerance %.1g)",
                     metrics["reload_max_abs_diff"], tolerance)
     if held_out:
-        metrics["eval_pairwise_accuracy"] = pairwise_accuracy(shared, held_out)
-        metrics["eval_pairs"] = len(held_out)
+        accuracy, low, high = accuracy_interval(pairwise_wins(shared, held_out), [c.group for c in held_out])
+        metrics.update(eval_pairwise_accuracy=accuracy, eval_pairwise_accuracy_low=low,
+                       eval_pairwise_accuracy_high=high, eval_pairs=len(held_out),
+                       eval_prompts=len({c.group for c in held_out}))
     offset = 0.0
     if demos is not None:
         raw = score_texts(shared, demos[0], demos[1], apply_offset=False)

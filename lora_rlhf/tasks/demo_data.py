@@ -72,14 +72,24 @@ def _phrasings(ctype: str, seen: bool) -> list[int]:
     return [i for i, (_, s) in enumerate(ife.PHRASINGS[ctype]) if s == seen]
 
 
-def make_prompt(rng: random.Random, topics: list[str], seen_phrasings: bool) -> dict[str, Any]:
-    """One request with one or two compatible constraints, all from the given pools."""
+def check_types(types: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The constraint types to draw from (None: all of them); an unknown name raises ValueError."""
+    if types is None:
+        return tuple(ife.PHRASINGS)
+    unknown = [t for t in types if t not in ife.PHRASINGS]
+    if unknown or not types:
+        raise ValueError(f"constraint types {unknown or '[]'} are not known; choose from {list(ife.PHRASINGS)}")
+    return tuple(types)
+
+
+def make_prompt(rng: random.Random, topics: list[str], seen_phrasings: bool,
+                types: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """One request with one or two compatible constraints of `types` (None: all), all from the given pools."""
     topic = rng.choice(topics)
     question = rng.choice(FRAMES).format(t=topic)
     question = question[0].upper() + question[1:]
-    types = list(ife.PHRASINGS)
     # Only types that have a phrasing in the asked pool (every type has both kinds today).
-    types = [t for t in types if _phrasings(t, seen_phrasings)]
+    types = [t for t in check_types(types) if _phrasings(t, seen_phrasings)]
     first = rng.choice(types)
     chosen = [first]
     if rng.random() < TWO_CONSTRAINTS:
@@ -96,14 +106,20 @@ def make_prompt(rng: random.Random, topics: list[str], seen_phrasings: bool) -> 
     return {"prompt": " ".join([question, *sentences]), "topic": topic, "constraints": specs}
 
 
-def build_prompts(seed: int, n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows): eval is half "seen" (held-out combinations), half "unseen" (new topics+phrasings)."""
+def build_prompts(seed: int, n_train: int, n_eval: int,
+                  types: tuple[str, ...] | None = None) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows): eval is half "seen" (held-out combinations), half "unseen" (new topics+phrasings).
+
+    `types` limits the constraint types of every prompt, train and eval alike (None: all).
+    """
     rng = random.Random(seed)
+    types = check_types(types)
     train_topics, eval_topics = TOPICS[:-EVAL_ONLY_TOPICS], TOPICS[-EVAL_ONLY_TOPICS:]
-    train, texts = _unique(rng, n_train, lambda: make_prompt(rng, train_topics, True), set(), "train")
+    train, texts = _unique(rng, n_train, lambda: make_prompt(rng, train_topics, True, types), set(), "train")
     n_unseen = n_eval // 2
-    seen, texts = _unique(rng, n_eval - n_unseen, lambda: make_prompt(rng, train_topics, True), texts, "seen")
-    unseen, _ = _unique(rng, n_unseen, lambda: make_prompt(rng, eval_topics, False), texts, "unseen")
+    seen, texts = _unique(rng, n_eval - n_unseen, lambda: make_prompt(rng, train_topics, True, types), texts,
+                          "seen")
+    unseen, _ = _unique(rng, n_unseen, lambda: make_prompt(rng, eval_topics, False, types), texts, "unseen")
     for prefix, rows in (("train", train), ("eval", seen + unseen)):
         for i, row in enumerate(rows):
             row["id"] = f"{prefix}-{i:05d}"
@@ -183,9 +199,9 @@ def general_text(seed: int, n_ptx: int, n_general: int, eval_fraction: float = 0
 
 # ---------------------------------------------------------------------------------------------- files
 def build(out_dir: str | Path, seed: int = 0, n_train: int = 256, n_eval: int = 64, n_ptx: int = 512,
-          n_general: int = 128) -> dict[str, Path]:
+          n_general: int = 128, types: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write the demo's prompt and text files into `out_dir`; return {name: path}."""
-    train, evaluation = build_prompts(seed, n_train, n_eval)
+    train, evaluation = build_prompts(seed, n_train, n_eval, types)
     ptx, general = general_text(seed, n_ptx, n_general)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

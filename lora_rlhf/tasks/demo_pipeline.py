@@ -32,16 +32,23 @@ def _target(recipe: Recipe, key: str) -> Path:
 
 def build_data(recipe: Recipe, n_demos: int = 64, n_train: int = 128, n_eval: int = 48, n_ptx: int = 256,
                n_general: int = 64, samples_per_prompt: int = 4, max_new_tokens: int = 64,
-               batch_size: int = 16) -> dict[str, Any]:
-    """Write data.sft, data.prompts, data.eval, data.ptx and eval.general_text; return build statistics."""
+               batch_size: int = 16, constraint_types: list[str] | None = None) -> dict[str, Any]:
+    """Write data.sft, data.prompts, data.eval, data.ptx and eval.general_text; return build statistics.
+
+    `constraint_types` limits every prompt's constraints to these IFEval-lite types (None: all of them).
+    """
     if not recipe.eval.general_text:
         raise RecipeError(["the demo data builder writes eval.general_text, but the recipe does not name it"])
+    try:
+        types = demo_data.check_types(constraint_types)
+    except ValueError as e:
+        raise RecipeError([f"pipeline.data_builder_args.constraint_types: {e}"]) from None
     targets = {"prompts_eval": _target(recipe, "eval"), "ptx": _target(recipe, "ptx"),
                "general_eval": Path(recipe.eval.general_text)}
     sft_path, prompts_path = _target(recipe, "sft"), _target(recipe, "prompts")
     with tempfile.TemporaryDirectory() as tmp:
         paths = demo_data.build(tmp, seed=recipe.seed, n_train=n_demos + n_train, n_eval=n_eval, n_ptx=n_ptx,
-                                n_general=n_general)
+                                n_general=n_general, types=types)
         train = [row for _, row in read_jsonl(paths["prompts_train"])]
         demo_rows, rl_rows = train[:n_demos], train[n_demos:]
         for name, target in targets.items():

@@ -21,6 +21,7 @@ the responses were drawn from (as PPO's penalty does); top_p truncation is ignor
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -119,6 +120,18 @@ def paired_difference(policy_scores: Sequence[float], baseline_scores: Sequence[
     low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return {"policy": policy, "baseline": baseline, "judge": judge, "n": len(diffs), "mean": float(diffs.mean()),
             "low": low, "high": high, "level": level}
+
+
+def reward_model_accuracy(folder: Path | None) -> dict[str, Any] | None:
+    """The reward stage's held-out pairwise accuracy and its interval (from its metrics.json), when it has one."""
+    metrics_file = Path(folder) / "metrics.json" if folder else None
+    if metrics_file is None or not metrics_file.is_file():
+        return None
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    if metrics.get("eval_pairwise_accuracy_low") is None:
+        return None
+    return {k: metrics[f"eval_pairwise_{k}"] for k in ("accuracy", "accuracy_low", "accuracy_high")} | {
+        "pairs": metrics.get("eval_pairs"), "prompts": metrics.get("eval_prompts")}
 
 
 # ---------------------------------------------------------------------------------------------- policies
@@ -412,7 +425,8 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
         for key in [k for k in res if k.startswith("_")]:
             del res[key]
     settings = {"eval_prompts": len(prompts), "reference": str(ref_folder) if ref_folder else "base",
-                "reward_adapter": str(rm_folder) if rm_folder else None, "labeler": cfg.labeler,
+                "reward_adapter": str(rm_folder) if rm_folder else None,
+                "reward_model_accuracy": reward_model_accuracy(rm_folder), "labeler": cfg.labeler,
                 "general_text": cfg.general_text, "general_texts": len(general) if general else 0,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "seed": recipe.seed, "world_size": distributed.world_size(), "seconds_per_policy": timings,

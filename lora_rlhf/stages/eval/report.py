@@ -225,13 +225,21 @@ def summary(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rm_accuracy(settings: dict[str, Any]) -> str:
+    acc = settings.get("reward_model_accuracy")
+    if not acc:
+        return ""
+    return (f" (orders {100 * acc['accuracy']:.1f} % of {acc['pairs']} held-out pairs from {acc['prompts']} prompts "
+            f"correctly, 95 % interval [{100 * acc['accuracy_low']:.1f}, {100 * acc['accuracy_high']:.1f}] %)")
+
+
 def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dict[str, Any]]) -> str:
     s = results["settings"]
     parts = [
         "# Evaluation report", "",
         f"{s['eval_prompts']} held-out prompts, one sample each (temperature {s['temperature']}, top_p {s['top_p']}, "
         f"at most {s['max_new_tokens']} new tokens, seed {s['seed']}). "
-        f"KL reference: `{s['reference']}`. Reward model: `{s['reward_adapter'] or 'none'}`. "
+        f"KL reference: `{s['reference']}`. Reward model: `{s['reward_adapter'] or 'none'}`{_rm_accuracy(s)}. "
         f"Task labeler: `{s['labeler'] or 'none'}`.", "",
         *(["## Summary", "", *summary(results), ""] if summary(results) else []),
         "## Policies", "", policy_table(results), "",
