@@ -23,4 +23,4 @@ def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -
         summary = (f"held-out accuracy {metrics['eval_pairwise_accuracy']:.3f} "
                    f"[{metrics['eval_pairwise_accuracy_low']:.3f}, {metrics['eval_pairwise_accuracy_high']:.3f}] "
                    f"over {metrics['eval_pairs']} pairs of {metrics['eval_prompts']} prompts, {summary}")
-    typer.echo(f"Reward adapter written to {out}" + (f" ({summary})" if summary else ""))
+    typer.echo(f"Reward adapter written to {out} ({summary})")

@@ -128,6 +128,28 @@ def test_trainer_defaults_are_the_stages_own():
         assert {k: merged[k] for k in TRAINER_DEFAULTS[section]} == TRAINER_DEFAULTS[section]
 
 
+def test_eval_text_length_is_the_eval_stages_own():
+    from lora_rlhf.plan.recipe_plan import EVAL_TEXT_TOKENS
+    from lora_rlhf.stages.eval.evaluate import PERPLEXITY_MAX_TOKENS
+
+    assert EVAL_TEXT_TOKENS == PERPLEXITY_MAX_TOKENS
+
+
+def test_eval_plan_sizes_scoring_by_the_general_texts_when_there_are_some():
+    recipe = load_recipe(ROOT / "recipes/demo_smollm2_cpu.yaml")
+    shape = load_shape(recipe.model.name)
+
+    def logits_part(r):
+        score = stage_estimate(r, "eval", shape, PlanContext()).phases[-1]
+        return next(p for p in score.parts if p.name == "scoring logits")
+
+    with_texts = logits_part(recipe)
+    assert "16 x 256 tokens" in with_texts.note  # general texts (256) are longer than 128 + 48 sampled tokens
+    recipe.eval.general_text = None
+    assert "16 x 176 tokens" in logits_part(recipe).note
+    assert logits_part(recipe).bytes * 256 == with_texts.bytes * 176
+
+
 def test_value_free_ppo_costs_less_and_checkpointing_is_counted_where_the_stage_applies_it():
     shape = load_shape("smollm2-135m-instruct")
     ppo = {"batch_size": 8, "response_length": 48}

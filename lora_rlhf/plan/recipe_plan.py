@@ -20,6 +20,7 @@ from lora_rlhf.plan.estimate import (
     PPOShape,
     StageEstimate,
     generation_estimate,
+    heap_slack,
     ppo_estimate,
     reward_estimate,
     sft_estimate,
@@ -34,6 +35,9 @@ TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 4, "max_length": 512},
     "reward": {"per_device_train_batch_size": 8, "max_length": 512},
 }
+# stages/eval/evaluate.PERPLEXITY_MAX_TOKENS, copied for the same reason (tests/test_plan.py checks it): eval
+# scores each general text up to this many tokens, in batches of eval.batch_size.
+EVAL_TEXT_TOKENS = 256
 DEFAULT_PROMPT_LENGTH = 128  # tokens; recipes do not bound prompts, so the plan assumes this (--prompt-length)
 PLANNED_STAGES = ("sft", "compare", "reward", "ppo", "ppo-ptx", "eval")
 
@@ -114,12 +118,15 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
     if stage == "eval":
         e = recipe.eval
         est = generation_estimate(shape, base, e.batch_size, q, e.max_new_tokens, adapters=4, stage="eval")
-        # KL and perplexity score whole sequences: fp32 logits and log-softmax over [B, T, V]
-        tokens = e.batch_size * (q + e.max_new_tokens)
+        # KL and perplexity score whole sequences: fp32 logits and log-softmax over [B, T, V]; the general
+        # texts (when eval.general_text is set) are longer than the sampled sequences.
+        length = max(q + e.max_new_tokens, EVAL_TEXT_TOKENS if e.general_text else 0)
+        logits = 2 * e.batch_size * length * shape.vocab_size * 4
         generating = ("kv cache", "step logits", "dequantized weights", "prefill workspace", "allocator slack")
         resident = [p for p in est.phases[1].parts if p.name not in generating]
-        est.phases.append(Phase("score", resident + [Part("scoring logits", 2 * tokens * shape.vocab_size * 4,
-                                                          "fp32 logits + log-softmax of the sampled sequences")]))
+        est.phases.append(Phase("score", resident + [
+            Part("scoring logits", logits, f"fp32 logits + log-softmax of {e.batch_size} x {length} tokens"),
+            *heap_slack(base, logits)]))
         return est
     raise LoraRlhfError(f"no memory plan for stage '{stage}'", fix=f"plan one of: {', '.join(PLANNED_STAGES)}")
 
