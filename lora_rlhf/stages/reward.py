@@ -351,13 +351,12 @@ def accuracy_interval(wins: Sequence[bool], groups: Sequence[int], n_boot: int =
     """
     if len(wins) != len(groups) or not wins:
         raise ValueError(f"need one group per win and at least one pair, got {len(wins)} and {len(groups)}")
-    ids = sorted(set(groups))
-    per_group = torch.zeros(len(ids), 2, dtype=torch.float64)  # [G, (wins, pairs)]
-    index = {g: i for i, g in enumerate(ids)}
-    for w, g in zip(wins, groups, strict=True):
-        per_group[index[g]] += torch.tensor([float(w), 1.0], dtype=torch.float64)
+    _, group_of = torch.unique(torch.tensor(groups), return_inverse=True)  # [P] -> 0..G-1
+    pair = torch.stack([torch.tensor(wins, dtype=torch.float64), torch.ones(len(wins), dtype=torch.float64)], 1)
+    per_group = torch.zeros(int(group_of.max()) + 1, 2, dtype=torch.float64).index_add_(0, group_of, pair)  # [G, 2]
     generator = torch.Generator().manual_seed(seed)
-    draws = per_group[torch.randint(len(ids), (n_boot, len(ids)), generator=generator)].sum(1)  # [n_boot, 2]
+    n = len(per_group)
+    draws = per_group[torch.randint(n, (n_boot, n), generator=generator)].sum(1)  # [n_boot, 2]
     tail = (1 - level) / 2
     low, high = torch.quantile(draws[:, 0] / draws[:, 1], torch.tensor([tail, 1 - tail], dtype=torch.float64))
     return sum(wins) / len(wins), float(low), float(high)

@@ -38,6 +38,7 @@ from lora_rlhf.core.adapters import is_finished, recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
 from lora_rlhf.core.generation import answer_text, generate_ids
+from lora_rlhf.core.logs import METRICS_FILE
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.core.scoring import score_texts
 from lora_rlhf.core.text import batches
@@ -124,7 +125,7 @@ def paired_difference(policy_scores: Sequence[float], baseline_scores: Sequence[
 
 def reward_model_accuracy(folder: Path | None) -> dict[str, Any] | None:
     """The reward stage's held-out pairwise accuracy and its interval (from its metrics.json), when it has one."""
-    metrics_file = Path(folder) / "metrics.json" if folder else None
+    metrics_file = Path(folder) / METRICS_FILE if folder else None
     if metrics_file is None or not metrics_file.is_file():
         return None
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
