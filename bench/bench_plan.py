@@ -46,6 +46,8 @@ CONFIGS: dict[str, tuple[str, str, list[str]]] = {
                                             "reward.max_length=96"]),
     "compare-135m-4bit": ("compare", "135m", ["quantization.mode=4bit", "compare.batch_size=4", "compare.k=2",
                                               "compare.max_new_tokens=48"]),
+    "eval-135m-4bit": ("eval", "135m", ["quantization.mode=4bit", "eval.batch_size=16", "eval.max_new_tokens=48",
+                                        "eval.temperature=0"]),
     "ppo-anchor": ("ppo", "135m", ["quantization.mode=4bit", "ppo.batch_size=8", "ppo.response_length=48",
                                    "ppo.num_ppo_epochs=2", "ppo.local_rollout_forward_batch_size=8"]),
     "ppo-anchor-ckpt": ("ppo", "135m", ["quantization.mode=4bit", "model.gradient_checkpointing=true",
@@ -90,6 +92,7 @@ def write_data(work: Path, tokenizer, recipe) -> int:
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (work / "eval_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
     return max(len(prompt_ids(tokenizer, p)) for p in PROMPTS)
 
 
@@ -134,7 +137,8 @@ def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     stage, _, overrides = CONFIGS[name]
     raw = base_recipe(work, model, device_type)
     raw["data"] = {"sft": {"path": str(work / "sft.jsonl")}, "reward": {"path": str(work / "pairs.jsonl")},
-                   "prompts": {"path": str(work / "prompts.jsonl")}}
+                   "prompts": {"path": str(work / "prompts.jsonl")}, "eval": {"path": str(work / "eval_prompts.jsonl")}}
+    raw["eval"] = {"general_text": str(work / "sft.jsonl")}  # texts longer than EVAL_TEXT_TOKENS: scored at 256
     recipe = recipe_from_dict(raw, overrides)
     tokenizer = load_tokenizer(recipe.model)
     prompt_length = write_data(work, tokenizer, recipe)
@@ -159,6 +163,10 @@ def run_stage(stage: str, recipe) -> None:
         from lora_rlhf.stages.reward import run_reward
 
         run_reward(recipe)
+    elif stage == "eval":  # one policy (the SFT adapter) against itself as reference, the RM, perplexity
+        from lora_rlhf.stages.eval.evaluate import Policy, run_eval
+
+        run_eval(recipe, [Policy("sft", Path(recipe.ppo.sft_adapter))], out_dir=Path(recipe.output_dir) / "eval")
     elif stage == "compare":  # what `compare` does: the base for inference + one adapter, K samples per prompt
         from lora_rlhf.core.base import SharedBase
         from lora_rlhf.core.generation import generate_ids
@@ -205,7 +213,7 @@ def main() -> None:
         for key, model in models.items():
             work = Path(tmp) / key
             work.mkdir()
-            if any(CONFIGS[n][1] == key and CONFIGS[n][0] in ("ppo", "compare") for n in names):
+            if any(CONFIGS[n][1] == key and CONFIGS[n][0] in ("ppo", "compare", "eval") for n in names):
                 _run([sys.executable, __file__, "--child", "prepare", "--work", str(work), "--child-model", model,
                       "--device", args.device], env)
         for name in names:

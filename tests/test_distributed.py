@@ -280,8 +280,8 @@ def test_gathered_shares_give_each_episode_the_forward_it_had_alone(tiny_recipe,
               for prompts in (PROMPTS[:1], PROMPTS[1:4])]  # a short and a long prompt: different paddings
     whole = rollout.concat(shares, sb.tokenizer.pad_token_id)
     assert whole.prompts == PROMPTS[:4] and whole.texts == shares[0].texts + shares[1].texts
-    with sb.use("policy") as model:
-        again = rollout.response_logprobs(model, whole, cfg.temperature)[0]
+    with sb.use("policy"):
+        again = rollout.response_logprobs(sb, whole, cfg.temperature)[0]
     row = 0
     for share in shares:
         n, width = len(share.prompts), share.responses.shape[1]

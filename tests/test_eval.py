@@ -22,6 +22,7 @@ from lora_rlhf.stages.eval.evaluate import (
     parse_policy_args,
     perplexity,
     run_eval,
+    sequence_logprobs,
     win_rate,
 )
 from lora_rlhf.stages.eval.report import plot_training_curves, plot_win_rates, write_report
@@ -131,6 +132,31 @@ def test_kl_of_a_policy_against_itself_is_zero_and_against_another_is_not(run_di
     # Padding in a batch must not change a row's log-probs (batch of 2 vs one at a time).
     single = [kl_to_reference(shared, "a", "sft", [s], [st], 0.7, 1)[0] for s, st in zip(seqs, starts, strict=True)]
     assert single == pytest.approx(other, abs=1e-4)
+
+
+def test_sequence_logprobs_match_the_full_logits_of_the_model(tiny_model_dir):
+    # The LM head runs per sequence on the scored positions only; the result must be what the model's own
+    # [B, T, V] logits give, for an adapter role and the bare base, with padding and a temperature.
+    shared = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"),
+                             for_training=False)
+    torch.manual_seed(0)
+    shared.add_adapter("a", LoraSettings(r=4, alpha=8, dropout=0.0), trainable=False)
+    with torch.no_grad():  # PEFT starts B at zero: give the adapter an effect
+        for name, p in shared.model.named_parameters():
+            if "lora_B.a" in name:
+                p.normal_(0, 0.5)
+    seqs = [[5, 9, 13, 2, 7, 11], [3, 4], [8, 1, 6, 12, 30]]
+    starts = [3, 1, 2]
+    for role in ("a", None):
+        got = sequence_logprobs(shared, role, seqs, starts, temperature=0.7, batch_size=2)
+        with shared.use(role) as model, torch.no_grad():
+            for seq, start, row in zip(seqs, starts, got, strict=True):
+                ids = torch.tensor([seq])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float() / 0.7, -1)
+                want = logp.gather(-1, ids[0, 1:, None])[:, 0][start - 1:]
+                assert row.shape == want.shape
+                torch.testing.assert_close(row, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], sequence_logprobs(shared, "a", seqs, starts, 0.7, 2)[0])  # the adapter counts
 
 
 def test_perplexity_matches_the_models_own_loss(tiny_model_dir):

@@ -16,7 +16,7 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.plan import estimate
 from lora_rlhf.plan.estimate import Base, activation_bytes, quantized_linear_bytes, saved_per_token_layer
 from lora_rlhf.plan.model_shape import load_shape, shipped_configs
-from lora_rlhf.plan.preflight import OutOfMemoryPlan, peak_bytes, preflight, reset_peak
+from lora_rlhf.plan.preflight import OutOfMemoryPlan, _status, peak_bytes, preflight, reset_peak
 from lora_rlhf.plan.recipe_plan import TRAINER_DEFAULTS, PlanContext, ranked_responses, stage_estimate
 from lora_rlhf.recipe.config import (
     DatasetConfig,
@@ -139,15 +139,18 @@ def test_eval_plan_sizes_scoring_by_the_general_texts_when_there_are_some():
     recipe = load_recipe(ROOT / "recipes/demo_smollm2_cpu.yaml")
     shape = load_shape(recipe.model.name)
 
-    def logits_part(r):
+    def score_parts(r):
         score = stage_estimate(r, "eval", shape, PlanContext()).phases[-1]
-        return next(p for p in score.parts if p.name == "scoring logits")
+        assert score.name == "score"
+        return {p.name: p for p in score.parts}
 
-    with_texts = logits_part(recipe)
-    assert "16 x 256 tokens" in with_texts.note  # general texts (256) are longer than 128 + 48 sampled tokens
+    with_texts = score_parts(recipe)
+    assert "[16, 256, 576]" in with_texts["hidden states"].note  # general texts (256) outrun 128 + 48 sampled
+    # the LM head runs per sequence (evaluate.sequence_logprobs): logits of one sequence, not of the batch
+    assert with_texts["sequence logits"].bytes == 2 * 256 * shape.vocab_size * 4
     recipe.eval.general_text = None
-    assert "16 x 176 tokens" in logits_part(recipe).note
-    assert logits_part(recipe).bytes * 256 == with_texts.bytes * 176
+    assert "[16, 176, 576]" in score_parts(recipe)["hidden states"].note
+    assert score_parts(recipe)["hidden states"].bytes * 256 == with_texts["hidden states"].bytes * 176
 
 
 def test_value_free_ppo_costs_less_and_checkpointing_is_counted_where_the_stage_applies_it():
@@ -162,6 +165,23 @@ def test_value_free_ppo_costs_less_and_checkpointing_is_counted_where_the_stage_
         stage_estimate(recipe_from_dict({}), "sft", shape, PlanContext()).peak
     # PPO checkpoints its training forwards when the recipe asks (PPO_CHECKPOINTS): the plan must say so
     assert (stage_estimate(ckpt, "ppo", shape, PlanContext()).peak < gae) == estimate.PPO_CHECKPOINTS
+
+
+def test_ppo_logits_are_one_sequences_where_the_lm_head_is_plain():
+    """rollout.response_logprobs runs the LM head per sequence for architectures in PLAIN_LM_HEAD; others keep
+    the micro-batch's [m, R, V] logits, and the plan must say which."""
+    from lora_rlhf.plan.model_shape import shape_from_config
+
+    config = json.loads((ROOT / "lora_rlhf/plan/configs/smollm2-135m-instruct.json").read_text())
+    llama, capped = shape_from_config(config, "a"), shape_from_config({**config, "model_type": "gemma2"}, "b")
+    assert llama.plain_lm_head and not capped.plain_lm_head
+    recipe = recipe_from_dict({"ppo": {"batch_size": 8, "response_length": 48}})
+
+    def logits(shape):
+        return next(p.bytes for p in stage_estimate(recipe, "ppo", shape, PlanContext()).phases[-1].parts
+                    if p.name == "logits")
+
+    assert logits(capped) == 8 * logits(llama)  # micro-batch 8 (batch 8, one mini-batch)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -185,7 +205,8 @@ def test_json_has_every_phase_and_part():
 
 @pytest.mark.parametrize("gpu", ["24GB", "16GB"])
 def test_8b_recipe_verdict_and_advice_that_parses_and_fits(gpu):
-    """The README's claim: the 8B recipe fits 24 GB as written; at 16 GB every stage but eval needs a knob."""
+    """The README's claim: the 8B recipe fits 24 GB as written; at 16 GB sft and reward need a knob (PPO-ptx fits:
+    its log-probs never hold the micro-batch's [B, R, 128k] logits)."""
     recipe = str(ROOT / "recipes/llama3_8b_qlora_1gpu.yaml")
     capacity = int(gpu[:-2]) * 2**30
     result = runner.invoke(app, ["plan", recipe, "--gpu", gpu, "--json"])
@@ -196,7 +217,7 @@ def test_8b_recipe_verdict_and_advice_that_parses_and_fits(gpu):
     for stage in plan["stages"]:
         assert (stage["verdict"] == "does not fit") == (stage["peak_bytes"] > capacity)
     over = [s["stage"] for s in plan["stages"] if s["verdict"] == "does not fit"]
-    assert over == ([] if gpu == "24GB" else ["sft", "reward", "ppo-ptx"])
+    assert over == ([] if gpu == "24GB" else ["sft", "reward"])
     for stage in [s for s in plan["stages"] if s["stage"] in over]:
         first = stage["advice"][0]
         assert first["fits"], stage["stage"]  # ranked: what fits comes first
@@ -252,6 +273,21 @@ def test_peak_helpers_see_a_new_allocation():
     block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
     assert peak_bytes(cpu) >= before + 60 * 2**20
     del block
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
+def test_release_freed_hands_fragmented_free_heap_back():
+    from lora_rlhf.core.memory import _libc, release_freed
+
+    if _libc() is None:
+        pytest.skip("malloc_trim is glibc's")
+    blocks = [torch.ones(200_000) for _ in range(400)]  # 800 KB each: glibc serves them from its heap
+    kept = blocks[::2]  # freeing every other block leaves holes the heap cannot shrink past
+    del blocks
+    before = _status("VmRSS")
+    release_freed(torch.device("cpu"))
+    assert before - _status("VmRSS") > 100 * 2**20  # most of the 160 MB freed goes back
+    del kept
 
 
 def test_a_stage_stops_before_loading_when_it_would_not_fit_and_reports_its_own_peak(tiny_recipe, tmp_path,

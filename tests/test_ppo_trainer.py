@@ -175,6 +175,45 @@ def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters
     assert (batch.values * (1 - batch.response_mask)).abs().sum() == 0
 
 
+
+def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_their_gradients(tiny_recipe, adapters,
+                                                                                            monkeypatch):
+    """The policy's training log-probs run the LM head per sequence under checkpointing (no [B, R, V] logits):
+    log-probs, entropy and the gradients they give the policy adapter equal the model's own forward's."""
+    from trl.trainer.utils import entropy_from_logits
+
+    trainer = trainer_with_adapters(tiny_recipe, adapters, temperature=0.7)
+    sb, cfg = trainer.sb, trainer.cfg
+    trainer._train_mode(False)
+    torch.manual_seed(0)
+    batch = rollout.score(sb, rollout.generate(sb, PROMPTS, cfg), trainer.reward, cfg)
+    assert sb.lm_head() is not None  # a Llama: the per-sequence path runs
+
+    def loss_and_grads(per_sequence: bool):
+        if not per_sequence:
+            monkeypatch.setattr(SharedBase, "lm_head", lambda self: None)  # the model's own forward
+        try:
+            with sb.use("policy"):
+                logprobs, entropy = rollout.response_logprobs(sb, batch, cfg.temperature, with_entropy=True)
+                (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
+        finally:
+            monkeypatch.undo()
+        grads = [p.grad.clone() for p in sb.trainable_parameters("policy")]
+        for p in sb.trainable_parameters("policy"):
+            p.grad = None
+        return logprobs.detach(), entropy, grads
+
+    mine, whole = loss_and_grads(True), loss_and_grads(False)
+    torch.testing.assert_close(mine[0], whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mine[1], whole[1], atol=1e-5, rtol=1e-5)
+    assert mine[1].requires_grad is False and (mine[1][batch.response_mask.bool()] > 0).all()
+    assert any(g.abs().sum() > 0 for g in mine[2])
+    for a, b in zip(mine[2], whole[2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # float sums in another order
+    with sb.use("policy"), torch.no_grad():
+        logits = rollout.response_logits(sb.model, batch) / cfg.temperature
+    torch.testing.assert_close(mine[1], entropy_from_logits(logits), atol=1e-5, rtol=1e-5)
+
 def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, adapters):
     trainer = trainer_with_adapters(tiny_recipe, adapters)
     sb = trainer.sb
@@ -333,8 +372,8 @@ def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zer
     sb.train(False)
     batch = rollout.score(sb, rollout.generate(sb, PROMPTS, cfg), trainer.reward, cfg)
     torch.testing.assert_close(batch.logprobs, batch.ref_logprobs, atol=1e-4, rtol=1e-4)
-    with torch.no_grad(), sb.use(None) as model:
-        bare = rollout.response_logprobs(model, batch, cfg.temperature)[0]
+    with torch.no_grad(), sb.use(None):
+        bare = rollout.response_logprobs(sb, batch, cfg.temperature)[0]
     assert not torch.allclose(bare, batch.ref_logprobs, atol=1e-4)  # the reference is not the bare base
 
     first = []

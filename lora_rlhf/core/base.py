@@ -33,6 +33,7 @@ from lora_rlhf.core.adapters import (
 )
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
 from lora_rlhf.core.loading import load_base_model, lora_config
+from lora_rlhf.core.models import PLAIN_LM_HEAD
 from lora_rlhf.errors import ModelError
 from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
 
@@ -218,6 +219,13 @@ class SharedBase:
         """The transformer stack without the LM head (LoRA layers inside it follow the active adapter)."""
         lm = self.model.get_base_model() if self.is_peft else self.model
         return getattr(lm, lm.base_model_prefix)
+
+    def lm_head(self) -> nn.Module | None:
+        """The output layer, where logits are exactly lm_head(backbone's last hidden state), so that a caller
+        can run it on the positions it needs, a few at a time; None for other architectures (PLAIN_LM_HEAD)."""
+        if getattr(self.model.config, "model_type", None) not in PLAIN_LM_HEAD:
+            return None
+        return self.model.get_output_embeddings()
 
     def scalar(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask [B, T] -> per-token head outputs [B, T] of `role` (reward or value)."""

@@ -8,8 +8,6 @@ for training, frozen base weights, and the base's identity (`info`) that adapter
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from torch import nn
 
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import base_fingerprint
+from lora_rlhf.core.memory import trim_heap
 from lora_rlhf.core.models import hub_load_error, resolve_model
 from lora_rlhf.errors import ModelError
 from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
@@ -143,7 +142,7 @@ def load_pretrained(model_cfg: ModelConfig, quant: QuantizationConfig, pad_token
         model.enable_input_require_grads()
     if device.type == "cpu" and quant.mode != "none":
         release_checkpoint_file(model)
-        return_freed_heap()
+        trim_heap()  # quantizing on the CPU freed an fp32 copy of every weight: hand it back
     for p in model.parameters():
         p.requires_grad_(False)
     return model, dtype
@@ -179,19 +178,6 @@ def release_checkpoint_file(model: nn.Module) -> None:
             for _, t in tensors:
                 if t.is_floating_point():  # quantized weights are uint8/int8 and already own their memory
                     t.data = t.data.clone()
-
-
-def return_freed_heap() -> None:
-    """Hand the heap freed by CPU quantization back to the OS (glibc keeps it otherwise).
-
-    Quantizing on the CPU allocates and frees an fp32 copy of every weight; glibc keeps those pages in the heap,
-    so the 4-bit 135M base held more resident memory after loading than the fp32 one. No-op off glibc.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # musl, macOS, Windows: no malloc_trim
-        pass
 
 
 def disable_cpu_weight_repacking(model: nn.Module) -> None:

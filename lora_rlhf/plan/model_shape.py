@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_rlhf.core.loading import load_config  # the one place configs are read from the Hub
+from lora_rlhf.core.models import PLAIN_LM_HEAD
 from lora_rlhf.errors import ModelError
 from lora_rlhf.recipe.config import ModelConfig
 
@@ -48,6 +49,7 @@ class ModelShape:
     attention_bias: bool = False
     mlp_bias: bool = False
     checkpoint_bytes_per_param: int = 2  # the dtype the weights are stored in (read while loading)
+    plain_lm_head: bool = True   # logits = lm_head(hidden): log-probs are taken one sequence at a time
 
     # ---------------------------------------------------------------- linear layers
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -128,6 +130,7 @@ def shape_from_config(config: dict[str, Any], name: str) -> ModelShape:
         attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
         mlp_bias=bool(config.get("mlp_bias", False)),
         checkpoint_bytes_per_param=_DTYPE_BYTES.get(dtype.replace("torch.", ""), 2),
+        plain_lm_head=config.get("model_type") in PLAIN_LM_HEAD,
     )
 
 

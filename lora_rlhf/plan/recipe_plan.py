@@ -15,12 +15,10 @@ from lora_rlhf.plan.estimate import (
     ADAM_BYTES,
     Base,
     Device,
-    Part,
-    Phase,
     PPOShape,
     StageEstimate,
+    eval_estimate,
     generation_estimate,
-    heap_slack,
     ppo_estimate,
     reward_estimate,
     sft_estimate,
@@ -117,17 +115,9 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
         return generation_estimate(shape, base, c.batch_size * c.k, q, c.max_new_tokens, adapters=1, stage="compare")
     if stage == "eval":
         e = recipe.eval
-        est = generation_estimate(shape, base, e.batch_size, q, e.max_new_tokens, adapters=4, stage="eval")
-        # KL and perplexity score whole sequences: fp32 logits and log-softmax over [B, T, V]; the general
-        # texts (when eval.general_text is set) are longer than the sampled sequences.
+        # the general texts (when eval.general_text is set) are scored longer than the sampled sequences
         length = max(q + e.max_new_tokens, EVAL_TEXT_TOKENS if e.general_text else 0)
-        logits = 2 * e.batch_size * length * shape.vocab_size * 4
-        generating = ("kv cache", "step logits", "dequantized weights", "prefill workspace", "allocator slack")
-        resident = [p for p in est.phases[1].parts if p.name not in generating]
-        est.phases.append(Phase("score", resident + [
-            Part("scoring logits", logits, f"fp32 logits + log-softmax of {e.batch_size} x {length} tokens"),
-            *heap_slack(base, logits)]))
-        return est
+        return eval_estimate(shape, base, e.batch_size, q, e.max_new_tokens, length)
     raise LoraRlhfError(f"no memory plan for stage '{stage}'", fix=f"plan one of: {', '.join(PLANNED_STAGES)}")
 
 

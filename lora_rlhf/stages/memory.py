@@ -1,7 +1,8 @@
 """Each stage's memory: the planner's preflight before anything loads, then the stage's own peak beside it.
 
-Inside `pipeline` several stages run in one process; the high-water mark is reset when each starts, so a
-stage reports its own peak (PPO no longer shows the reward stage's), next to what `lora-rlhf plan` predicted.
+Inside `pipeline` several stages run in one process; when each starts, the memory earlier stages freed is handed
+back (core.memory) and the high-water mark is reset, so a stage reports its own peak (PPO no longer shows the
+reward stage's), next to what `lora-rlhf plan` predicted.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_rlhf.core.loading import resolve_device
+from lora_rlhf.core.memory import release_freed
 from lora_rlhf.plan.preflight import peak_bytes, preflight, reset_peak
 from lora_rlhf.recipe.config import Recipe
 
@@ -34,6 +36,7 @@ def check_memory(recipe: Recipe, stage: str) -> StageMemory:
     stage: sft | compare | reward | ppo | ppo-ptx | eval. LORA_RLHF_SKIP_PREFLIGHT=1 starts it anyway.
     """
     device = resolve_device(recipe.model)
+    release_freed(device)  # what an earlier stage of this process freed is neither this stage's nor in use
     predicted = preflight(recipe, stage, device)
     reset_peak(device)
     return StageMemory(device, predicted)
