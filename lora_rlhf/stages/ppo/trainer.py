@@ -99,8 +99,8 @@ class PPOTrainer:
         distributed.broadcast_(self.params)
         # Gradients live for the whole run, allocated here, before any activation, and zeroed in place after each
         # optimizer step. Re-allocated during every backward (set_to_none), ~400 small long-lived tensors land
-        # between the step's freed 1-2 MB temporaries and pin the CPU heap open: the TRL anchor's peak resident set
-        # was 2.58 GB with them, 1.84-1.91 GB without (same live tensors; bench/bench_plan.py).
+        # between the step's freed 1-2 MB temporaries and pin the CPU heap open: the TRL anchor's two steps peaked
+        # at 2.4-2.6 GB of resident memory with them, 1.8-1.9 GB without (same live tensors, same time).
         for p in self.params:
             p.grad = torch.zeros_like(p)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
