@@ -175,7 +175,6 @@ def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters
     assert (batch.values * (1 - batch.response_mask)).abs().sum() == 0
 
 
-
 def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_their_gradients(tiny_recipe, adapters,
                                                                                             monkeypatch):
     """The policy's training log-probs run the LM head per sequence under checkpointing (no [B, R, V] logits):

@@ -98,7 +98,7 @@ class PPOTrainer:
         # gradients; broadcasting rank 0's makes the start independent of how each rank reached this point.
         distributed.broadcast_(self.params)
         # Gradients live for the whole run, allocated here, before any activation, and zeroed in place after each
-        # optimizer step. Re-allocated during every backward (set_to_none), ~400 small long-lived tensors land
+        # optimizer step. Re-allocated during every backward (set_to_none), ~850 small long-lived tensors land
         # between the step's freed 1-2 MB temporaries and pin the CPU heap open: the TRL anchor's two steps peaked
         # at 2.4-2.6 GB of resident memory with them, 1.8-1.9 GB without (same live tensors, same time).
         for p in self.params:
