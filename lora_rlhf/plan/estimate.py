@@ -199,6 +199,13 @@ def activation_bytes(shape: ModelShape, base: Base, rows: int, seq_len: int) -> 
     return int(shape.num_layers * per_layer)
 
 
+def backward_churn(shape: ModelShape, base: Base, rows: int, seq_len: int) -> int:
+    """What one backward allocates and frees in all: the full activations, with or without checkpointing
+    (checkpointing recomputes every layer once, so the volume that passes through the CPU heap, and the slack
+    it leaves there, is the same; measured on PPO and SFT in bench_plan.py)."""
+    return activation_bytes(shape, replace(base, gradient_checkpointing=False), rows, seq_len)
+
+
 def layer_workspace(shape: ModelShape, base: Base, tokens: int) -> int:
     """Temporaries of one layer's forward (no grad) or backward: hidden states, the MLP's inner width, grads."""
     return int(tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) * base.dtype_bytes)
@@ -237,7 +244,7 @@ def sft_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> 
     tokens = batch * max_length
     acts = activation_bytes(shape, base, batch, max_length)
     logits = tokens * shape.vocab_size * (base.dtype_bytes + 16)
-    transient = acts + layer_workspace(shape, base, tokens)
+    transient = backward_churn(shape, base, batch, max_length) + layer_workspace(shape, base, tokens)
     train = Phase("train", [*_resident(shape, base, {"policy": True}),
                             Part("activations", acts, _act_note(base, batch, max_length)),
                             Part("logits", logits, f"[{batch}, {max_length}, {shape.vocab_size}] + fp32 copy, "
@@ -266,7 +273,7 @@ def reward_estimate(shape: ModelShape, base: Base, batch: int, max_length: int,
     rows = reward_sequences(batch, responses_per_prompt)
     tokens = rows * max_length
     acts = activation_bytes(shape, base, rows, max_length)
-    transient = acts + layer_workspace(shape, base, tokens)
+    transient = backward_churn(shape, base, rows, max_length) + layer_workspace(shape, base, tokens)
     train = Phase("train", [*_resident(shape, base, {"reward": True}, lm_head=False),
                             Part("activations", acts, _act_note(base, rows, max_length)),
                             Part("backward workspace", layer_workspace(shape, base, tokens)),
@@ -376,9 +383,7 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
     m = p.micro_batch
     ppo_base = replace(base, gradient_checkpointing=base.gradient_checkpointing and PPO_CHECKPOINTS)
     acts = activation_bytes(shape, ppo_base, m, seq)
-    # What the backward allocates and frees in all: with checkpointing it recomputes every layer once, so the
-    # volume (and the CPU heap slack it leaves) is that of the full activations either way (measured).
-    churn = activation_bytes(shape, replace(base, gradient_checkpointing=False), m, seq)
+    churn = backward_churn(shape, base, m, seq)
     # tempered logits, their grad, the LM head output's grad, the fp32 copy the entropy statistic takes: of one
     # sequence where the LM head runs per sequence under checkpointing (rollout.response_logprobs), else the batch's
     rows = 1 if shape.plain_lm_head else m
@@ -387,7 +392,7 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
                  Part("logits", logits, f"[{rows}, {p.response_length}, {v}] tempered + 2 grads + entropy copy")]
     if p.ptx_rows:
         ptx_acts = activation_bytes(shape, ppo_base, p.ptx_rows, p.ptx_length)
-        churn += activation_bytes(shape, replace(base, gradient_checkpointing=False), p.ptx_rows, p.ptx_length)
+        churn += backward_churn(shape, base, p.ptx_rows, p.ptx_length)
         ptx_logits = 3 * p.ptx_rows * p.ptx_length * v * 4
         opt_parts += [Part("ptx activations", ptx_acts, f"{p.ptx_rows} x {p.ptx_length} tokens, same graph"),
                       Part("ptx logits", ptx_logits, "LM loss over the ptx rows, fp32")]
