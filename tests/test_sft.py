@@ -221,3 +221,42 @@ def test_resume_with_another_save_steps_uses_it_and_says_so(sft_run, tmp_path, c
     message = "save_steps is 10 in the checkpoint and 1 in the recipe: continuing with 1"
     assert message in caplog.text and message in (out2 / "train.log").read_text()
     assert (out2 / "checkpoints" / "checkpoint-31").is_dir()  # 31 is no multiple of 10: saved because of 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp_path, monkeypatch):
+    """TRL alone joins a string prompt and completion as plain text ("Say the magic word.banana ..."), a context
+    generation never shows. The stage gives them as chat turns: what TRL trains on starts with `prompt_ids` (the
+    ids every generation conditions on), the loss starts right after them, and the answer ends at end-of-turn."""
+    from trl import SFTTrainer
+
+    from lora_rlhf.core.text import prompt_ids
+    from lora_rlhf.stages import sft as sft_stage
+
+    seen = {}
+
+    def tokenize_and_stop(recipe, shared, train, held_out, out, checkpoint, log):
+        trainer = SFTTrainer(model=shared.model, args=sft_stage.sft_training_args(recipe, out, False),
+                             train_dataset=train, processing_class=shared.tokenizer)
+        seen["rows"], seen["tokenizer"] = list(trainer.train_dataset), shared.tokenizer
+        raise _Stop
+
+    monkeypatch.setattr(sft_stage, "_train", tokenize_and_stop)
+    recipe = recipe_from_dict({"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)},
+                               "quantization": {"mode": "none"}, "sft": {"max_steps": 1},
+                               "data": {"sft": {"path": str(write_jsonl(tmp_path / "d.jsonl", DEMOS)),
+                                                "eval_fraction": 0}}})
+    with pytest.raises(_Stop):
+        train_sft(recipe)
+    tok = seen["tokenizer"]
+    prompts = {tuple(prompt_ids(tok, d["prompt"])) for d in DEMOS}
+    assert len(seen["rows"]) == len(DEMOS)
+    for row in seen["rows"]:
+        ids = row["input_ids"]
+        start = next(i for i, label in enumerate(row["labels"]) if label != -100)  # TRL masks the prompt with -100
+        assert tuple(ids[:start]) in prompts
+        answer = ids[start:]
+        assert tok.decode(answer).startswith(DEMOS[0]["completion"]) and tok.eos_token_id in answer

@@ -3,6 +3,7 @@
     prompt_ids(tok, prompt)             the prompt up to where the assistant's answer begins: what generation
                                         (PPO rollouts, compare, eval, chat) conditions on
     encode(tok, prompt, response)       prompt + response as the reward model reads it (training and scoring)
+    as_chat_turns(rows, tok)            SFT's prompt/completion rows as chat turns (TRL then templates them)
     pad(sequences, pad_id, side)        token lists -> (ids [B, T], attention mask [B, T])
 
 A model without a chat template gets the plain text with the tokenizer's special tokens (its BOS), the same
@@ -69,6 +70,27 @@ def encode(tokenizer: Any, prompt: Prompt, response: str) -> list[int]:
     # No chat template (a base model): the prompt's ids (BOS included) + the response, closed by EOS so the last
     # token marks the end.
     return prompt_ids(tokenizer, prompt) + response_ids(tokenizer, response + (tokenizer.eos_token or ""))
+
+
+def as_chat_turns(rows: Any, tokenizer: Any) -> Any:
+    """SFT rows (a `datasets.Dataset`) with string prompt/completion turned into chat turns, when the tokenizer
+    has a chat template.
+
+    TRL's SFTTrainer joins a string prompt and completion as plain text, while every other stage prompts through
+    the chat template (`prompt_ids`): SFT would learn answers to a context generation never shows. As turns,
+    TRL renders the prompt as `prompt_ids` does (add_generation_prompt) and the answer up to its end-of-turn
+    token, where generation stops. Rows already in messages form, and plain `text` rows, are unchanged.
+    """
+    if not has_chat_template(tokenizer) or "completion" not in rows.column_names:
+        return rows
+
+    def turns(row: dict[str, Any]) -> dict[str, Any]:
+        completion = row["completion"]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return {"prompt": as_messages(row["prompt"]), "completion": completion}
+
+    return rows.map(turns, desc="SFT rows as chat turns")
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",

@@ -20,7 +20,9 @@ import torch
 from lora_rlhf.core import distributed
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
+from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.logs import LogCallback, write_metrics
+from lora_rlhf.core.text import as_chat_turns
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
 from lora_rlhf.stages.memory import check_memory
@@ -60,6 +62,9 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     out = recipe.stage_dir("sft")
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_sft_data(recipe.data.sft, recipe.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    train = as_chat_turns(train, tokenizer)  # the context generation gives, not TRL's plain-text join
+    held_out = as_chat_turns(held_out, tokenizer) if held_out is not None else None
     memory = check_memory(recipe, "sft")
     shared = SharedBase.load(recipe.model, recipe.quantization)
     torch.manual_seed(recipe.seed)  # a new adapter's init follows from the recipe, not from what ran before it
