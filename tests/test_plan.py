@@ -328,6 +328,25 @@ def test_a_stage_stops_before_loading_when_it_would_not_fit_and_reports_its_own_
         out = run_sft(recipe)
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["memory/predicted_gb"] and 0 < metrics["memory/peak_gb"]
+    # the demonstrations are ~40 tokens: the stage sizes its prediction by them, not by max_length (512)
+    at_max_length = stage_estimate(recipe, "sft", load_shape(str(recipe.model.name)), PlanContext()).peak
+    assert metrics["memory/predicted_gb"] < 0.9 * at_max_length / 2**30
+
+
+def test_sft_and_reward_plans_follow_the_datas_longest_row_up_to_max_length():
+    shape = load_shape("smollm2-135m-instruct")
+    recipe = recipe_from_dict({"sft": {"max_length": 256}, "reward": {"max_length": 256}})
+
+    def peak(recipe, stage, **ctx):
+        return stage_estimate(recipe, stage, shape, PlanContext(**ctx)).peak
+
+    for stage in ("sft", "reward"):
+        shorter = recipe_from_dict({stage: {"max_length": 100}})
+        assert peak(recipe, stage, sequence_length=100) == peak(shorter, stage) < peak(recipe, stage)
+        assert peak(recipe, stage, sequence_length=10_000) == peak(recipe, stage)  # TRL cuts rows at max_length
+    packed = recipe_from_dict({"sft": {"max_length": 256, "packing": True}})
+    assert peak(packed, "sft", sequence_length=100) == peak(packed, "sft")  # packed rows fill max_length
+    # without data, `lora-rlhf plan` stays an upper bound
 
 
 def test_reward_sequences_count_each_ranked_response_once():

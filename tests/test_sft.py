@@ -233,7 +233,7 @@ def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp
     ids every generation conditions on), the loss starts right after them, and the answer ends at end-of-turn."""
     from trl import SFTTrainer
 
-    from lora_rlhf.core.text import prompt_ids
+    from lora_rlhf.core.text import longest_sft_row, prompt_ids
     from lora_rlhf.stages import sft as sft_stage
 
     seen = {}
@@ -242,6 +242,7 @@ def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp
         trainer = SFTTrainer(model=shared.model, args=sft_stage.sft_training_args(recipe, out, False),
                              train_dataset=train, processing_class=shared.tokenizer)
         seen["rows"], seen["tokenizer"] = list(trainer.train_dataset), shared.tokenizer
+        seen["longest"] = longest_sft_row(shared.tokenizer, train)
         raise _Stop
 
     monkeypatch.setattr(sft_stage, "_train", tokenize_and_stop)
@@ -260,3 +261,5 @@ def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp
         assert tuple(ids[:start]) in prompts
         answer = ids[start:]
         assert tok.decode(answer).startswith(DEMOS[0]["completion"]) and tok.eos_token_id in answer
+    # what the memory preflight sizes the largest batch by: TRL's longest row, counted without TRL
+    assert seen["longest"] == max(len(row["input_ids"]) for row in seen["rows"])

@@ -4,6 +4,7 @@
                                         (PPO rollouts, compare, eval, chat) conditions on
     encode(tok, prompt, response)       prompt + response as the reward model reads it (training and scoring)
     as_chat_turns(rows, tok)            SFT's prompt/completion rows as chat turns (TRL then templates them)
+    longest_sft_row(tok, rows)          tokens in the longest SFT row, for the memory preflight
     pad(sequences, pad_id, side)        token lists -> (ids [B, T], attention mask [B, T])
 
 A model without a chat template gets the plain text with the tokenizer's special tokens (its BOS), the same
@@ -91,6 +92,29 @@ def as_chat_turns(rows: Any, tokenizer: Any) -> Any:
         return {"prompt": as_messages(row["prompt"]), "completion": completion}
 
     return rows.map(turns, desc="SFT rows as chat turns")
+
+
+def sft_row_ids(tokenizer: Any, row: dict[str, Any]) -> list[int]:
+    """One SFT row's token ids as TRL's SFTTrainer renders it (after `as_chat_turns`): chat turns and messages
+    through the template; plain prompt + completion or text as one string, closed by EOS."""
+    if "messages" in row:
+        turns = row["messages"]
+    elif "prompt" in row and not isinstance(row["prompt"], str):
+        turns = list(row["prompt"]) + list(row["completion"])
+    else:
+        text = row["prompt"] + row["completion"] if "prompt" in row else row["text"]
+        return list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id]
+    return list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"])
+
+
+def longest_sft_row(tokenizer: Any, rows: Any, candidates: int = 64) -> int:
+    """Tokens in the longest SFT row (what sizes the largest batch), searched among the `candidates` rows with
+    the most characters: tokenising a few rows is enough where characters and tokens go together."""
+    def chars(row: dict[str, Any]) -> int:
+        return sum(len(v) if isinstance(v, str) else sum(len(m["content"]) for m in v) for v in row.values())
+
+    longest = sorted(rows, key=chars, reverse=True)[:candidates]
+    return max((len(sft_row_ids(tokenizer, row)) for row in longest), default=0)
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",

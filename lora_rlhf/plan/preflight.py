@@ -52,10 +52,12 @@ def total_bytes(device: torch.device) -> int:
     return _meminfo("MemTotal")
 
 
-def preflight(recipe: Recipe, stage: str, device: torch.device, prompt_length: int | None = None) -> int:
+def preflight(recipe: Recipe, stage: str, device: torch.device, prompt_length: int | None = None,
+              sequence_length: int | None = None) -> int:
     """Predict `stage`'s peak for `recipe` on `device` (bytes) and stop when it exceeds the free memory.
 
-    stage: sft | compare | reward | ppo | ppo-ptx | eval. Returns the predicted peak in bytes. Raises
+    stage: sft | compare | reward | ppo | ppo-ptx | eval; sequence_length: the data's longest training row in
+    tokens, where the stage knows it (sft, reward; else max_length is assumed). Returns the predicted peak in bytes. Raises
     OutOfMemoryPlan (a LoraRlhfError: the CLI prints it and exits 2) whose `fix` lists the ranked `--set` lines
     that would fit, unless the environment variable LORA_RLHF_SKIP_PREFLIGHT=1 is set. A model whose config
     cannot be read (no Hub access) is not a reason to stop: the stage's own load reports that.
@@ -65,7 +67,7 @@ def preflight(recipe: Recipe, stage: str, device: torch.device, prompt_length: i
     except LoraRlhfError:
         return 0
     ctx = PlanContext(device="cuda" if device.type == "cuda" else "cpu",
-                      **({"prompt_length": prompt_length} if prompt_length else {}))
+                      **({"prompt_length": prompt_length} if prompt_length else {}), sequence_length=sequence_length)
     estimate = stage_estimate(recipe, stage, shape, ctx)
     free = free_bytes(device)
     if os.environ.get(SKIP_ENV) == "1" or not free or estimate.peak <= free:

@@ -46,6 +46,9 @@ class PlanContext:
 
     device: Device = "cpu"
     prompt_length: int = DEFAULT_PROMPT_LENGTH
+    # The longest training sequence in the data, in tokens, where the stage has read its data (sft, reward): TRL
+    # pads each batch to its longest row, so a batch is never longer. Without it the plan assumes max_length.
+    sequence_length: int | None = None
 
 
 def planning_dtype_bytes(recipe: Recipe, device: Device) -> int:
@@ -70,6 +73,15 @@ def base_settings(recipe: Recipe, device: Device, section: str | None = None) ->
 
 def trainer_value(recipe: Recipe, section: str, key: str) -> int:
     return int(recipe.trainer_args.get(section, {}).get(key, TRAINER_DEFAULTS[section][key]))
+
+
+def trained_length(recipe: Recipe, section: str, ctx: PlanContext) -> int:
+    """Tokens per row of an sft / reward batch: max_length, or the data's longest row when shorter (packed SFT
+    rows are always max_length long)."""
+    cap = trainer_value(recipe, section, "max_length")
+    if not ctx.sequence_length or recipe.trainer_args.get(section, {}).get("packing"):
+        return cap
+    return min(cap, ctx.sequence_length)
 
 
 def ppo_shape(recipe: Recipe, prompt_length: int, ptx: bool) -> PPOShape:
@@ -100,11 +112,11 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
     if stage == "sft":
         return sft_estimate(shape, base_settings(recipe, ctx.device, "sft"),
                             trainer_value(recipe, "sft", "per_device_train_batch_size"),
-                            trainer_value(recipe, "sft", "max_length"))
+                            trained_length(recipe, "sft", ctx))
     if stage == "reward":
         return reward_estimate(shape, base_settings(recipe, ctx.device, "reward"),
                                trainer_value(recipe, "reward", "per_device_train_batch_size"),
-                               trainer_value(recipe, "reward", "max_length"), ranked_responses(recipe))
+                               trained_length(recipe, "reward", ctx), ranked_responses(recipe))
     base = base_settings(recipe, ctx.device)
     if stage in ("ppo", "ppo-ptx"):
         # PPO sets every dropout to p=0 (stages/ppo/roles.disable_dropout): torch then returns the input, no copy

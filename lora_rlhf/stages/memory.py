@@ -30,13 +30,15 @@ class StageMemory:
         return {"memory/peak_gb": round(self.peak_gb(), 3), "memory/predicted_gb": round(self.predicted / 2**30, 3)}
 
 
-def check_memory(recipe: Recipe, stage: str) -> StageMemory:
+def check_memory(recipe: Recipe, stage: str, sequence_length: int | None = None) -> StageMemory:
     """Stop (exit 2, with the knobs that fit) when `stage` is predicted not to fit; then start its peak.
 
-    stage: sft | compare | reward | ppo | ppo-ptx | eval. LORA_RLHF_SKIP_PREFLIGHT=1 starts it anyway.
+    stage: sft | compare | reward | ppo | ppo-ptx | eval; sequence_length: the longest training row in tokens
+    (sft, reward), so the prediction is for the data rather than max_length. LORA_RLHF_SKIP_PREFLIGHT=1 starts it
+    anyway.
     """
     device = resolve_device(recipe.model)
     release_freed(device)  # what an earlier stage of this process freed is neither this stage's nor in use
-    predicted = preflight(recipe, stage, device)
+    predicted = preflight(recipe, stage, device, sequence_length=sequence_length)
     reset_peak(device)
     return StageMemory(device, predicted)

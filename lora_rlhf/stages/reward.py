@@ -393,7 +393,8 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     if len(train_ds) == 0:
         raise DataError(f"all {len(train)} training comparisons are longer than reward.max_length={args.max_length}",
                         fix="raise reward.max_length, or shorten the prompts/responses")
-    memory = check_memory(recipe, "reward")
+    longest = max(len(ids) for column in ("chosen_ids", "rejected_ids") for ids in train_ds[column])
+    memory = check_memory(recipe, "reward", sequence_length=longest)
     torch.manual_seed(recipe.seed)  # the new LoRA and head init follow from the recipe, not from what ran before
     model, dtype = load_seqcls_model(recipe, tokenizer, init_adapter)
     checkpoint = last_checkpoint(out) if resume else None

@@ -22,7 +22,7 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.logs import LogCallback, write_metrics
-from lora_rlhf.core.text import as_chat_turns
+from lora_rlhf.core.text import as_chat_turns, longest_sft_row
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
 from lora_rlhf.stages.memory import check_memory
@@ -65,7 +65,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     tokenizer = load_tokenizer(recipe.model)
     train = as_chat_turns(train, tokenizer)  # the context generation gives, not TRL's plain-text join
     held_out = as_chat_turns(held_out, tokenizer) if held_out is not None else None
-    memory = check_memory(recipe, "sft")
+    memory = check_memory(recipe, "sft", sequence_length=longest_sft_row(tokenizer, train))
     shared = SharedBase.load(recipe.model, recipe.quantization)
     torch.manual_seed(recipe.seed)  # a new adapter's init follows from the recipe, not from what ran before it
     if recipe.sft.init_adapter:
