@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py, once as a plain process and once per rank under torchrun.
 
     python tests/dist_worker.py ppo-optimise RECIPE.json OUT.pt
+    python tests/dist_worker.py gather-rows OUT.pt
 
 builds the PPO trainer of RECIPE, takes one fixed global batch (rank 0's, broadcast) with fixed advantages,
 runs step 5 (optimise) on it, and rank 0 saves the trainable tensors and the world size to OUT.pt.
@@ -45,5 +46,15 @@ def ppo_optimise(recipe_file: str, out: str) -> None:
                     "stats": stats}, out)
 
 
+def gather_rows(out: str) -> None:
+    """Rank r holds r + 2 rows of value r (a reward batch of whole prompts differs in size between ranks) and a
+    scalar; rank 0 saves what distributed.gather_rows returns for both."""
+    distributed.state()  # the process group, as a trainer would have made it
+    rows = torch.full((distributed.rank() + 2, 1), float(distributed.rank()))
+    gathered = distributed.gather_rows(rows), distributed.gather_rows(torch.tensor(distributed.rank() + 10.0))
+    if distributed.is_main():
+        torch.save({"rows": gathered[0], "scalars": gathered[1]}, out)
+
+
 if __name__ == "__main__":
-    {"ppo-optimise": ppo_optimise}[sys.argv[1]](*sys.argv[2:])
+    {"ppo-optimise": ppo_optimise, "gather-rows": gather_rows}[sys.argv[1]](*sys.argv[2:])

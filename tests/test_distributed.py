@@ -88,6 +88,16 @@ def test_ppo_optimisation_on_two_ranks_gives_the_adapters_of_one_process(ppo_rec
         torch.testing.assert_close(two["tensors"][key], expected, rtol=1e-4, atol=2e-6, msg=key)
 
 
+def test_gather_rows_takes_a_different_number_of_rows_from_each_rank(tmp_path):
+    """TRL's reward statistics all_gather each rank's scores; whole-prompt batches differ in size between ranks
+    (a plain all_gather then aborts under gloo: the two-process pipeline did), so the reward stage gathers rows."""
+    run = torchrun(str(REPO / "tests" / "dist_worker.py"), "gather-rows", str(tmp_path / "rows.pt"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(tmp_path / "rows.pt", weights_only=True)
+    assert got["rows"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert got["scalars"].tolist() == [10.0, 11.0]
+
+
 def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe, tmp_path):
     straight, recipe = ppo_recipe("straight")
     run = torchrun("-m", "cli.main", "ppo", str(straight))

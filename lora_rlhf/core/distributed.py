@@ -68,6 +68,23 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, [n_r, ...] -> [sum of n_r, ...] in rank order, where ranks hold different numbers of rows
+    (a plain all_gather needs equal shapes: gloo aborts the process on a mismatch, NCCL may hang). A scalar counts
+    as one row, as in accelerate's gather. No gradient."""
+    if not launched():
+        return tensor
+    tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    torch.distributed.all_gather(counts, count)
+    padded = tensor.new_zeros((int(max(counts).item()), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(n.item())] for part, n in zip(parts, counts, strict=True)])
+
+
 def shard(n: int) -> range:
     """This rank's contiguous share of n items (shares differ in size by at most one)."""
     world, r = world_size(), rank()

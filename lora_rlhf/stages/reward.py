@@ -201,8 +201,14 @@ def _grouped_trainer_class():
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            # TRL's loss, with each distinct sequence of the batch scored once (see `OncePerSequence`).
-            return super().compute_loss(OncePerSequence(model), inputs, return_outputs, num_items_in_batch)
+            # TRL's loss, with each distinct sequence of the batch scored once (see `OncePerSequence`). Its reward
+            # statistics all_gather the batch's scores, but whole-prompt batches hold different numbers of pairs
+            # on different ranks: gathered row-wise instead (distributed.gather_rows), or gloo aborts.
+            self.accelerator.gather = distributed.gather_rows
+            try:
+                return super().compute_loss(OncePerSequence(model), inputs, return_outputs, num_items_in_batch)
+            finally:
+                del self.accelerator.gather  # the class's own method again
 
     return GroupedRewardTrainer
 
