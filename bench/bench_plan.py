@@ -9,9 +9,10 @@ on the embedded SmolLM2-135M or a tiny Llama, in its own subprocess so that high
 measurement is the resident-set high-water mark over the stage (VmHWM after resetting it through
 /proc/self/clear_refs once the libraries are imported: lora_rlhf.plan.preflight.reset_peak / peak_bytes);
 on CUDA the measurement is torch.cuda.max_memory_allocated over the stage, compared with the prediction minus
-its CUDA-context part (which that counter does not see). The prediction is `lora-rlhf plan` on the same recipe, with the prompt length the data really has. Sequences
-are made exactly as long as the recipe's max_length (SFT texts are cut there; reward pairs are built to that
-length; PPO responses never stop early), so the plan's upper bound is the real length.
+its CUDA-context part (which that counter does not see). The prediction is `lora-rlhf plan` on the same recipe,
+with the prompt length the data really has. Sequences are made exactly as long as the recipe's max_length (SFT
+and ptx texts are cut there; reward pairs are built to that length; PPO responses never stop early), so the
+plan's upper bound is the real length.
 
 Target (issue 14): every prediction within +-15 % of the measurement, never under by more than 10 %.
 """
@@ -58,6 +59,19 @@ CONFIGS: dict[str, tuple[str, str, list[str]]] = {
     "ppo-135m-fp32-mb4": ("ppo", "135m", ["quantization.mode=none", "ppo.batch_size=8", "ppo.num_mini_batches=2",
                                           "ppo.response_length=32", "ppo.num_ppo_epochs=1",
                                           "ppo.local_rollout_forward_batch_size=4"]),
+    # the demo's PPO settings, without and with PPO-ptx's LM loss on 4 text rows of ptx_max_length tokens
+    "ppo-135m-4bit-mb8": ("ppo", "135m", ["quantization.mode=4bit", "ppo.batch_size=16", "ppo.num_mini_batches=2",
+                                          "ppo.response_length=48", "ppo.num_ppo_epochs=2",
+                                          "ppo.local_rollout_forward_batch_size=16"]),
+    "ppo-ptx-135m-4bit-mb8": ("ppo-ptx", "135m", ["quantization.mode=4bit", "ppo.batch_size=16",
+                                                  "ppo.num_mini_batches=2", "ppo.response_length=48",
+                                                  "ppo.num_ppo_epochs=2", "ppo.local_rollout_forward_batch_size=16",
+                                                  "ppo.ptx_coef=0.2", "ppo.ptx_batch_size=4",
+                                                  "ppo.ptx_max_length=160"]),
+    "ppo-ptx-135m-4bit-long": ("ppo-ptx", "135m", ["quantization.mode=4bit", "ppo.batch_size=8",
+                                                   "ppo.response_length=32", "ppo.num_ppo_epochs=1",
+                                                   "ppo.ptx_coef=0.2", "ppo.ptx_batch_size=4",
+                                                   "ppo.ptx_max_length=384"]),
     "ppo-tiny-rloo": ("ppo", "tiny", ["quantization.mode=none", "ppo.batch_size=16", "ppo.response_length=64",
                                       "ppo.advantage_estimator=rloo", "ppo.num_generations=4",
                                       "ppo.num_ppo_epochs=1"]),
@@ -82,6 +96,7 @@ def write_data(work: Path, tokenizer, recipe) -> int:
 
     rows = [{"text": " ".join(WORDS * 40)} for _ in range(32)]  # longer than any max_length: cut there
     (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "ptx.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # cut at ppo.ptx_max_length
     # Reward pairs exactly reward.max_length tokens long (the plan's upper bound is then the real length).
     length = recipe.trainer_args.get("reward", {}).get("max_length", 96)
     pairs = []
@@ -137,7 +152,8 @@ def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     stage, _, overrides = CONFIGS[name]
     raw = base_recipe(work, model, device_type)
     raw["data"] = {"sft": {"path": str(work / "sft.jsonl")}, "reward": {"path": str(work / "pairs.jsonl")},
-                   "prompts": {"path": str(work / "prompts.jsonl")}, "eval": {"path": str(work / "eval_prompts.jsonl")}}
+                   "prompts": {"path": str(work / "prompts.jsonl")}, "eval": {"path": str(work / "eval_prompts.jsonl")},
+                   "ptx": {"path": str(work / "ptx.jsonl")}}
     raw["eval"] = {"general_text": str(work / "sft.jsonl")}  # texts longer than EVAL_TEXT_TOKENS: scored at 256
     recipe = recipe_from_dict(raw, overrides)
     tokenizer = load_tokenizer(recipe.model)
@@ -177,10 +193,14 @@ def run_stage(stage: str, recipe) -> None:
         generate_ids(sb, PROMPTS[:c.batch_size], "policy", c.max_new_tokens, c.temperature, c.top_p,
                      num_return_sequences=c.k, batch_size=c.batch_size)
     else:
+        from lora_rlhf.core.loading import load_tokenizer
+        from lora_rlhf.stages.ppo.ptx import PtxData, load_ptx_rows
         from lora_rlhf.stages.ppo.roles import resolve_sources
         from lora_rlhf.stages.ppo.trainer import build_trainer
 
-        trainer = build_trainer(recipe, resolve_sources(recipe), (PROMPTS * 4)[:recipe.ppo.batch_size])
+        ptx = PtxData.build(load_ptx_rows(recipe.data.ptx, recipe.seed), load_tokenizer(recipe.model),
+                            recipe.ppo.ptx_max_length, recipe.seed) if stage == "ppo-ptx" else None
+        trainer = build_trainer(recipe, resolve_sources(recipe), (PROMPTS * 4)[:recipe.ppo.batch_size], ptx)
         for _ in range(2):  # the second step runs with AdamW's state allocated
             trainer.step()
 
@@ -213,7 +233,7 @@ def main() -> None:
         for key, model in models.items():
             work = Path(tmp) / key
             work.mkdir()
-            if any(CONFIGS[n][1] == key and CONFIGS[n][0] in ("ppo", "compare", "eval") for n in names):
+            if any(CONFIGS[n][1] == key and CONFIGS[n][0] in ("ppo", "ppo-ptx", "compare", "eval") for n in names):
                 _run([sys.executable, __file__, "--child", "prepare", "--work", str(work), "--child-model", model,
                       "--device", args.device], env)
         for name in names:

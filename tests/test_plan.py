@@ -333,7 +333,7 @@ def test_a_stage_stops_before_loading_when_it_would_not_fit_and_reports_its_own_
     assert metrics["memory/predicted_gb"] < 0.9 * at_max_length / 2**30
 
 
-def test_sft_and_reward_plans_follow_the_datas_longest_row_up_to_max_length():
+def test_sft_reward_and_ptx_plans_follow_the_datas_longest_row_up_to_max_length():
     shape = load_shape("smollm2-135m-instruct")
     recipe = recipe_from_dict({"sft": {"max_length": 256}, "reward": {"max_length": 256}})
 
@@ -344,6 +344,11 @@ def test_sft_and_reward_plans_follow_the_datas_longest_row_up_to_max_length():
         shorter = recipe_from_dict({stage: {"max_length": 100}})
         assert peak(recipe, stage, sequence_length=100) == peak(shorter, stage) < peak(recipe, stage)
         assert peak(recipe, stage, sequence_length=10_000) == peak(recipe, stage)  # TRL cuts rows at max_length
+    # PPO-ptx's LM rows: sized by the longest ptx row, up to ptx_max_length
+    ptx = recipe_from_dict({"ppo": {"ptx_coef": 0.2, "ptx_max_length": 256}})
+    ptx_shorter = recipe_from_dict({"ppo": {"ptx_coef": 0.2, "ptx_max_length": 100}})
+    assert peak(ptx, "ppo-ptx", sequence_length=100) == peak(ptx_shorter, "ppo-ptx") < peak(ptx, "ppo-ptx")
+    assert peak(ptx, "ppo-ptx", sequence_length=10_000) == peak(ptx, "ppo-ptx")
     packed = recipe_from_dict({"sft": {"max_length": 256, "packing": True}})
     assert peak(packed, "sft", sequence_length=100) == peak(packed, "sft")  # packed rows fill max_length
     # without data, `lora-rlhf plan` stays an upper bound

@@ -169,3 +169,34 @@ def test_an_sft_adapter_for_another_base_is_refused_before_anything_is_written(r
     result = runner.invoke(app, ["ppo", str(recipe)])
     assert result.exit_code == 2 and "was trained on base" in result.output
     assert not (run_dir / "run" / "ppo").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_ppo_ptx_preflight_plans_the_lm_rows_at_the_longest_ptx_row(run_dir, tiny_model_dir, monkeypatch):
+    """`lora-rlhf ppo` with ptx_coef > 0 is PPO-ptx: its preflight plans the ptx rows, as long as the longest
+    tokenised one (a ptx batch is padded to its longest row), not ppo.ptx_max_length; and it runs before the stage
+    writes anything."""
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.stages.ppo import trainer as ppo_trainer
+    from lora_rlhf.stages.ppo.ptx import tokenize_row
+
+    rows = [{"text": "short"}, {"text": " ".join(["a much longer general text"] * 6)}, {"text": "mid sized text"}]
+    (run_dir / "ptx.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_adapters(tiny_model_dir, run_dir / "run")
+    recipe = load_recipe(write_recipe(run_dir, tiny_model_dir, ptx_coef=0.5, ptx_batch_size=2, ptx_max_length=256))
+    seen = {}
+
+    def planned(recipe, stage, sequence_length=None):
+        seen.update(stage=stage, sequence_length=sequence_length)
+        raise _Stop
+
+    monkeypatch.setattr(ppo_trainer, "check_memory", planned)
+    with pytest.raises(_Stop):
+        ppo_trainer.train_ppo(recipe)
+    tokenizer = load_tokenizer(recipe.model)
+    longest = max(len(tokenize_row(tokenizer, r, 256)[0]) for r in rows)
+    assert seen == {"stage": "ppo-ptx", "sequence_length": longest} and 10 < longest < 256
+    assert not (run_dir / "run" / "ppo").exists()

@@ -346,7 +346,7 @@ class PPOShape:
     reference_adapter: bool = True
     ptx_rows: int = 0            # ptx_batch_size when ptx_coef > 0
     ptx_length: int = 0
-    backward_passes: int = 1     # policy backward passes per PPO step: epochs x mini-batches x accumulation
+    backward_passes: int = 1     # policy backward passes over the run: steps x epochs x mini-batches x accumulation
 
 
 def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo") -> StageEstimate:
@@ -392,13 +392,16 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
                  Part("logits", logits, f"[{rows}, {p.response_length}, {v}] tempered + 2 grads + entropy copy")]
     if p.ptx_rows:
         ptx_acts = activation_bytes(shape, ppo_base, p.ptx_rows, p.ptx_length)
-        churn += backward_churn(shape, base, p.ptx_rows, p.ptx_length)
+        # measured (bench_plan ppo-ptx-135m-4bit-mb8): the ptx rows' backward reuses the heap the PPO rows' backward
+        # freed (one graph, walked once), so the slack is that of the larger of the two, not of both
+        churn = max(churn, backward_churn(shape, base, p.ptx_rows, p.ptx_length))
         ptx_logits = 3 * p.ptx_rows * p.ptx_length * v * 4
         opt_parts += [Part("ptx activations", ptx_acts, f"{p.ptx_rows} x {p.ptx_length} tokens, same graph"),
                       Part("ptx logits", ptx_logits, "LM loss over the ptx rows, fp32")]
     opt_parts.append(Part("backward workspace", layer_workspace(shape, base, m * seq)))
-    # measured: each further backward pass of a step (epochs x mini-batches x accumulation) fragments the heap more;
-    # two passes or more hold about twice the one-pass slack
+    # measured: a second backward pass fragments the heap more, whether it is the same step's (epochs x mini-batches
+    # x accumulation) or the next step's (bench_plan ppo-135m-4bit-ckpt, ppo-ptx-135m-4bit-long: one pass per step,
+    # two steps); two passes or more hold about twice the one-pass slack
     passes = min(2, p.backward_passes)
     opt_parts += heap_slack(base, passes * (layer_workspace(shape, base, m * seq) + churn))
     if base.device == "cpu" and rows < m:

@@ -46,8 +46,9 @@ class PlanContext:
 
     device: Device = "cpu"
     prompt_length: int = DEFAULT_PROMPT_LENGTH
-    # The longest training sequence in the data, in tokens, where the stage has read its data (sft, reward): TRL
-    # pads each batch to its longest row, so a batch is never longer. Without it the plan assumes max_length.
+    # The longest training sequence in the data, in tokens, where the stage has read its data (sft, reward, and
+    # ppo-ptx's ptx rows): batches are padded to their longest row, so none is longer. Without it the plan assumes
+    # max_length (ptx_max_length).
     sequence_length: int | None = None
 
 
@@ -84,14 +85,17 @@ def trained_length(recipe: Recipe, section: str, ctx: PlanContext) -> int:
     return min(cap, ctx.sequence_length)
 
 
-def ppo_shape(recipe: Recipe, prompt_length: int, ptx: bool) -> PPOShape:
+def ppo_shape(recipe: Recipe, prompt_length: int, ptx: bool, ptx_length: int | None = None) -> PPOShape:
+    """PPO's numbers; `ptx_length`: the longest ptx row in tokens where known (else ppo.ptx_max_length)."""
     cfg = recipe.ppo
     micro = max(1, cfg.batch_size // cfg.num_mini_batches // cfg.gradient_accumulation_steps)
+    steps = -(-cfg.total_episodes // cfg.batch_size)
     return PPOShape(batch_size=cfg.batch_size, forward_batch=min(cfg.local_rollout_forward_batch_size, cfg.batch_size),
                     micro_batch=micro, response_length=cfg.response_length, prompt_length=prompt_length,
                     with_value=cfg.advantage_estimator == "gae", reward_adapter=cfg.reward_fn is None,
-                    ptx_rows=cfg.ptx_batch_size if ptx and cfg.ptx_coef > 0 else 0, ptx_length=cfg.ptx_max_length,
-                    backward_passes=cfg.num_ppo_epochs * cfg.num_mini_batches * cfg.gradient_accumulation_steps)
+                    ptx_rows=cfg.ptx_batch_size if ptx and cfg.ptx_coef > 0 else 0,
+                    ptx_length=min(cfg.ptx_max_length, ptx_length or cfg.ptx_max_length),
+                    backward_passes=steps * cfg.num_ppo_epochs * cfg.num_mini_batches * cfg.gradient_accumulation_steps)
 
 
 def ranked_responses(recipe: Recipe) -> int | None:
@@ -121,7 +125,8 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
     if stage in ("ppo", "ppo-ptx"):
         # PPO sets every dropout to p=0 (stages/ppo/roles.disable_dropout): torch then returns the input, no copy
         base = replace(base, lora_dropout=0.0)
-        return ppo_estimate(shape, base, ppo_shape(recipe, q, ptx=stage == "ppo-ptx"), stage)
+        ptx = stage == "ppo-ptx"
+        return ppo_estimate(shape, base, ppo_shape(recipe, q, ptx, ctx.sequence_length if ptx else None), stage)
     if stage == "compare":
         c = recipe.compare
         return generation_estimate(shape, base, c.batch_size * c.k, q, c.max_new_tokens, adapters=1, stage="compare")

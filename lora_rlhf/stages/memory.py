@@ -34,8 +34,8 @@ def check_memory(recipe: Recipe, stage: str, sequence_length: int | None = None)
     """Stop (exit 2, with the knobs that fit) when `stage` is predicted not to fit; then start its peak.
 
     stage: sft | compare | reward | ppo | ppo-ptx | eval; sequence_length: the longest training row in tokens
-    (sft, reward), so the prediction is for the data rather than max_length. LORA_RLHF_SKIP_PREFLIGHT=1 starts it
-    anyway.
+    (sft, reward, ppo-ptx's ptx rows), so the prediction is for the data rather than max_length (prompts stay at
+    the planner's 128 tokens: see README, "Predicted vs measured"). LORA_RLHF_SKIP_PREFLIGHT=1 starts it anyway.
     """
     device = resolve_device(recipe.model)
     release_freed(device)  # what an earlier stage of this process freed is neither this stage's nor in use

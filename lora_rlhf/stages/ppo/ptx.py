@@ -69,6 +69,11 @@ class PtxData:
                             fix="raise ppo.ptx_max_length, or use shorter prompts in data.ptx")
         return cls(examples, seed)
 
+    @property
+    def longest(self) -> int:
+        """Tokens in the longest row: no ptx batch is longer (the preflight sizes PPO-ptx by it)."""
+        return max(len(ids) for ids, _ in self.examples)
+
     def next_batch(self, size: int, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
         """The next `size` rows, right padded: input_ids, attention_mask, labels [size, T]."""
         rows = [self.examples[self._order_index(self.position + i)] for i in range(size)]

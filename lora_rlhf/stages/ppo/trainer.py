@@ -56,6 +56,7 @@ from lora_rlhf.core.adapters import META_FILE
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_prompts
 from lora_rlhf.core.io import write_json_atomic
+from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
 from lora_rlhf.recipe.config import Recipe, recipe_to_dict, save_recipe
 from lora_rlhf.stages.memory import StageMemory, check_memory
@@ -353,13 +354,16 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     elif existing is not None:
         raise LoraRlhfError(f"'{out}' already holds a PPO run (checkpoint in {existing.name}/)",
                             fix="continue it with --resume, or set another output_dir, or delete that folder")
-    memory = check_memory(recipe, stage)
+    # Tokenised before the preflight: a ptx batch is as long as its longest row, which sizes the prediction.
+    # `lora-rlhf ppo` with ptx_coef > 0 is PPO-ptx too: planned with its LM-loss rows whatever the folder's name.
+    ptx = PtxData.build(ptx_rows, load_tokenizer(recipe.model), cfg.ptx_max_length, recipe.seed) if ptx_rows else None
+    memory = check_memory(recipe, "ppo-ptx" if ptx else "ppo", sequence_length=ptx.longest if ptx else None)
     main = distributed.is_main()  # rank 0 alone writes; the other ranks compute and stay silent
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
 
-    trainer = build_trainer(recipe, sources, prompts, ptx_rows, memory)
+    trainer = build_trainer(recipe, sources, prompts, ptx, memory)
     sb = trainer.sb
     if resume:
         trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler,
@@ -396,16 +400,16 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     return final
 
 
-def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any],
-                  ptx_rows: list[dict[str, Any]] | None = None, memory: StageMemory | None = None) -> PPOTrainer:
-    """Load the base once, put the four roles on it, and return a trainer at step 0. `memory` (from
-    `check_memory`) is where the stage's peak is read; without one the peak counts from here."""
+def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any], ptx: PtxData | None = None,
+                  memory: StageMemory | None = None) -> PPOTrainer:
+    """Load the base once, put the four roles on it, and return a trainer at step 0. `ptx`: PPO-ptx's tokenised
+    rows (PtxData.build); `memory` (from `check_memory`) is where the stage's peak is read; without one the peak
+    counts from here."""
     memory = memory or check_memory(recipe, "ppo")
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     sb = SharedBase.load(recipe.model, recipe.quantization)
     reward = setup_roles(sb, recipe, sources)
-    ptx = PtxData.build(ptx_rows, sb.tokenizer, recipe.ppo.ptx_max_length, recipe.seed) if ptx_rows else None
     return PPOTrainer(recipe, sb, prompts, reward, ptx, memory)
 
 
