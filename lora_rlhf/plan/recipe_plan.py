@@ -89,13 +89,12 @@ def ppo_shape(recipe: Recipe, prompt_length: int, ptx: bool, ptx_length: int | N
     """PPO's numbers; `ptx_length`: the longest ptx row in tokens where known (else ppo.ptx_max_length)."""
     cfg = recipe.ppo
     micro = max(1, cfg.batch_size // cfg.num_mini_batches // cfg.gradient_accumulation_steps)
-    steps = -(-cfg.total_episodes // cfg.batch_size)
     return PPOShape(batch_size=cfg.batch_size, forward_batch=min(cfg.local_rollout_forward_batch_size, cfg.batch_size),
                     micro_batch=micro, response_length=cfg.response_length, prompt_length=prompt_length,
                     with_value=cfg.advantage_estimator == "gae", reward_adapter=cfg.reward_fn is None,
                     ptx_rows=cfg.ptx_batch_size if ptx and cfg.ptx_coef > 0 else 0,
                     ptx_length=min(cfg.ptx_max_length, ptx_length or cfg.ptx_max_length),
-                    backward_passes=steps * cfg.num_ppo_epochs * cfg.num_mini_batches * cfg.gradient_accumulation_steps)
+                    backward_passes=cfg.num_steps * cfg.num_ppo_epochs * cfg.num_mini_batches * cfg.gradient_accumulation_steps)
 
 
 def ranked_responses(recipe: Recipe) -> int | None:

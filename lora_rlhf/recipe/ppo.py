@@ -163,6 +163,11 @@ class PPOSection:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @property
+    def num_steps(self) -> int:
+        """PPO steps of the run: total_episodes in steps of batch_size episodes (the last may be a partial count)."""
+        return math.ceil(self.total_episodes / self.batch_size)
+
     def world_size_problems(self, world: int, with_ptx: bool) -> list[str]:
         """What stops this section from running data-parallel on `world` ranks (empty: it fits).
 

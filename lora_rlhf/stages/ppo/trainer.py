@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import resource
 import signal
@@ -87,7 +86,7 @@ class PPOTrainer:
         self.reward, self.ptx = reward, ptx
         self.memory = memory
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        self.num_steps = math.ceil(self.cfg.total_episodes / self.cfg.batch_size)
+        self.num_steps = self.cfg.num_steps
         self.step_index = 0          # PPO steps done
         self.prompt_position = 0     # prompts served so far (indexes a per-pass shuffled order)
         self.kl_ctl = make_kl_controller(self.cfg)
