@@ -105,6 +105,17 @@ def test_cli_ppo_ptx_without_data_exits_2(run_dir, tiny_model_dir):
     assert result.exit_code == 2 and "no data.ptx" in result.output
 
 
+def test_cli_ppo_ptx_rows_without_a_target_token_exit_2_before_anything_is_written(run_dir, tiny_model_dir):
+    # every completion starts past ptx_max_length: no row has a token to learn
+    (run_dir / "ptx.jsonl").write_text("".join(json.dumps({"prompt": "word " * 40, "completion": "end"}) + "\n"
+                                               for _ in range(3)))
+    (run_dir / "r.py").write_text("def f(p, r):\n    return [0.0] * len(r)\n")
+    recipe = write_recipe(run_dir, tiny_model_dir, ptx_coef=1.0, ptx_max_length=8, reward_fn=f"{run_dir}/r.py:f")
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 2 and "no data.ptx row keeps a target token" in result.output
+    assert not (run_dir / "run" / "ppo").exists()
+
+
 def test_cli_ppo_missing_tracker_package_exits_2(run_dir, tiny_model_dir, monkeypatch):
     import importlib.util
 
