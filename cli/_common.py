@@ -55,7 +55,11 @@ def handle_errors(fn: F) -> F:
         quiet_libraries()
         only_rank_zero_prints()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            from lora_rlhf.core import distributed  # here, not at the top: `--help` should not import torch
+
+            distributed.finish()
+            return result
         except LoraRlhfError as e:
             typer.echo(f"Error: {e}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None

@@ -58,3 +58,4 @@ def gather_rows(out: str) -> None:
 
 if __name__ == "__main__":
     {"ppo-optimise": ppo_optimise, "gather-rows": gather_rows}[sys.argv[1]](*sys.argv[2:])
+    distributed.finish()

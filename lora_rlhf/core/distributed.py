@@ -59,6 +59,16 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
+def finish() -> None:
+    """Tear the process group down once every rank is done. Left to the interpreter's exit, gloo's threads are
+    destroyed while still joinable and a rank aborts ("terminate called without an active exception", SIGABRT:
+    1 launch in ~30 here), failing a run whose work had all been written. Call it on success only: a rank that
+    failed must not wait in a barrier for the others."""
+    if launched() and torch.distributed.is_initialized():
+        state().wait_for_everyone()
+        state().destroy_process_group()
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (pickled: keep it small, tensors on the CPU)."""
     if not launched():
