@@ -68,6 +68,10 @@ def randomize_adapter(sb, role: str, std: float = 0.05, seed: int = 0, head_bias
                 sb.heads[role].linear.bias.fill_(head_bias)
 
 
+class Stop(Exception):
+    """Raised by a monkeypatched step: the stage ends where the test has seen what it checks."""
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import randomize_adapter, write_jsonl
+from conftest import Stop, randomize_adapter, write_jsonl
 from typer.testing import CliRunner
 
 from lora_rlhf.core.base import SharedBase
@@ -78,6 +78,28 @@ def test_candidates_and_function_rankings(setup):
     comparisons, _ = load_reward_data(recipe_from_dict({"data": {"reward": {"path": str(out / "rankings.jsonl")}}})
                                       .data.reward)
     assert len(comparisons) == 9
+
+
+def test_preflight_is_sized_by_the_longest_prompt_before_loading(setup, monkeypatch):
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.core.text import prompt_ids
+    from lora_rlhf.stages import compare as compare_stage
+
+    make, _ = setup
+    seen = {}
+
+    def planned(recipe, stage, sequence_length=None, prompt_length=None):
+        seen.update(stage=stage, prompt_length=prompt_length)
+        raise Stop
+
+    monkeypatch.setattr(compare_stage, "check_memory", planned)
+    recipe = make()
+    with pytest.raises(Stop):
+        run_compare(recipe, progress=False)
+    tokenizer = load_tokenizer(recipe.model)
+    prompts = ["Hi there", [{"role": "user", "content": "Name a fruit."}], "Count to three"]
+    assert seen == {"stage": "compare", "prompt_length": max(len(prompt_ids(tokenizer, p)) for p in prompts)}
+    assert not recipe.stage_dir("compare").exists()
 
 
 def test_the_same_recipe_and_seed_sample_the_same_candidates(setup):

@@ -26,7 +26,7 @@ from lora_rlhf.stages.eval.evaluate import (
     win_rate,
 )
 from lora_rlhf.stages.eval.report import plot_training_curves, plot_win_rates, write_report
-from tests.conftest import write_jsonl
+from tests.conftest import Stop, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LABELER = "def judge(prompt, responses):\n    return [min(len(r) // 10, 3) for r in responses]\n"
@@ -167,6 +167,25 @@ def test_perplexity_matches_the_models_own_loss(tiny_model_dir):
     with torch.no_grad():
         loss = shared.model(input_ids=ids, labels=ids).loss
     assert perplexity(shared, None, [text]) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+
+
+def test_eval_preflight_is_sized_by_the_longest_prompt(run_dir, tiny_model_dir, monkeypatch):
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.stages.eval import evaluate as eval_stage
+
+    seen = {}
+
+    def planned(recipe, stage, sequence_length=None, prompt_length=None):
+        seen.update(stage=stage, prompt_length=prompt_length)
+        raise Stop
+
+    monkeypatch.setattr(eval_stage, "check_memory", planned)
+    recipe = _recipe(run_dir, tiny_model_dir)
+    with pytest.raises(Stop):
+        run_eval(recipe, out_dir=run_dir / "never")
+    tokenizer = load_tokenizer(recipe.model)
+    prompts = [json.loads(line)["prompt"] for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert seen == {"stage": "eval", "prompt_length": max(len(prompt_ids(tokenizer, p)) for p in prompts)}
 
 
 def test_eval_writes_a_report_holding_every_policy(run_dir, tiny_model_dir):

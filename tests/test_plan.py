@@ -285,6 +285,33 @@ def test_preflight_stops_with_ranked_advice_and_can_be_skipped(monkeypatch):
     assert preflight(recipe, "ppo", cpu) == predicted
 
 
+@pytest.mark.parametrize("stage", ["compare", "ppo", "eval"])
+def test_preflight_plans_long_prompts_at_their_length_and_short_ones_at_128(stage, monkeypatch):
+    """A prompt longer than the planner's 128 tokens is planned at its length (128 would under-predict it);
+    a shorter one keeps 128, whose margin covers what the formula misses as prompts grow (README)."""
+    monkeypatch.setenv("LORA_RLHF_SKIP_PREFLIGHT", "1")
+    recipe = recipe_from_dict({"ppo": {"batch_size": 16, "response_length": 64}})
+    cpu = torch.device("cpu")
+    assumed = preflight(recipe, stage, cpu)
+    assert preflight(recipe, stage, cpu, prompt_length=40) == assumed
+    shape = load_shape(recipe.model.name)
+    long = preflight(recipe, stage, cpu, prompt_length=600)
+    assert long == stage_estimate(recipe, stage, shape, PlanContext(prompt_length=600)).peak > assumed
+
+
+def test_longest_prompt_is_the_longest_as_generation_tokenises_it(tiny_model_dir):
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.core.text import longest_prompt, prompt_ids
+
+    tokenizer = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
+    prompts = ["Hi", "a " * 40, [{"role": "system", "content": "Be brief. " * 5}, {"role": "user", "content": "Why?"}],
+               "Tell me a story about a cat."]
+    lengths = [len(prompt_ids(tokenizer, p)) for p in prompts]
+    assert longest_prompt(tokenizer, prompts) == max(lengths) and max(lengths) > sorted(lengths)[-2]
+    assert longest_prompt(tokenizer, prompts, candidates=1) == lengths[1]  # the most characters: "a a a ..."
+    assert longest_prompt(tokenizer, []) == 0
+
+
 def test_peak_helpers_see_a_new_allocation():
     cpu = torch.device("cpu")
     reset_peak(cpu)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import Stop
 from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters
 from typer.testing import CliRunner
 
@@ -182,15 +183,13 @@ def test_an_sft_adapter_for_another_base_is_refused_before_anything_is_written(r
     assert not (run_dir / "run" / "ppo").exists()
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_ppo_ptx_preflight_plans_the_lm_rows_at_the_longest_ptx_row(run_dir, tiny_model_dir, monkeypatch):
     """`lora-rlhf ppo` with ptx_coef > 0 is PPO-ptx: its preflight plans the ptx rows, as long as the longest
-    tokenised one (a ptx batch is padded to its longest row), not ppo.ptx_max_length; and it runs before the stage
-    writes anything."""
+    tokenised one (a ptx batch is padded to its longest row), not ppo.ptx_max_length, and the rollouts at the
+    longest prompt; and it runs before the stage writes anything."""
+    from lora_rlhf.core.data import load_prompts
     from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.core.text import prompt_ids
     from lora_rlhf.stages.ppo import trainer as ppo_trainer
     from lora_rlhf.stages.ppo.ptx import tokenize_row
 
@@ -200,14 +199,16 @@ def test_ppo_ptx_preflight_plans_the_lm_rows_at_the_longest_ptx_row(run_dir, tin
     recipe = load_recipe(write_recipe(run_dir, tiny_model_dir, ptx_coef=0.5, ptx_batch_size=2, ptx_max_length=256))
     seen = {}
 
-    def planned(recipe, stage, sequence_length=None):
-        seen.update(stage=stage, sequence_length=sequence_length)
-        raise _Stop
+    def planned(recipe, stage, sequence_length=None, prompt_length=None):
+        seen.update(stage=stage, sequence_length=sequence_length, prompt_length=prompt_length)
+        raise Stop
 
     monkeypatch.setattr(ppo_trainer, "check_memory", planned)
-    with pytest.raises(_Stop):
+    with pytest.raises(Stop):
         ppo_trainer.train_ppo(recipe)
     tokenizer = load_tokenizer(recipe.model)
     longest = max(len(tokenize_row(tokenizer, r, 256)[0]) for r in rows)
-    assert seen == {"stage": "ppo-ptx", "sequence_length": longest} and 10 < longest < 256
+    prompt = max(len(prompt_ids(tokenizer, p)) for p in load_prompts(recipe.data.prompts))
+    assert seen == {"stage": "ppo-ptx", "sequence_length": longest, "prompt_length": prompt}
+    assert 10 < longest < 256 and prompt > 5
     assert not (run_dir / "run" / "ppo").exists()

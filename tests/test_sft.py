@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
+from conftest import Stop, write_jsonl
 from safetensors.torch import load_file
 
 from lora_rlhf.core.base import SharedBase
@@ -223,10 +223,6 @@ def test_resume_with_another_save_steps_uses_it_and_says_so(sft_run, tmp_path, c
     assert (out2 / "checkpoints" / "checkpoint-31").is_dir()  # 31 is no multiple of 10: saved because of 1
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp_path, monkeypatch):
     """TRL alone joins a string prompt and completion as plain text ("Say the magic word.banana ..."), a context
     generation never shows. The stage gives them as chat turns: what TRL trains on starts with `prompt_ids` (the
@@ -243,14 +239,14 @@ def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp
                              train_dataset=train, processing_class=shared.tokenizer)
         seen["rows"], seen["tokenizer"] = list(trainer.train_dataset), shared.tokenizer
         seen["longest"] = longest_sft_row(shared.tokenizer, train)
-        raise _Stop
+        raise Stop
 
     monkeypatch.setattr(sft_stage, "_train", tokenize_and_stop)
     recipe = recipe_from_dict({"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)},
                                "quantization": {"mode": "none"}, "sft": {"max_steps": 1},
                                "data": {"sft": {"path": str(write_jsonl(tmp_path / "d.jsonl", DEMOS)),
                                                 "eval_fraction": 0}}})
-    with pytest.raises(_Stop):
+    with pytest.raises(Stop):
         train_sft(recipe)
     tok = seen["tokenizer"]
     prompts = {tuple(prompt_ids(tok, d["prompt"])) for d in DEMOS}

@@ -5,6 +5,7 @@
     encode(tok, prompt, response)       prompt + response as the reward model reads it (training and scoring)
     as_chat_turns(rows, tok)            SFT's prompt/completion rows as chat turns (TRL then templates them)
     longest_sft_row(tok, rows)          tokens in the longest SFT row, for the memory preflight
+    longest_prompt(tok, prompts)        tokens in the longest prompt, for the memory preflight
     pad(sequences, pad_id, side)        token lists -> (ids [B, T], attention mask [B, T])
 
 A model without a chat template gets the plain text with the tokenizer's special tokens (its BOS), the same
@@ -115,6 +116,13 @@ def longest_sft_row(tokenizer: Any, rows: Any, candidates: int = 64) -> int:
 
     longest = sorted(rows, key=chars, reverse=True)[:candidates]
     return max((len(sft_row_ids(tokenizer, row)) for row in longest), default=0)
+
+
+def longest_prompt(tokenizer: Any, prompts: Sequence[Prompt], candidates: int = 64) -> int:
+    """Tokens in the longest prompt as generation sees it (`prompt_ids`), searched among the `candidates` prompts
+    with the most characters, as `longest_sft_row` does."""
+    longest = sorted(prompts, key=lambda p: len(plain_text(p)), reverse=True)[:candidates]
+    return max((len(prompt_ids(tokenizer, p)) for p in longest), default=0)
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",

@@ -24,6 +24,8 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
 from lora_rlhf.core.generation import generate_responses
 from lora_rlhf.core.io import write_jsonl_atomic
+from lora_rlhf.core.loading import load_tokenizer
+from lora_rlhf.core.text import longest_prompt
 from lora_rlhf.errors import DataError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
@@ -63,7 +65,8 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
     out = recipe.stage_dir("compare")
     # --- setup: validate prompts, load base + sampling adapter + labeler before sampling anything
     rows = load_prompt_rows(recipe)
-    check_memory(recipe, "compare")
+    check_memory(recipe, "compare",
+                 prompt_length=longest_prompt(load_tokenizer(recipe.model), [r["prompt"] for r in rows]))
     shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
     # compare.adapter, else OUT/sft when that stage finished, else the bare base
     adapter = recipe_adapter(recipe, "sft", recipe.compare.adapter)

@@ -30,15 +30,17 @@ class StageMemory:
         return {"memory/peak_gb": round(self.peak_gb(), 3), "memory/predicted_gb": round(self.predicted / 2**30, 3)}
 
 
-def check_memory(recipe: Recipe, stage: str, sequence_length: int | None = None) -> StageMemory:
+def check_memory(recipe: Recipe, stage: str, sequence_length: int | None = None,
+                 prompt_length: int | None = None) -> StageMemory:
     """Stop (exit 2, with the knobs that fit) when `stage` is predicted not to fit; then start its peak.
 
     stage: sft | compare | reward | ppo | ppo-ptx | eval; sequence_length: the longest training row in tokens
-    (sft, reward, ppo-ptx's ptx rows), so the prediction is for the data rather than max_length (prompts stay at
-    the planner's 128 tokens: see README, "Predicted vs measured"). LORA_RLHF_SKIP_PREFLIGHT=1 starts it anyway.
+    (sft, reward, ppo-ptx's ptx rows), so the prediction is for the data rather than max_length; prompt_length:
+    the longest prompt in tokens (compare, ppo, eval; planned at no fewer than 128, see `preflight`).
+    LORA_RLHF_SKIP_PREFLIGHT=1 starts it anyway.
     """
     device = resolve_device(recipe.model)
     release_freed(device)  # what an earlier stage of this process freed is neither this stage's nor in use
-    predicted = preflight(recipe, stage, device, sequence_length=sequence_length)
+    predicted = preflight(recipe, stage, device, prompt_length=prompt_length, sequence_length=sequence_length)
     reset_peak(device)
     return StageMemory(device, predicted)

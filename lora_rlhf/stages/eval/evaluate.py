@@ -38,10 +38,11 @@ from lora_rlhf.core.adapters import is_finished, recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
 from lora_rlhf.core.generation import answer_text, generate_ids
+from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.logs import METRICS_FILE
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.core.scoring import score_texts
-from lora_rlhf.core.text import batches
+from lora_rlhf.core.text import batches, longest_prompt
 from lora_rlhf.errors import DataError, ModelError, RecipeError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe
@@ -341,7 +342,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
     out = Path(out_dir) if out_dir is not None else recipe.stage_dir(EVAL_DIR)
 
     # --- load the base once, each adapter once (a folder used twice, e.g. sft as policy and reference, is shared)
-    memory = check_memory(recipe, "eval")
+    memory = check_memory(recipe, "eval", prompt_length=longest_prompt(load_tokenizer(recipe.model), prompts))
     t0 = time.time()
     shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
     roles: dict[Path, str] = {}

@@ -56,6 +56,7 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_prompts
 from lora_rlhf.core.io import write_json_atomic
 from lora_rlhf.core.loading import load_tokenizer
+from lora_rlhf.core.text import longest_prompt
 from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
 from lora_rlhf.recipe.config import Recipe, recipe_to_dict, save_recipe
 from lora_rlhf.stages.memory import StageMemory, check_memory
@@ -353,10 +354,13 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     elif existing is not None:
         raise LoraRlhfError(f"'{out}' already holds a PPO run (checkpoint in {existing.name}/)",
                             fix="continue it with --resume, or set another output_dir, or delete that folder")
-    # Tokenised before the preflight: a ptx batch is as long as its longest row, which sizes the prediction.
-    # `lora-rlhf ppo` with ptx_coef > 0 is PPO-ptx too: planned with its LM-loss rows whatever the folder's name.
-    ptx = PtxData.build(ptx_rows, load_tokenizer(recipe.model), cfg.ptx_max_length, recipe.seed) if ptx_rows else None
-    memory = check_memory(recipe, "ppo-ptx" if ptx else "ppo", sequence_length=ptx.longest if ptx else None)
+    # Tokenised before the preflight: a ptx batch is as long as its longest row and a rollout as its longest
+    # prompt, which size the prediction. `lora-rlhf ppo` with ptx_coef > 0 is PPO-ptx too: planned with its
+    # LM-loss rows whatever the folder's name.
+    tokenizer = load_tokenizer(recipe.model)
+    ptx = PtxData.build(ptx_rows, tokenizer, cfg.ptx_max_length, recipe.seed) if ptx_rows else None
+    memory = check_memory(recipe, "ppo-ptx" if ptx else "ppo", sequence_length=ptx.longest if ptx else None,
+                          prompt_length=longest_prompt(tokenizer, prompts))
     main = distributed.is_main()  # rank 0 alone writes; the other ranks compute and stay silent
     if main:
         out.mkdir(parents=True, exist_ok=True)
