@@ -48,12 +48,15 @@ def ppo_optimise(recipe_file: str, out: str) -> None:
 
 def gather_rows(out: str) -> None:
     """Rank r holds r + 2 rows of value r (a reward batch of whole prompts differs in size between ranks) and a
-    scalar; rank 0 saves what distributed.gather_rows returns for both."""
+    scalar; rank 0 saves what distributed.gather_rows returns for both, and whether distributed.finish tore the
+    process group down (as every launched command does before it exits)."""
     distributed.state()  # the process group, as a trainer would have made it
     rows = torch.full((distributed.rank() + 2, 1), float(distributed.rank()))
     gathered = distributed.gather_rows(rows), distributed.gather_rows(torch.tensor(distributed.rank() + 10.0))
+    distributed.finish()
     if distributed.is_main():
-        torch.save({"rows": gathered[0], "scalars": gathered[1]}, out)
+        torch.save({"rows": gathered[0], "scalars": gathered[1],
+                    "torn_down": not torch.distributed.is_initialized()}, out)
 
 
 if __name__ == "__main__":
