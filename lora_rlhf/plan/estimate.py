@@ -51,6 +51,10 @@ CPU_HEAP_SLACK = 0.5
 # PPO's training forwards honour model.gradient_checkpointing (measured with bench/bench_plan.py: the anchor
 # configuration peaks at 3.67 GB without it, 2.50 GB with it).
 PPO_CHECKPOINTS = True
+# ...and with it, PPO's backward leaves less heap slack than the full backward's on the CPU: measured (bench_plan
+# --repeat 3, medians) 0.55 x on ppo-anchor-ckpt and 0.61 x on ppo-135m-4bit-ckpt, single runs up to 0.9 x; 0.75
+# keeps the runs' spread on the safe side. SFT and reward (TRL's checkpointing) keep the full slack (measured).
+CPU_PPO_CHECKPOINTED_SLACK = 0.75
 CPU_ADAPTER_SETUP = 0.8
 
 Device = Literal["cpu", "cuda"]
@@ -403,7 +407,8 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
     # x accumulation) or the next step's (bench_plan ppo-135m-4bit-ckpt, ppo-ptx-135m-4bit-long: one pass per step,
     # two steps); two passes or more hold about twice the one-pass slack
     passes = min(2, p.backward_passes)
-    opt_parts += heap_slack(base, passes * (layer_workspace(shape, base, m * seq) + churn))
+    scale = CPU_PPO_CHECKPOINTED_SLACK if ppo_base.gradient_checkpointing else 1.0
+    opt_parts += heap_slack(base, int(scale * passes * (layer_workspace(shape, base, m * seq) + churn)))
     if base.device == "cpu" and rows < m:
         # measured: glibc keeps the per-sequence logits blocks it freed, about the batch's volume of them (a GPU's
         # caching allocator reuses one sequence's blocks)
