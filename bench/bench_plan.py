@@ -289,5 +289,6 @@ def report(results: list[dict]) -> None:
     print(f"\nworst: {worst_over:+.1%} over, {worst_under:+.1%} under; target within +-15 %, never under by more "
           f"than 10 %: {'met' if ok else 'NOT met'}")
 
+
 if __name__ == "__main__":
     main()
