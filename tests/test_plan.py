@@ -330,17 +330,15 @@ def test_longest_prompt_is_the_longest_as_generation_tokenises_it(tiny_model_dir
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
 def test_peak_helpers_see_a_new_allocation():
-    """The mark covers an allocation, and comes back down when reset after the block is freed. Compared with the
-    resident set read while the block lives, not with the mark before it: the process may hand memory back
-    between the reset and the allocation (a fresh-clone run saw the mark rise by 52 MB for a 64 MB block)."""
+    """The mark covers an allocation made after a reset. Compared with the resident set read while the block
+    lives, not with the mark before it: the process may hand memory back between the reset and the allocation
+    (a fresh-clone run saw the mark rise by 52 MB for a 64 MB block). Whether freeing the block lowers the
+    resident set depends on the allocator's state inside the suite (a second fresh run: it did not)."""
     cpu = torch.device("cpu")
     reset_peak(cpu)
     block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-    with_block = _status("VmRSS")
-    assert peak_bytes(cpu) >= with_block > 64 * 2**20
-    del block  # above glibc's largest mmap threshold (32 MB): unmapped when freed
-    reset_peak(cpu)
-    assert peak_bytes(cpu) <= with_block - 48 * 2**20
+    assert peak_bytes(cpu) >= _status("VmRSS") > 64 * 2**20
+    del block
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
