@@ -77,6 +77,22 @@ def test_pad_left_and_right_with_masks_from_lengths():
     assert ids.tolist() == [[5, 0], [8, 0]] and mask.tolist() == [[1, 1], [1, 0]]
 
 
+def test_shared_base_takes_the_tokenizer_a_stage_already_loaded(tiny_model_dir, monkeypatch):
+    """A stage loads the tokenizer to size its preflight; the base then keeps that one instead of loading it
+    again."""
+    from lora_rlhf.core import loading
+
+    cfg = ModelConfig(name=str(tiny_model_dir), device="cpu")
+    tokenizer = loading.load_tokenizer(cfg)
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded a second time")
+
+    monkeypatch.setattr(loading, "load_tokenizer", not_again)
+    sb = SharedBase.load(cfg, QuantizationConfig(mode="none"), tokenizer=tokenizer)
+    assert sb.tokenizer is tokenizer and sb.tokenizer.pad_token_id is not None
+
+
 def test_generation_leaves_the_tokenizer_and_training_mode_as_it_found_them(tiny_model_dir, monkeypatch):
     sb = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"))
     sb.train(True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Stop, write_jsonl
 from typer.testing import CliRunner
 
 from lora_rlhf.core.base import SharedBase
@@ -26,7 +27,6 @@ from lora_rlhf.stages.eval.evaluate import (
     win_rate,
 )
 from lora_rlhf.stages.eval.report import plot_training_curves, plot_win_rates, write_report
-from tests.conftest import Stop, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LABELER = "def judge(prompt, responses):\n    return [min(len(r) // 10, 3) for r in responses]\n"

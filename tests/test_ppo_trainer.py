@@ -289,6 +289,32 @@ def test_ptx_rows_target_only_the_completion(tiny_model_dir):
     assert len(tokenize_row(tok, {"text": "word " * 100}, 16)[0]) == 16
 
 
+def test_build_trainer_without_a_preflight_plans_ppo_ptx_when_given_ptx_rows(tiny_recipe, adapters, monkeypatch):
+    """Callers that pass no `memory` (the benches) get the preflight of what they run: PPO-ptx at the longest ptx
+    row when ptx rows are given, plain PPO otherwise."""
+    from conftest import Stop
+
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.stages.ppo import trainer as ppo_trainer
+    from lora_rlhf.stages.ppo.ptx import PtxData
+
+    sft, reward = adapters
+    recipe = recipe_from_dict(tiny_recipe(ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward)}))
+    rows = [{"text": "short"}, {"text": "a longer general text " * 5}]
+    ptx = PtxData.build(rows, load_tokenizer(recipe.model), 64, seed=0)
+    seen = []
+
+    def planned(recipe, stage, sequence_length=None, prompt_length=None):
+        seen.append((stage, sequence_length))
+        raise Stop
+
+    monkeypatch.setattr(ppo_trainer, "check_memory", planned)
+    for rows_given in (ptx, None):
+        with pytest.raises(Stop):
+            build_trainer(recipe, resolve_sources(recipe), PROMPTS, rows_given)
+    assert seen == [("ppo-ptx", ptx.longest), ("ppo", None)] and ptx.longest > 10
+
+
 def build_banana_model(folder: Path, p_target: float = 0.1) -> Path:
     """A tiny model with a reward the policy can learn in a few dozen steps.
 

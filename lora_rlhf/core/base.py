@@ -53,8 +53,10 @@ class SharedBase:
     _params: dict[str, list[nn.Parameter]] = field(default_factory=dict, repr=False)  # role -> its LoRA weights
 
     @classmethod
-    def load(cls, model_cfg: ModelConfig, quant: QuantizationConfig, for_training: bool = True) -> SharedBase:
-        model, tokenizer, info = load_base_model(model_cfg, quant, for_training)
+    def load(cls, model_cfg: ModelConfig, quant: QuantizationConfig, for_training: bool = True,
+             tokenizer: Any = None) -> SharedBase:
+        """`tokenizer`: the model's, when the caller already loaded it (to size its preflight)."""
+        model, tokenizer, info = load_base_model(model_cfg, quant, for_training, tokenizer)
         return cls(model=model, tokenizer=tokenizer, info=info)
 
     # ---------------------------------------------------------------- adapters by role

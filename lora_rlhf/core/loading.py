@@ -148,10 +148,11 @@ def load_pretrained(model_cfg: ModelConfig, quant: QuantizationConfig, pad_token
     return model, dtype
 
 
-def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig,
-                    for_training: bool = True) -> tuple[Any, Any, dict[str, Any]]:
-    """The base causal LM for a shared base. Returns (model, tokenizer, info: the identity adapters record)."""
-    tokenizer = load_tokenizer(model_cfg)
+def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, for_training: bool = True,
+                    tokenizer: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The base causal LM for a shared base. Returns (model, tokenizer, info: the identity adapters record);
+    `tokenizer`, when given, is `load_tokenizer(model_cfg)`'s result, not loaded again."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
     model, _ = load_pretrained(model_cfg, quant, tokenizer.pad_token_id, for_training=for_training)
     info = {"name_or_path": model_cfg.name, "revision": model_cfg.revision,
             "fingerprint": base_fingerprint(model.config), "quantization": quant.mode}

@@ -15,7 +15,8 @@ lengths, never from token identity (SmolLM2's pad-like end-of-turn token sits in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -109,20 +110,23 @@ def sft_row_ids(tokenizer: Any, row: dict[str, Any]) -> list[int]:
 
 
 def longest_sft_row(tokenizer: Any, rows: Any, candidates: int = 64) -> int:
-    """Tokens in the longest SFT row (what sizes the largest batch), searched among the `candidates` rows with
-    the most characters: tokenising a few rows is enough where characters and tokens go together."""
+    """Tokens in the longest SFT row (what sizes the largest batch)."""
     def chars(row: dict[str, Any]) -> int:
         return sum(len(v) if isinstance(v, str) else sum(len(m["content"]) for m in v) for v in row.values())
 
-    longest = sorted(rows, key=chars, reverse=True)[:candidates]
-    return max((len(sft_row_ids(tokenizer, row)) for row in longest), default=0)
+    return _most_tokens(rows, chars, lambda row: sft_row_ids(tokenizer, row), candidates)
 
 
 def longest_prompt(tokenizer: Any, prompts: Sequence[Prompt], candidates: int = 64) -> int:
-    """Tokens in the longest prompt as generation sees it (`prompt_ids`), searched among the `candidates` prompts
-    with the most characters, as `longest_sft_row` does."""
-    longest = sorted(prompts, key=lambda p: len(plain_text(p)), reverse=True)[:candidates]
-    return max((len(prompt_ids(tokenizer, p)) for p in longest), default=0)
+    """Tokens in the longest prompt as generation sees it (`prompt_ids`)."""
+    return _most_tokens(prompts, lambda p: len(plain_text(p)), lambda p: prompt_ids(tokenizer, p), candidates)
+
+
+def _most_tokens(items: Iterable[Any], chars: Callable[[Any], int], ids: Callable[[Any], list[int]],
+                 candidates: int) -> int:
+    """The most tokens of any item, searched among the `candidates` items with the most characters: tokenising
+    a few is enough where characters and tokens go together, and a preflight must not tokenise a whole dataset."""
+    return max((len(ids(item)) for item in heapq.nlargest(candidates, items, key=chars)), default=0)
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right",

@@ -65,9 +65,9 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
     out = recipe.stage_dir("compare")
     # --- setup: validate prompts, load base + sampling adapter + labeler before sampling anything
     rows = load_prompt_rows(recipe)
-    check_memory(recipe, "compare",
-                 prompt_length=longest_prompt(load_tokenizer(recipe.model), [r["prompt"] for r in rows]))
-    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    tokenizer = load_tokenizer(recipe.model)
+    check_memory(recipe, "compare", prompt_length=longest_prompt(tokenizer, [r["prompt"] for r in rows]))
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False, tokenizer=tokenizer)
     # compare.adapter, else OUT/sft when that stage finished, else the bare base
     adapter = recipe_adapter(recipe, "sft", recipe.compare.adapter)
     role = None

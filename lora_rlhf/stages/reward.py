@@ -460,7 +460,7 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
     del trainer, model
     _free_memory()
     # --- reload exactly as PPO will: the causal-LM shared base + this folder as role `reward`
-    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False, tokenizer=tokenizer)
     shared.load_adapter("reward", out, trainable=False)
     reloaded = score_texts(shared, check_prompts, check_responses, apply_offset=False).cpu()
     metrics["reload_max_abs_diff"] = float((reloaded - reference).abs().max())

@@ -66,7 +66,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     train = as_chat_turns(train, tokenizer)  # the context generation gives, not TRL's plain-text join
     held_out = as_chat_turns(held_out, tokenizer) if held_out is not None else None
     memory = check_memory(recipe, "sft", sequence_length=longest_sft_row(tokenizer, train))
-    shared = SharedBase.load(recipe.model, recipe.quantization)
+    shared = SharedBase.load(recipe.model, recipe.quantization, tokenizer=tokenizer)
     torch.manual_seed(recipe.seed)  # a new adapter's init follows from the recipe, not from what ran before it
     if recipe.sft.init_adapter:
         shared.load_adapter(ADAPTER, local_adapter(recipe.sft.init_adapter), trainable=True)

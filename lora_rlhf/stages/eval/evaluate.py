@@ -342,9 +342,10 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
     out = Path(out_dir) if out_dir is not None else recipe.stage_dir(EVAL_DIR)
 
     # --- load the base once, each adapter once (a folder used twice, e.g. sft as policy and reference, is shared)
-    memory = check_memory(recipe, "eval", prompt_length=longest_prompt(load_tokenizer(recipe.model), prompts))
+    tokenizer = load_tokenizer(recipe.model)
+    memory = check_memory(recipe, "eval", prompt_length=longest_prompt(tokenizer, prompts))
     t0 = time.time()
-    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False, tokenizer=tokenizer)
     roles: dict[Path, str] = {}
 
     def role_for(folder: Path | None) -> str | None:

@@ -366,7 +366,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
 
-    trainer = build_trainer(recipe, sources, prompts, ptx, memory)
+    trainer = build_trainer(recipe, sources, prompts, ptx, memory, tokenizer)
     sb = trainer.sb
     if resume:
         trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler,
@@ -404,14 +404,15 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
 
 
 def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any], ptx: PtxData | None = None,
-                  memory: StageMemory | None = None) -> PPOTrainer:
+                  memory: StageMemory | None = None, tokenizer: Any = None) -> PPOTrainer:
     """Load the base once, put the four roles on it, and return a trainer at step 0. `ptx`: PPO-ptx's tokenised
     rows (PtxData.build); `memory` (from `check_memory`) is where the stage's peak is read; without one the peak
-    counts from here."""
-    memory = memory or check_memory(recipe, "ppo")
+    counts from here; `tokenizer`: the model's, when already loaded."""
+    if memory is None:
+        memory = check_memory(recipe, "ppo-ptx" if ptx else "ppo", sequence_length=ptx.longest if ptx else None)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    sb = SharedBase.load(recipe.model, recipe.quantization)
+    sb = SharedBase.load(recipe.model, recipe.quantization, tokenizer=tokenizer)
     reward = setup_roles(sb, recipe, sources)
     return PPOTrainer(recipe, sb, prompts, reward, ptx, memory)
 
