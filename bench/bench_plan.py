@@ -78,6 +78,12 @@ CONFIGS: dict[str, tuple[str, str, list[str]]] = {
                                       "ppo.advantage_estimator=rloo", "ppo.num_generations=4",
                                       "ppo.num_ppo_epochs=1"]),
 }
+# Configurations above again, each prompt padded to this many tokens (as generation sees them): at and past the
+# preflight's 128-token floor, where PPO's rows are long enough to hold more heap per token on the CPU.
+LONG_PROMPTS = {"ppo-anchor-prompt128": ("ppo-anchor", 128), "ppo-anchor-prompt192": ("ppo-anchor", 192),
+                "ppo-anchor-ckpt-prompt192": ("ppo-anchor-ckpt", 192),
+                "ppo-135m-fp32-mb4-prompt128": ("ppo-135m-fp32-mb4", 128)}
+CONFIGS.update({name: CONFIGS[like] for name, (like, _) in LONG_PROMPTS.items()})
 
 
 # ---------------------------------------------------------------------------------------------- child side
@@ -92,7 +98,20 @@ def base_recipe(work: Path, model: str, device: str = "cpu") -> dict:
                     "stop_token": None, "learning_rate": 1e-5, "save_steps": 1000}}
 
 
-def write_data(work: Path, tokenizer, recipe) -> int:
+def bench_prompts(name: str, tokenizer) -> list[str]:
+    """The configuration's prompts: PROMPTS, or each padded to its LONG_PROMPTS length."""
+    from lora_rlhf.core.text import prompt_ids
+
+    if name not in LONG_PROMPTS:
+        return PROMPTS
+
+    def ids(tok, prompt: str, words: str) -> list[int]:
+        return prompt_ids(tok, f"{prompt} Context: {words}")
+
+    return [f"{p} Context: {_to_length(tokenizer, ids, p, LONG_PROMPTS[name][1], i)}" for i, p in enumerate(PROMPTS)]
+
+
+def write_data(work: Path, tokenizer, recipe, prompts: list[str]) -> int:
     """Data for the stage; returns the prompt length in tokens the plan should assume."""
     from lora_rlhf.core.text import encode, prompt_ids
 
@@ -108,9 +127,9 @@ def write_data(work: Path, tokenizer, recipe) -> int:
                                                                                         length, i + 100)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    (work / "eval_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
-    return max(len(prompt_ids(tokenizer, p)) for p in PROMPTS)
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (work / "eval_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts * 2))
+    return max(len(prompt_ids(tokenizer, p)) for p in prompts)
 
 
 def _to_length(tokenizer, encode, prompt: str, length: int, seed: int) -> str:
@@ -159,12 +178,13 @@ def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     raw["eval"] = {"general_text": str(work / "sft.jsonl")}  # texts longer than EVAL_TEXT_TOKENS: scored at 256
     recipe = recipe_from_dict(raw, overrides)
     tokenizer = load_tokenizer(recipe.model)
-    prompt_length = write_data(work, tokenizer, recipe)
+    prompts = bench_prompts(name, tokenizer)
+    prompt_length = write_data(work, tokenizer, recipe, prompts)
     predicted = stage_estimate(recipe, stage, load_shape(model), PlanContext(device_type, prompt_length))
     device = torch.device(device_type)
     reset_peak(device)
     started = time.perf_counter()
-    run_stage(stage, recipe)
+    run_stage(stage, recipe, prompts)
     measured = peak_bytes(device)
     context = sum(p.bytes for p in predicted.peak_phase.parts if p.name == "runtime") if device_type == "cuda" else 0
     return {"name": name, "stage": stage, "measured": measured, "predicted": predicted.peak - context,
@@ -172,7 +192,7 @@ def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
             "parts": {p.name: p.bytes for p in predicted.peak_phase.parts}}
 
 
-def run_stage(stage: str, recipe) -> None:
+def run_stage(stage: str, recipe, prompts: list[str]) -> None:
     if stage == "sft":
         from lora_rlhf.stages.sft import run_sft
 
@@ -192,7 +212,7 @@ def run_stage(stage: str, recipe) -> None:
         sb = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
         sb.load_adapter("policy", recipe.ppo.sft_adapter)
         c = recipe.compare
-        generate_ids(sb, PROMPTS[:c.batch_size], "policy", c.max_new_tokens, c.temperature, c.top_p,
+        generate_ids(sb, prompts[:c.batch_size], "policy", c.max_new_tokens, c.temperature, c.top_p,
                      num_return_sequences=c.k, batch_size=c.batch_size)
     else:
         from lora_rlhf.core.loading import load_tokenizer
@@ -202,7 +222,7 @@ def run_stage(stage: str, recipe) -> None:
 
         ptx = PtxData.build(load_ptx_rows(recipe.data.ptx, recipe.seed), load_tokenizer(recipe.model),
                             recipe.ppo.ptx_max_length, recipe.seed) if stage == "ppo-ptx" else None
-        trainer = build_trainer(recipe, resolve_sources(recipe), (PROMPTS * 4)[:recipe.ppo.batch_size], ptx)
+        trainer = build_trainer(recipe, resolve_sources(recipe), (prompts * 4)[:recipe.ppo.batch_size], ptx)
         for _ in range(2):  # the second step runs with AdamW's state allocated
             trainer.step()
 

@@ -203,6 +203,30 @@ def test_checkpointed_ppo_counts_a_share_of_the_full_backwards_cpu_heap_slack():
     assert slack("cuda", True) is None
 
 
+def test_long_ppo_rows_hold_more_cpu_heap_per_token():
+    """On the CPU, PPO rows longer than CPU_PPO_LONG_ROWS[0] tokens add (tokens - that) / CPU_PPO_LONG_ROWS[1] of
+    their activations + slack (bench_plan: ppo-anchor under-predicted by 14 % at 176 tokens, 24 % at 240);
+    shorter rows, where the slack was fitted, and GPUs are unchanged, and ptx rows do not count."""
+    shape = load_shape("smollm2-135m-instruct")
+    from_tokens, per_tokens = estimate.CPU_PPO_LONG_ROWS
+
+    def optimisation(device, prompt, **ptx):
+        p = estimate.PPOShape(batch_size=8, forward_batch=8, micro_batch=8, response_length=48,
+                              prompt_length=prompt, backward_passes=4, **ptx)
+        return {x.name: x.bytes for x in estimate.ppo_estimate(shape, Base(device, 4, "4bit"), p).phases[-1].parts}
+
+    short = from_tokens - 48
+    assert "long-row heap" not in optimisation("cpu", short)
+    for prompt in (128, 192):
+        parts = optimisation("cpu", prompt)
+        rows_heap = parts["activations"] + parts["allocator slack"]
+        assert parts["long-row heap"] == pytest.approx(rows_heap * (prompt + 48 - from_tokens) / per_tokens, rel=1e-3)
+        assert "long-row heap" not in optimisation("cuda", prompt)
+    with_ptx = optimisation("cpu", 192, ptx_rows=4, ptx_length=384)  # ptx rows raise the slack, not this term
+    assert with_ptx["long-row heap"] == optimisation("cpu", 192)["long-row heap"]
+    assert "long-row heap" not in optimisation("cpu", short, ptx_rows=4, ptx_length=384)
+
+
 def test_ppo_logits_are_one_sequences_where_the_lm_head_is_plain():
     """rollout.response_logprobs runs the LM head per sequence for architectures in PLAIN_LM_HEAD; others keep
     the micro-batch's [m, R, V] logits, and the plan must say which."""

@@ -55,6 +55,12 @@ PPO_CHECKPOINTS = True
 # --repeat 3, medians) 0.55 x on ppo-anchor-ckpt and 0.61 x on ppo-135m-4bit-ckpt, single runs up to 0.9 x; 0.75
 # keeps the runs' spread on the safe side. SFT and reward (TRL's checkpointing) keep the full slack (measured).
 CPU_PPO_CHECKPOINTED_SLACK = 0.75
+# ...and PPO's optimisation holds more heap per token the longer its rows: measured (bench_plan ppo-anchor with
+# 41-, 128- and 192-token prompts, 48-token responses, --repeat 3 medians) the activations + slack above fit at 89
+# tokens and fall short by 22 % at 176 and 38 % at 240, i.e. by (tokens - 89) / 400 of themselves. Not a property
+# of the attention (SDPA's CPU kernels measure linear in T) nor of SFT (rows of 256 fit): the value's forward on
+# long rows reuses less of the heap the policy's backward freed. Counted from 89 tokens, where the slack was fitted.
+CPU_PPO_LONG_ROWS = (89, 400)
 CPU_ADAPTER_SETUP = 0.8
 
 Device = Literal["cpu", "cuda"]
@@ -387,7 +393,8 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
     m = p.micro_batch
     ppo_base = replace(base, gradient_checkpointing=base.gradient_checkpointing and PPO_CHECKPOINTS)
     acts = activation_bytes(shape, ppo_base, m, seq)
-    churn = backward_churn(shape, base, m, seq)
+    churn = row_churn = backward_churn(shape, base, m, seq)
+    work = layer_workspace(shape, base, m * seq)
     # tempered logits, their grad, the LM head output's grad, the fp32 copy the entropy statistic takes: of one
     # sequence where the LM head runs per sequence under checkpointing (rollout.response_logprobs), else the batch's
     rows = 1 if shape.plain_lm_head else m
@@ -402,13 +409,18 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
         ptx_logits = 3 * p.ptx_rows * p.ptx_length * v * 4
         opt_parts += [Part("ptx activations", ptx_acts, f"{p.ptx_rows} x {p.ptx_length} tokens, same graph"),
                       Part("ptx logits", ptx_logits, "LM loss over the ptx rows, fp32")]
-    opt_parts.append(Part("backward workspace", layer_workspace(shape, base, m * seq)))
+    opt_parts.append(Part("backward workspace", work))
     # measured: a second backward pass fragments the heap more, whether it is the same step's (epochs x mini-batches
     # x accumulation) or the next step's (bench_plan ppo-135m-4bit-ckpt, ppo-ptx-135m-4bit-long: one pass per step,
     # two steps); two passes or more hold about twice the one-pass slack
     passes = min(2, p.backward_passes)
     scale = CPU_PPO_CHECKPOINTED_SLACK if ppo_base.gradient_checkpointing else 1.0
-    opt_parts += heap_slack(base, int(scale * passes * (layer_workspace(shape, base, m * seq) + churn)))
+    opt_parts += heap_slack(base, int(scale * passes * (work + churn)))
+    from_tokens, per_tokens = CPU_PPO_LONG_ROWS
+    if base.device == "cpu" and seq > from_tokens:  # the PPO rows' activations and slack, without the ptx rows'
+        rows_heap = acts + sum(x.bytes for x in heap_slack(base, int(scale * passes * (work + row_churn))))
+        opt_parts.append(Part("long-row heap", int(rows_heap * (seq - from_tokens) / per_tokens),
+                              f"CPU: {seq}-token rows hold more heap per token than {from_tokens}-token ones"))
     if base.device == "cpu" and rows < m:
         # measured: glibc keeps the per-sequence logits blocks it freed, about the batch's volume of them (a GPU's
         # caching allocator reuses one sequence's blocks)
