@@ -227,6 +227,22 @@ def test_long_ppo_rows_hold_more_cpu_heap_per_token():
     assert "long-row heap" not in optimisation("cpu", short, ptx_rows=4, ptx_length=384)
 
 
+def test_reward_counts_a_share_of_the_cpu_heap_slack():
+    """The reward stage's backward leaves CPU_REWARD_SLACK of the slack SFT's leaves (bench_plan: the full slack
+    over-predicted all ten reward runs); GPUs have none."""
+    shape = load_shape("smollm2-135m-instruct")
+    for device in ("cpu", "cuda"):
+        base = Base(device, 4, "4bit")
+        parts = {x.name: x.bytes for x in estimate.reward_estimate(shape, base, 4, 96).phases[-1].parts}
+        transient = estimate.backward_churn(shape, base, 8, 96) + estimate.layer_workspace(shape, base, 8 * 96)
+        if device == "cpu":
+            assert 0 < estimate.CPU_REWARD_SLACK < 1
+            expected = estimate.CPU_HEAP_SLACK * estimate.CPU_REWARD_SLACK * transient
+            assert parts["allocator slack"] == pytest.approx(expected, rel=1e-6)
+        else:
+            assert "allocator slack" not in parts
+
+
 def test_ppo_logits_are_one_sequences_where_the_lm_head_is_plain():
     """rollout.response_logprobs runs the LM head per sequence for architectures in PLAIN_LM_HEAD; others keep
     the micro-batch's [m, R, V] logits, and the plan must say which."""
