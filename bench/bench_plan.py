@@ -1,6 +1,6 @@
 """The memory planner against measurement: predicted vs measured peak of real stages on the CPU.
 
-    python bench/bench_plan.py                 # every configuration (~35 min on 2 cores)
+    python bench/bench_plan.py                 # every configuration (~40 min on 2 cores)
     python bench/bench_plan.py --only sft-135m-4bit ppo-anchor
     python bench/bench_plan.py --repeat 3      # each configuration 3 times, judged on the median
     python bench/bench_plan.py --device cuda --model meta-llama/Llama-3.1-8B-Instruct   # validate on a GPU
