@@ -137,6 +137,9 @@ class DataConfig:
     """Demonstrations for step 1: prompt/completion, messages, or text."""
     reward: DatasetConfig | None = None
     """Comparisons for step 2: rankings (see docs/FORMATS.md) or chosen/rejected preferences."""
+    reward_eval: DatasetConfig | None = None
+    """Held-out comparisons (same formats) for the reward model's pairwise accuracy, instead of holding out
+    data.reward.eval_fraction of data.reward's prompts."""
     prompts: DatasetConfig | None = None
     """Prompts for `compare` and PPO rollouts: a `prompt` column (string or messages)."""
     ptx: DatasetConfig | None = None
@@ -164,6 +167,14 @@ class RewardSection:
     """Start the reward LoRA from this adapter (default: the SFT stage's output when it exists)."""
     normalize: bool = True
     """Set an offset so that the SFT demonstrations score 0 on average (the paper's bias)."""
+    head_learning_rate: float | None = None
+    """Learning rate of the scalar head (null: the LoRA weights' learning_rate). The head starts from random
+    numbers while the LoRA starts from the SFT adapter: on few comparisons it wants a higher rate."""
+
+    def __post_init__(self) -> None:
+        rate = self.head_learning_rate
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"head_learning_rate must be a positive number (or null), got {rate}")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, recipe
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data, load_table
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
+from lora_rlhf.core.io import write_jsonl_atomic
 from lora_rlhf.core.loading import load_config, load_pretrained, load_tokenizer, lora_config
 from lora_rlhf.core.logs import LogCallback, write_metrics
 from lora_rlhf.core.scoring import score_texts
@@ -53,6 +54,7 @@ from lora_rlhf.stages.trainer_setup import (
 
 NORMALIZE_MAX_DEMOS = 1000  # demonstrations scored for the offset (a seeded sample beyond that)
 CHECK_ROWS = 8  # texts scored by both the trained model and the reloaded adapter
+EVAL_PAIRS = "eval_pairs.jsonl"  # every held-out comparison with both scores
 
 # Our defaults where TRL's differ from what a LoRA reward run on one GPU wants (on top of
 # trainer_setup.COMMON_DEFAULTS); every one can be set in `reward:`.
@@ -66,14 +68,23 @@ REWARD_DEFAULTS: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def load_reward_data(cfg: DatasetConfig | None, seed: int = 0) -> tuple[list[Comparison], list[Comparison] | None]:
-    """data.reward -> (train, held-out or None) comparisons. Held out by prompt line, never by pair, so no
-    prompt has pairs on both sides."""
+def load_reward_data(cfg: DatasetConfig | None, seed: int = 0, eval_cfg: DatasetConfig | None = None
+                     ) -> tuple[list[Comparison], list[Comparison] | None]:
+    """data.reward (+ data.reward_eval) -> (train, held-out or None) comparisons.
+
+    Held out is data.reward_eval when given, else data.reward.eval_fraction of data.reward's prompt lines (never
+    single pairs, so no prompt has pairs on both sides)."""
     if cfg is None:
         raise DataError("the recipe has no data.reward section, so the reward model has no comparisons",
                         fix="add `data: {reward: {path: rankings.jsonl}}` (rankings or chosen/rejected preferences)")
+    if eval_cfg is not None and cfg.eval_fraction > 0:
+        raise DataError("the recipe holds out reward data twice: data.reward.eval_fraction and data.reward_eval",
+                        fix="keep one: data.reward.eval_fraction: 0, or drop data.reward_eval")
     ds = load_table(cfg, seed, what="reward dataset")
     comparisons = to_comparisons(ds.to_list(), ds.column_names, cfg.path)
+    if eval_cfg is not None:
+        held_ds = load_table(eval_cfg, seed, what="held-out reward dataset")
+        return comparisons, to_comparisons(held_ds.to_list(), held_ds.column_names, eval_cfg.path)
     if cfg.eval_fraction <= 0:
         return comparisons, None
     groups = sorted({c.group for c in comparisons})
@@ -184,9 +195,24 @@ def _grouped_trainer_class():
     class GroupedRewardTrainer(RewardTrainer):
         """RewardTrainer whose training batches keep all pairs of a prompt together (`group` column)."""
 
-        def __init__(self, *args: Any, group_by_prompt: bool = True, **kwargs: Any):
-            self.group_by_prompt = group_by_prompt
+        def __init__(self, *args: Any, group_by_prompt: bool = True, head_learning_rate: float | None = None,
+                     **kwargs: Any):
+            self.group_by_prompt, self.head_learning_rate = group_by_prompt, head_learning_rate
             super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+            # The Trainer's optimizer, with the scalar head moved into a group of its own at head_learning_rate
+            # (the scheduler then scales each group from its own rate).
+            optimizer = super().create_optimizer(model)
+            if self.head_learning_rate is None or getattr(self, "_head_group_made", False):
+                return optimizer
+            head = {id(p) for p in _score_layer(self.model).parameters()}
+            moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in head]
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+            optimizer.add_param_group({"params": moved, "lr": self.head_learning_rate, "weight_decay": 0.0})
+            self._head_group_made = True
+            return optimizer
 
         def get_train_dataloader(self) -> DataLoader:
             dataset = self.train_dataset
@@ -332,8 +358,9 @@ def seqcls_scores(model: Any, tokenizer: Any, prompts: Sequence[Any], responses:
     return scores
 
 
-def pairwise_wins(shared: SharedBase, comparisons: Sequence[Comparison], batch_size: int = 16) -> list[bool]:
-    """Per comparison, whether the chosen response outscores the rejected one (each text scored once)."""
+def pair_scores(shared: SharedBase, comparisons: Sequence[Comparison], batch_size: int = 16
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw scores (chosen [P], rejected [P]) of every comparison; each distinct text is scored once."""
     texts: dict[tuple[str, str], int] = {}
     prompts, responses = [], []
     for c in comparisons:
@@ -344,8 +371,25 @@ def pairwise_wins(shared: SharedBase, comparisons: Sequence[Comparison], batch_s
                 prompts.append(c.prompt)
                 responses.append(response)
     scores = score_texts(shared, prompts, responses, batch_size=batch_size, apply_offset=False).cpu()
-    return [bool(scores[texts[(json.dumps(c.prompt), c.chosen)]] > scores[texts[(json.dumps(c.prompt), c.rejected)]])
-            for c in comparisons]
+    chosen = torch.stack([scores[texts[(json.dumps(c.prompt), c.chosen)]] for c in comparisons])
+    rejected = torch.stack([scores[texts[(json.dumps(c.prompt), c.rejected)]] for c in comparisons])
+    return chosen, rejected
+
+
+def heldout_pairs(shared: SharedBase, held_out: Sequence[Comparison], path: Path) -> dict[str, Any]:
+    """Score the held-out comparisons with the saved adapter; write every pair with its scores to `path`
+    (which pairs the reward model gets wrong); return accuracy with its prompt-resampling interval, the pairwise
+    loss -log sigma(r_chosen - r_rejected), and how many pairs and prompts it rests on."""
+    chosen, rejected = pair_scores(shared, held_out)
+    wins = (chosen > rejected).tolist()
+    groups = [c.group for c in held_out]
+    accuracy, low, high = accuracy_interval(wins, groups)
+    write_jsonl_atomic(path, [{"line": c.group + 1, "prompt": c.prompt, "chosen": c.chosen, "rejected": c.rejected,
+                               "chosen_score": float(a), "rejected_score": float(b), "correct": w}
+                              for c, a, b, w in zip(held_out, chosen, rejected, wins, strict=True)])
+    return {"eval_pairwise_accuracy": accuracy, "eval_pairwise_accuracy_low": low,
+            "eval_pairwise_accuracy_high": high, "eval_pairs": len(held_out), "eval_prompts": len(set(groups)),
+            "eval_pairwise_loss": float(torch.nn.functional.softplus(rejected - chosen).mean())}
 
 
 def accuracy_interval(wins: Sequence[bool], groups: Sequence[int], n_boot: int = 2000, seed: int = 0,
@@ -384,13 +428,16 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     """Train the reward adapter described by `recipe`; return its output folder (OUT/reward)."""
     out = recipe.stage_dir("reward")
     # --- setup: everything that can fail on user input fails here, before anything is written
-    train, held_out = load_reward_data(recipe.data.reward, recipe.seed)
+    train, held_out = load_reward_data(recipe.data.reward, recipe.seed, recipe.data.reward_eval)
     demos = demonstrations(recipe.data.sft, recipe.seed) if recipe.reward.normalize else None
     init_adapter = init_adapter_for(recipe)
     tokenizer = load_tokenizer(recipe.model)
-    args = reward_training_args(recipe, out, held_out is not None)
+    # The held-out pairs are scored once after training (accuracy, interval, loss: `heldout_pairs`); the Trainer's
+    # own evaluation repeats that each epoch only when the recipe sets reward.eval_strategy.
+    trainer_eval = held_out is not None and "eval_strategy" in recipe.trainer_args.get("reward", {})
+    args = reward_training_args(recipe, out, trainer_eval)
     train_ds, dropped = tokenize_comparisons(train, tokenizer, args.max_length)
-    eval_ds = tokenize_comparisons(held_out, tokenizer, args.max_length)[0] if held_out else None
+    eval_ds = tokenize_comparisons(held_out, tokenizer, args.max_length)[0] if trainer_eval else None
     if eval_ds is not None and len(eval_ds) == 0:
         from transformers.trainer_utils import IntervalStrategy
 
@@ -436,7 +483,8 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
     callback = LogCallback(log)
     trainer = _grouped_trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        callbacks=[callback, RecipeStepsOnResume(log)], group_by_prompt=recipe.reward.group_by_prompt)
+        callbacks=[callback, RecipeStepsOnResume(log)], group_by_prompt=recipe.reward.group_by_prompt,
+        head_learning_rate=recipe.reward.head_learning_rate)
     fix_dtypes(trainer.model)
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
     started = time.perf_counter()
@@ -469,10 +517,7 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
         log.warning("the reloaded adapter's scores differ from the trained model's by %.4g (tolerance %.1g)",
                     metrics["reload_max_abs_diff"], tolerance)
     if held_out:
-        accuracy, low, high = accuracy_interval(pairwise_wins(shared, held_out), [c.group for c in held_out])
-        metrics.update(eval_pairwise_accuracy=accuracy, eval_pairwise_accuracy_low=low,
-                       eval_pairwise_accuracy_high=high, eval_pairs=len(held_out),
-                       eval_prompts=len({c.group for c in held_out}))
+        metrics.update(heldout_pairs(shared, held_out, out / EVAL_PAIRS))
     offset = 0.0
     if demos is not None:
         raw = score_texts(shared, demos[0], demos[1], apply_offset=False)
