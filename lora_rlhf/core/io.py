@@ -10,9 +10,10 @@ import codecs
 import contextlib
 import json
 import math
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,30 @@ def atomic_folder(dest: str | Path, replace: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+PREVIOUS = "previous-"  # OUT/<stage>/previous-N: an earlier finished run's outputs, kept by keep_previous
+
+
+def keep_previous(folder: str | Path, marker: str, companions: Iterable[str] = ()) -> Path | None:
+    """Before a rerun writes `folder`: when `folder/marker` exists (an earlier run finished there), move it and
+    the `companions` that came with it into `folder/previous-N` (N one more than the highest there) and return
+    that folder; else None. Nothing is ever deleted: rankings can be people's work, and an evaluation hours of it.
+
+    The marker moves first, so an interruption in between leaves no finished-looking mix of old and new files;
+    each move is a rename (atomic, and it needs no free space).
+    """
+    folder = Path(folder)
+    if not (folder / marker).is_file():
+        return None
+    taken = [int(m.group(1)) for p in folder.glob(PREVIOUS + "*") if (m := re.fullmatch(PREVIOUS + r"(\d+)", p.name))]
+    last = folder / f"{PREVIOUS}{max(taken, default=0)}"
+    if taken and last.is_dir() and not any(last.iterdir()):  # a move killed right after its mkdir: use that folder
+        kept = last
+    else:
+        kept = folder / f"{PREVIOUS}{max(taken, default=0) + 1}"
+        kept.mkdir()
+    for name in (marker, *companions):
+        if (folder / name).is_file():
+            (folder / name).rename(kept / name)
+    return kept
