@@ -5,6 +5,7 @@
     encode(tok, prompt, response)       prompt + response as the reward model reads it (training and scoring)
     as_chat_turns(rows, tok)            SFT's prompt/completion rows as chat turns (TRL then templates them)
     longest_sft_row(tok, rows)          tokens in the longest SFT row, for the memory preflight
+    sft_row_lengths(tok, row)           an SFT row's tokens and the prompt tokens TRL keeps out of the loss
     longest_prompt(tok, prompts)        tokens in the longest prompt, for the memory preflight
     pad(sequences, pad_id, side)        token lists -> (ids [B, T], attention mask [B, T])
 
@@ -107,6 +108,14 @@ def sft_row_ids(tokenizer: Any, row: dict[str, Any]) -> list[int]:
         text = row["prompt"] + row["completion"] if "prompt" in row else row["text"]
         return list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id]
     return list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"])
+
+
+def sft_row_lengths(tokenizer: Any, row: dict[str, Any]) -> tuple[int, int]:
+    """(tokens, prompt tokens) of one SFT row as TRL renders it (`sft_row_ids`). The prompt tokens are those TRL
+    keeps out of the loss by default: a prompt/completion row's prompt (`prompt_ids`, as the row starts); 0 for
+    messages and text rows, which are trained whole."""
+    prompt = len(prompt_ids(tokenizer, row["prompt"])) if "prompt" in row else 0
+    return len(sft_row_ids(tokenizer, row)), prompt
 
 
 def longest_sft_row(tokenizer: Any, rows: Any, candidates: int = 64) -> int:

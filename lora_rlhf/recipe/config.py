@@ -136,6 +136,11 @@ class SFTSection:
 
     init_adapter: str | None = None
     """Continue training an existing adapter (folder or Hub id) instead of a fresh one."""
+    long_rows: Literal["truncate", "drop"] = "truncate"
+    """Rows longer than max_length tokens. `truncate` (TRL's way, so the default: no demonstration is lost): the
+    end of the answer is cut, so the model does not learn where such an answer stops; a row whose prompt alone
+    fills max_length has nothing left to learn and is dropped. `drop`: only whole rows are trained. Either way
+    the counts are logged and in metrics.json."""
 
 
 @dataclass
