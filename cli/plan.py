@@ -43,7 +43,7 @@ def command(
     stage: Annotated[list[str] | None, typer.Option(
         "--stage", help="Plan only these stages (sft, compare, reward, ppo, ppo-ptx, eval); default: the pipeline's.")
     ] = None,
-    prompt_length: Annotated[int, typer.Option(min=1, help="Prompt tokens to assume (recipes do not bound them).")
+    prompt_length: Annotated[int, typer.Option(min=1, help="Prompt tokens to assume (PPO plans at most ppo.max_prompt_length).")
                              ] = 128,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes).")] = False,
 ) -> None:

@@ -168,6 +168,19 @@ def test_value_free_ppo_costs_less_and_checkpointing_is_counted_where_the_stage_
     assert (stage_estimate(ckpt, "ppo", shape, PlanContext()).peak < gae) == estimate.PPO_CHECKPOINTS
 
 
+def test_ppo_is_planned_with_prompts_no_longer_than_max_prompt_length():
+    """PPO cuts longer prompts before rolling out (ppo.max_prompt_length): a --prompt-length beyond it is planned
+    at the limit, a shorter one as it is, and null plans what is asked."""
+    shape = load_shape("smollm2-135m-instruct")
+
+    def peak(prompt_length: int, limit: int | None) -> int:
+        recipe = recipe_from_dict({"ppo": {"max_prompt_length": limit}})
+        return stage_estimate(recipe, "ppo", shape, PlanContext(prompt_length=prompt_length)).peak
+
+    assert peak(1024, 256) == peak(256, 256) < peak(1024, None)
+    assert peak(128, 256) < peak(256, 256)
+
+
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_checkpointing_saves_activations_but_not_the_cpu_heap_slack(stage):
     """Backward recomputes every checkpointed layer, so as much memory passes through glibc's heap as without

@@ -32,6 +32,12 @@ class PPOSection:
     """Episodes per forward pass while generating and scoring: memory vs. speed."""
     response_length: int = ranged(64, gt=0)
     """Maximum new tokens per response."""
+    max_prompt_length: int | None = ranged(512, gt=0)
+    """[TRL's GRPO] Prompt tokens as generation sees them (chat template included): a rollout's memory grows with
+    its longest prompt. Longer prompts are handled as long_prompts says; null: no limit."""
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    """`truncate`: cut the prompt's text from the left (its start, then whole earlier messages; the question at
+    the end stays), as TRL's GRPO does; `drop`: leave such prompts out. Counted in the log and run.json."""
     temperature: float = ranged(0.7, gt=0, why="PPO samples")
     top_k: int = ranged(0, ge=0)
     """0 disables top-k."""
