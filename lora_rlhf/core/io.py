@@ -80,11 +80,26 @@ def check_utf8(path: str | Path, what: str = "file") -> None:
     raise DataError(f"{what} '{path}' is not UTF-8 text", fix=UTF8_FIX)  # it changed since the first read
 
 
-def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, Any]]:
-    """(line number, parsed value) for every non-blank line; a bad line is one DataError naming its number."""
+def require_file(path: str | Path, what: str = "file", fix: str = "check the path") -> Path:
+    """`path`, when it is a file; else one DataError that says whether it is missing or a folder."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{what} '{path}' is a folder, not a file", fix=fix)
     if not path.is_file():
-        raise DataError(f"{what} '{path}' does not exist or is not a file", fix="check the path")
+        raise DataError(f"{what} '{path}' does not exist", fix=fix)
+    return path
+
+
+def read_jsonl(path: str | Path, what: str = "file", problems: list[str] | None = None,
+               fix: str = "check the path") -> list[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line, numbered from 1 as an editor shows them.
+
+    A line that is not JSON is one DataError naming the file and the line, or, given `problems`, is appended
+    there ("line N: bad JSON (...)") and skipped, for callers that report every problem of a file at once.
+    Every JSONL reader of user files goes through here (stats, score's pairs, candidates, and the stages' data
+    when `datasets` cannot parse a .jsonl file).
+    """
+    path = require_file(path, what, fix)
     rows = []
     try:
         with path.open(encoding="utf-8") as f:
@@ -94,8 +109,11 @@ def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, Any]]:
                 try:
                     rows.append((lineno, json.loads(text)))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{what} '{path}' line {lineno}: bad JSON ({e.msg})",
-                                    fix="one JSON object per line; repair or delete that line") from None
+                    problem = f"line {lineno}: bad JSON ({e.msg} at column {e.colno})"
+                    if problems is None:
+                        raise DataError(f"{what} '{path}' {problem}",
+                                        fix="one JSON object per line; repair or delete that line") from None
+                    problems.append(problem)
     except UnicodeDecodeError:
         check_utf8(path, what)  # raises the DataError that names the line
         raise

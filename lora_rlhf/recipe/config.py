@@ -361,7 +361,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([f"not UTF-8 text (byte {e.start}: {e.reason}) (fix: save the recipe as UTF-8)"],
                           str(path)) from None
     recipe = recipe_from_dict(raw, overrides, source=str(path))
+    problem = output_dir_problem(recipe.output_dir)
+    if problem:
+        raise RecipeError([problem], str(path))
     return _resolve_relative_paths(recipe, path.parent)
+
+
+def output_dir_problem(output_dir: str | Path) -> str | None:
+    """Why `output_dir` cannot be the run folder (it, or a folder above it, is a file), else None. Every stage
+    would fail on its first mkdir with a traceback; a folder that does not exist yet is created then."""
+    path = Path(output_dir).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return None
+            where = "is a file" if folder == path else f"lies under '{folder}', which is a file"
+            return (f"output_dir '{output_dir}' {where}, not a folder (fix: set output_dir to a folder; it is "
+                    "created when missing)")
+    return None
 
 
 def _resolve_relative_paths(recipe: Recipe, base: Path) -> Recipe:
