@@ -331,6 +331,20 @@ def test_gpu_size_needs_a_unit():
     assert "'24' is not a memory size with a unit" in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--gpu", "0GB"], "'0GB' is no memory"),  # printed a plan without any verdict
+    (["--gpu", "0.0001KB"], "is no memory"),
+    (["--prompt-length", "100000000"], "100000000 tokens leave no room for an answer in smollm2-135m-instruct's "
+                                       "context of 8192 tokens"),  # said "fits" at 84,973 GB
+    (["--prompt-length", "8192"], "context of 8192 tokens"),
+])
+def test_plan_refuses_sizes_and_prompt_lengths_that_make_no_sense(args, message):
+    result = runner.invoke(app, ["plan", str(ROOT / "recipes/demo_smollm2_cpu.yaml"), *args],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "fits" not in result.output
+
+
 def test_recipe_error_exits_2(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"lora": {"r": "big"}}))
