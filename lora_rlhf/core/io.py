@@ -2,12 +2,17 @@
 
 Every file another step relies on is written to a temporary sibling and renamed into place (atomic on POSIX):
 a reader sees the old file or the new one, never a mix. JSON has no NaN or inf: they are written as null.
+
+A full disk is recognised whoever wrote: Python's own writes raise OSError(ENOSPC), but safetensors, torch.save
+and tokenizers raise errors without an errno. `writing(path)` turns those into OSError(ENOSPC) naming `path`
+(`disk_full` reads their text, else the free space left), so one handler reports every full disk.
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import json
 import math
 import re
@@ -33,10 +38,75 @@ def clean_json(value: Any) -> Any:
     return value
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# How the libraries that write without Python's io say it (safetensors and tokenizers pass on Rust's io::Error
+# text; torch.save's zip writer says "file write failed" or "unexpected pos" instead, caught by the free space).
+_DISK_FULL_TEXT = ("no space left", "os error 28", "os error 122", "disk quota exceeded", "storagefull")
+LOW_SPACE = 16 * 2**20  # bytes: a write that fails with less than this free on its disk failed for want of space
+TEMP_FILES = (".tmp*", "*.tmp")  # safetensors writes through ".tmpXXXXXX" (Rust's tempfile); write_text_atomic's
+
+
+def free_space(path: str | Path) -> int | None:
+    """Bytes free for this user on the disk that holds `path` (or the nearest folder above it that exists)."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def disk_full(error: BaseException, path: str | Path | None = None) -> bool:
+    """Whether `error`, raised while writing `path`, means its disk is full (or over quota). Without `path`, only
+    the error itself is read."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in DISK_FULL
+    text = str(error).lower()
+    if any(marker in text for marker in _DISK_FULL_TEXT):
+        return True
+    free = free_space(path) if path is not None else None
+    return free is not None and free < LOW_SPACE
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Writes to `path` (a file, or a folder being filled) inside the block: a failure that means a full disk is
+    raised as OSError(ENOSPC) whose filename is `path` (or the file Python's own error named), whichever library
+    failed; any other error passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL and not e.filename:  # a failed write() names no file, unlike open()
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:
+        if disk_full(e, path):
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__}: {detail})", str(path)) from e
+        raise
+
+
+def remove_temp_files(folder: str | Path) -> None:
+    """Delete the temporary files a write killed half-way leaves in `folder` (not below it): a later run that
+    reuses the folder would otherwise finish with them inside."""
+    folder = Path(folder)
+    for pattern in TEMP_FILES:
+        for path in folder.glob(pattern):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        with writing(tmp):
+            tmp.write_text(text, encoding="utf-8")
+    except Exception:
+        tmp.unlink(missing_ok=True)  # what a full disk let through is no use, and holds space
+        raise
     tmp.replace(path)
 
 

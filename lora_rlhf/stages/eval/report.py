@@ -19,6 +19,7 @@ from lora_rlhf.core.io import (
     write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
+    writing,
 )
 
 REWARD_KEY, KL_KEY = "objective/scores", "objective/kl"  # PPO's metrics.jsonl fields (TRL's names)
@@ -292,8 +293,9 @@ def write_report(out: Path, results: dict[str, Any], responses: list[dict[str, A
     for name, make in (("scores.png", lambda p: plot_scores(results["policies"], p)),
                        ("win_rates.png", lambda p: plot_win_rates(results["win_rates"], p)),
                        ("ppo_curves.png", lambda p: plot_training_curves(results["curves"], p))):
-        if make(out / name):
-            plots.append(name)
+        with writing(out / name):  # matplotlib's failed write names no file
+            if make(out / name):
+                plots.append(name)
     report = out / "report.md"
     write_text_atomic(report, render_markdown(results, plots, responses[:num_samples]))
     write_json_atomic(out / RESULTS, results)  # last: it marks the stage finished
