@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -63,11 +62,15 @@ def handle_errors(fn: F) -> F:
         except LoraRlhfError as e:
             typer.echo(f"Error: {e}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:
+            from lora_rlhf.core.io import disk_full  # the library's rule for what a full disk looks like
+
+            if not disk_full(e):
                 raise
-            # sft and reward say which run folder and what was kept (StorageError); elsewhere, at least the file.
-            typer.echo(f"Error: no space left on the device while writing {e.filename or 'a file'}: the command "
+            # sft and reward say which run folder and what was kept (StorageError); elsewhere the file, which
+            # core.io.writing adds to the errors of libraries that write without an errno (safetensors, torch.save).
+            where = getattr(e, "filename", None) or "a file"
+            typer.echo(f"Error: no space left on the device while writing {where}: the command "
                        "stopped\n  fix: free space on that disk (or set output_dir to another one), then run it again",
                        err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None

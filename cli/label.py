@@ -25,7 +25,7 @@ def command(
                                                 "when not given; terminal: defaults to the login name.")] = None,
     host: Annotated[str, typer.Option(help="Address to serve on. Another address than 127.0.0.1 exposes the "
                                       "page (no authentication) to that network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to serve on; 0 picks a free one.")] = 0,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to serve on; 0 picks a free one.")] = 0,
     terminal: Annotated[bool, typer.Option("--terminal", help="Rank in this terminal instead of a browser.")] = False,
     stats: Annotated[Path | None, typer.Option("--stats", help="Report per-labeler counts and agreement of this "
                                                "rankings file, then exit.", metavar="RANKINGS.jsonl")] = None,

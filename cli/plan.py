@@ -28,8 +28,11 @@ def parse_size(text: str) -> int:
     unit = unit + "b" if unit in ("k", "m", "g", "t") else unit
     if not match or unit not in _UNITS or _UNITS[unit] is None:
         raise typer.BadParameter(f"'{text}' is not a memory size with a unit: write e.g. 24GB, 80GiB, 16000MB, "
-                                 "or auto (this machine's device)")
-    return int(float(match.group(1)) * _UNITS[unit])
+                                 "or auto (this machine's device)", param_hint="--gpu")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:  # 0 read as "no capacity given": the plan printed no verdicts at all
+        raise typer.BadParameter(f"'{text}' is no memory: give the device's size, e.g. 24GB", param_hint="--gpu")
+    return size
 
 
 @handle_errors
@@ -43,7 +46,7 @@ def command(
     stage: Annotated[list[str] | None, typer.Option(
         "--stage", help="Plan only these stages (sft, compare, reward, ppo, ppo-ptx, eval); default: the pipeline's.")
     ] = None,
-    prompt_length: Annotated[int, typer.Option(min=1, help="Prompt tokens to assume (recipes do not bound them).")
+    prompt_length: Annotated[int, typer.Option(min=1, help="Prompt tokens to assume (PPO plans at most ppo.max_prompt_length).")
                              ] = 128,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes).")] = False,
 ) -> None:
@@ -67,6 +70,10 @@ def command(
         capacity = _auto_capacity(target)
     ctx = PlanContext(device=target, prompt_length=prompt_length)
     shape = load_shape(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
+    if prompt_length >= shape.max_position_embeddings:
+        raise typer.BadParameter(f"{prompt_length} tokens leave no room for an answer in {shape.name}'s context of "
+                                 f"{shape.max_position_embeddings} tokens: plan a prompt length below it",
+                                 param_hint="--prompt-length")
     plans = build_plan(cfg, ctx, shape, capacity, stage or None)
     if as_json:
         typer.echo(json.dumps(plan_dict(plans, shape, ctx, capacity), indent=2))

@@ -50,6 +50,33 @@ def test_missing_data_file_exits_2_before_loading_the_model(tmp_path, tiny_recip
     assert not (tmp_path / "run").exists()
 
 
+def test_a_jsonl_line_that_is_not_json_is_named_by_file_and_line(tmp_path, tiny_recipe):
+    """datasets reported "An error occurred while generating the dataset" (and, in a library log, "row 2",
+    counting from 0, for line 3)."""
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n{"text": "d"}\n')
+    result = runner.invoke(app, ["sft", str(_recipe(tmp_path, tiny_recipe, data={"sft": {"path": str(data)}}))])
+    assert result.exit_code == 2, result.output
+    assert f"SFT dataset file '{data}' line 3: bad JSON (Expecting value at column 10)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_a_data_path_that_is_a_folder_and_an_output_dir_that_is_a_file_exit_2(tmp_path, tiny_recipe):
+    (tmp_path / "demos.jsonl").mkdir()
+    result = runner.invoke(app, ["sft", str(_recipe(tmp_path, tiny_recipe,
+                                                    data={"sft": {"path": str(tmp_path / "demos.jsonl")}}))])
+    assert result.exit_code == 2, result.output
+    assert "demos.jsonl' is a folder, not a file" in result.output  # it said "does not exist"
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    (tmp_path / "afile").write_text("not a folder")
+    for output_dir, message in ((tmp_path / "afile", "is a file, not a folder"),
+                                (tmp_path / "afile" / "run", f"lies under '{tmp_path / 'afile'}', which is a file")):
+        recipe = _recipe(tmp_path, tiny_recipe, data={"sft": {"path": str(tmp_path / "d.jsonl")}})
+        result = runner.invoke(app, ["sft", str(recipe), "--set", f"output_dir={output_dir}"])
+        assert result.exit_code == 2, result.output
+        assert f"output_dir '{output_dir}' {message}" in result.output and "Traceback" not in result.output
+
+
 def test_bad_column_and_empty_and_bad_rows(tmp_path, tiny_recipe):
     bad_col = write_jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}])
     result = runner.invoke(app, ["sft", str(_recipe(tmp_path, tiny_recipe, data={"sft": {"path": str(bad_col)}}))])

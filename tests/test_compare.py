@@ -114,6 +114,29 @@ def test_the_same_recipe_and_seed_sample_the_same_candidates(setup):
     assert (run_compare(recipe, progress=False) / "candidates.jsonl").read_text() != first
 
 
+def test_a_rerun_keeps_earlier_rankings_and_never_leaves_them_beside_new_candidates(setup):
+    """Rankings can be people's work (`lora-rlhf label` writes the same format): a rerun moved nowhere deleted them.
+    Each rerun over a finished run keeps it whole in previous-N; a rerun without a labeler is not complete."""
+    make, tmp = setup
+    recipe = make()
+    out = recipe.stage_dir("compare")
+    out.mkdir(parents=True)
+    human = '{"id": "a", "prompt": "Hi there", "responses": ["x", "y"], "ranks": [2, 1], "labeler": "alice"}\n'
+    (out / "rankings.jsonl").write_text(human)
+    (out / "candidates.jsonl").write_text('{"id": "a", "prompt": "Hi there", "responses": ["x", "y"]}\n')
+    run_compare(recipe, progress=False)  # no labeler: new candidates, no rankings
+    assert not (out / "rankings.jsonl").exists()  # not complete: the pipeline reruns the stage
+    assert (out / "previous-1" / "rankings.jsonl").read_text() == human
+    assert "x" in (out / "previous-1" / "candidates.jsonl").read_text()
+    assert len(read_jsonl(out / "candidates.jsonl")) == 3
+    run_compare(make(f"{tmp / 'labeler.py'}:by_length"), progress=False)
+    machine = (out / "rankings.jsonl").read_text()
+    run_compare(make(f"{tmp / 'labeler.py'}:reversed_order"), progress=False)
+    assert (out / "previous-2" / "rankings.jsonl").read_text() == machine
+    assert (out / "previous-1" / "rankings.jsonl").read_text() == human  # an older backup is never overwritten
+    assert all(r["ranks"][0] > r["ranks"][-1] for r in read_jsonl(out / "rankings.jsonl"))
+
+
 def test_order_labeler_and_judgement_checks(setup):
     make, tmp = setup
     out = run_compare(make(f"{tmp / 'labeler.py'}:reversed_order", k=2), progress=False)
@@ -159,7 +182,7 @@ def test_reward_adapter_of_another_base_is_refused(setup, tiny_model_dir, other_
     assert not recipe.stage_dir("compare").exists()
 
 
-def test_cli_compare(setup):
+def test_cli_compare(setup, caplog):
     from cli.main import app
 
     make, tmp = setup
@@ -171,7 +194,13 @@ def test_cli_compare(setup):
     result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml")])
     assert result.exit_code == 0, result.output
     assert "rankings.jsonl" in result.output and (tmp / "run" / "compare" / "rankings.jsonl").is_file()
+    first = (tmp / "run" / "compare" / "rankings.jsonl").read_text()
+    result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml"), "--set", "compare.max_new_tokens=5"])
+    assert result.exit_code == 0, result.output
+    kept = tmp / "run" / "compare" / "previous-1"
+    assert f"moved to {kept}" in caplog.text  # the rerun says where the earlier rankings went (stderr, uncaptured)
+    assert (kept / "rankings.jsonl").read_text() == first
     result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml"), "--set", "compare.k=1"])
-    assert result.exit_code == 2 and "k must be at least 2" in result.output
+    assert result.exit_code == 2 and "compare.k must be >= 2" in result.output
     result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml"), "--set", "data.prompts=null"])
     assert result.exit_code == 2 and "no data.prompts section" in result.output

@@ -106,14 +106,31 @@ def test_relative_data_paths_are_read_from_the_recipe_folder(tmp_path):
     (["reward.learning_rate=-1e-4"], "reward.learning_rate must be >= 0"),
     (["sft.max_length=0"], "sft.max_length must be > 0"),
     (["sft.num_train_epochs=-1"], "sft.num_train_epochs must be >= 0"),
-    (["sft.max_steps=0"], "sft.max_steps must be positive (or -1"),
+    (["sft.max_steps=0"], "sft.max_steps must be > 0 (or -1: use num_train_epochs), got 0"),
     (["lora.dropout=1.0"], "dropout must be in [0, 1), got 1.0"),
-    (["lora.alpha=-8"], "alpha must be positive"),
+    (["lora.alpha=-8"], "lora.alpha must be > 0 (the update is scaled by alpha / r), got -8"),
     (["ppo.kl_coef=.nan"], "kl_coef must be a finite number"),
     (["ppo.temperature=.inf"], "temperature must be a finite number"),
     (["ppo.cliprange=-0.2"], "cliprange must be >= 0, got -0.2"),
     (["ppo.lam=1.5"], "lam must be in [0, 1], got 1.5"),
     (["ppo.gamma=-0.1"], "gamma must be in [0, 1], got -0.1"),
+    (["ppo.batch_size=0"], "ppo.batch_size must be > 0, got 0"),
+    (["compare.batch_size=0"], "compare.batch_size must be > 0, got 0"),
+    (["compare.max_new_tokens=-1"], "compare.max_new_tokens must be > 0, got -1"),
+    (["compare.temperature=-0.5"], "compare.temperature must be > 0 (compare samples k different responses), got -0.5"),
+    (["compare.top_p=1.5"], "compare.top_p must be in [0, 1], got 1.5"),
+    (["compare.k=1"], "compare.k must be >= 2 (a ranking compares responses), got 1"),
+    (["eval.batch_size=0"], "eval.batch_size must be > 0, got 0"),
+    (["eval.max_new_tokens=-1"], "eval.max_new_tokens must be > 0, got -1"),
+    (["eval.temperature=-1"], "eval.temperature must be >= 0, got -1"),
+    (["eval.temperature=.inf"], "eval.temperature must be a finite number, got inf"),
+    (["eval.num_samples=-2"], "eval.num_samples must be >= 0, got -2"),
+    (["eval.general_max_texts=0"], "eval.general_max_texts must be > 0, got 0"),
+    (["data.sft.path=x.jsonl", "data.sft.max_samples=0"], "data.sft.max_samples must be > 0, got 0"),
+    (["data.sft.path=x.jsonl", "data.sft.eval_fraction=.nan"], "data.sft.eval_fraction must be a finite number"),
+    (["seed=-1"], "seed must be in [0, 4294967295], got -1"),
+    (["pipeline.reward_eval_fraction=1"], "pipeline.reward_eval_fraction must be in [0, 1), got 1"),
+    (["sft.weight_decay=.inf"], "sft.weight_decay must be a finite number"),
 ])
 def test_out_of_range_values_are_refused_with_the_recipe_problems(overrides, message):
     """Values TRL or PyTorch would reject only once training runs (or never) fail at recipe load: before a model
@@ -123,9 +140,37 @@ def test_out_of_range_values_are_refused_with_the_recipe_problems(overrides, mes
     assert message in str(e.value)
 
 
+def test_compare_and_eval_report_every_bad_value_at_once():
+    """compare reported only its first problem (k), and eval none: a batch size of 0 or a negative temperature
+    crashed after the model had loaded, and eval.temperature inf ran to the end with random tokens."""
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"compare": {"k": 1, "batch_size": 0, "max_new_tokens": -1, "temperature": -1.0},
+                          "eval": {"batch_size": 0, "temperature": float("inf"), "top_p": -0.1}})
+    assert sorted(e.value.problems) == sorted([
+        "compare.k must be >= 2 (a ranking compares responses), got 1",
+        "compare.batch_size must be > 0, got 0",
+        "compare.max_new_tokens must be > 0, got -1",
+        "compare.temperature must be > 0 (compare samples k different responses), got -1.0",
+        "eval.batch_size must be > 0, got 0",
+        "eval.temperature must be a finite number, got inf",
+        "eval.top_p must be in [0, 1], got -0.1",
+    ])
+
+
+def test_a_range_problem_is_reported_once_and_cross_field_checks_still_run():
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"ppo": {"num_mini_batches": 0, "batch_size": 6, "num_generations": 4, "kl_coef": -1}})
+    assert sorted(e.value.problems) == sorted([
+        "ppo.num_mini_batches must be > 0, got 0",
+        "ppo.kl_coef must be >= 0, got -1.0",
+        "ppo: batch_size (6) must be a multiple of num_generations (4): every prompt of a step gets all its samples",
+    ])
+
+
 def test_sane_values_still_pass():
     recipe = recipe_from_dict({}, ["sft.max_steps=-1", "sft.learning_rate=0", "lora.dropout=0", "ppo.lam=1",
-                                   "ppo.gamma=0", "reward.num_train_epochs=0.5"])
+                                   "ppo.gamma=0", "reward.num_train_epochs=0.5", "eval.temperature=0",
+                                   "eval.num_samples=0", "compare.k=2", "compare.top_p=0"])
     assert recipe.lora.dropout == 0 and recipe.ppo.lam == 1
 
 

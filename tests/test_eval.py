@@ -265,10 +265,13 @@ def test_report_from_plain_results_summarises_what_each_trained_policy_changed(t
 
 def test_a_rewrite_cut_short_leaves_no_earlier_results_beside_the_new_files(tmp_path, monkeypatch):
     """results.json marks a finished evaluation: a new report that fails half-way must not leave the old marker
-    next to its own responses.jsonl, or the pipeline would skip the stage."""
+    next to its own responses.jsonl, or the pipeline would skip the stage; and the earlier evaluation is not lost
+    (it was deleted before): it is whole in previous-1."""
     from lora_rlhf.stages.eval import report
 
     (tmp_path / "results.json").write_text('{"policies": {}}')
+    (tmp_path / "report.md").write_text("# the earlier report")
+    (tmp_path / "responses.jsonl").write_text('{"prompt": "earlier"}\n')
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -278,6 +281,18 @@ def test_a_rewrite_cut_short_leaves_no_earlier_results_beside_the_new_files(tmp_
     with pytest.raises(OSError):
         write_report(tmp_path, results, [{"prompt": "p"}], num_samples=0)
     assert (tmp_path / "responses.jsonl").is_file() and not (tmp_path / "results.json").exists()
+    kept = tmp_path / "previous-1"
+    assert (kept / "results.json").read_text() == '{"policies": {}}'
+    assert (kept / "report.md").read_text() == "# the earlier report"
+    assert "earlier" in (kept / "responses.jsonl").read_text()
+    monkeypatch.undo()
+    results["settings"] = {"eval_prompts": 1, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 8, "seed": 0,
+                           "reference": "base", "reward_adapter": None, "labeler": None, "seconds_total": 1.0}
+    write_report(tmp_path, results, [{"prompt": "p"}], num_samples=0)  # the rerun: nothing finished to keep
+    assert (tmp_path / "results.json").is_file() and not (tmp_path / "previous-2").exists()
+    write_report(tmp_path, results, [{"prompt": "q"}], num_samples=0)  # over a finished one: kept as previous-2
+    assert json.loads((tmp_path / "previous-2" / "responses.jsonl").read_text())["prompt"] == "p"
+    assert (kept / "results.json").read_text() == '{"policies": {}}'
 
 
 def test_training_curve_and_win_rate_plots_are_pngs(tmp_path):

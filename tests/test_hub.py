@@ -194,3 +194,50 @@ def test_dry_run_refuses_a_token_like_the_real_push_and_never_prints_it(run_dir,
     result = CliRunner().invoke(app, ["push", str(leaky), "alice/leaky", "--dry-run"])
     assert result.exit_code == 2 and "contains a Hugging Face token" in result.output
     assert secret not in result.output and "Would upload" not in result.output
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "tokenizer.json", "safetensors metadata",
+                                   "head.safetensors tensor name"])
+def test_the_secret_scan_reads_tokenizer_files_and_safetensors_headers(run_dir, tmp_path, where):
+    """push --dry-run listed such files under "Would upload": tokenizer*.json and .safetensors were not scanned."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    secret = "hf_" + "Q7xZ" * 8
+    leaky = tmp_path / "reward"
+    shutil.copytree(run_dir / "reward", leaky)
+    if where == "tokenizer_config.json":
+        config = json.loads((leaky / where).read_text())
+        (leaky / where).write_text(json.dumps({**config, "token": secret}))  # from_pretrained(token=...), saved
+    elif where == "tokenizer.json":
+        data = json.loads((leaky / where).read_text())
+        data["normalizer"] = {"type": "Replace", "pattern": {"String": secret}, "content": ""}
+        (leaky / where).write_text(json.dumps(data))
+    elif where == "safetensors metadata":
+        weights = leaky / "adapter_model.safetensors"
+        save_file(load_file(str(weights)), str(weights), metadata={"format": "pt", "note": f"pushed with {secret}"})
+    else:
+        save_file({"weight": torch.zeros(1, 64), secret: torch.zeros(1)}, str(leaky / "head.safetensors"))
+    result = CliRunner().invoke(app, ["push", str(leaky), "alice/leaky", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "contains a Hugging Face token" in result.output and "Would upload" not in result.output
+    assert secret not in result.output
+
+
+def test_vocabulary_entries_are_not_mistaken_for_tokens_but_the_token_itself_is_found(run_dir, tmp_path):
+    token_like = "hf_" + "Vocab" * 5
+    clean = tmp_path / "sft"
+    shutil.copytree(run_dir / "sft", clean)
+    data = json.loads((clean / "tokenizer.json").read_text())
+    data["model"]["vocab"][token_like] = len(data["model"]["vocab"])  # a learned token that looks like one
+    (clean / "tokenizer.json").write_text(json.dumps(data))
+    plan = hub.plan_push(clean, "alice/x")
+    hub.check_no_secrets(plan, token=None)  # no refusal
+    with pytest.raises(ModelError, match="'tokenizer.json' contains a Hugging Face token"):
+        hub.check_no_secrets(plan, token=token_like)  # the user's own token is refused wherever it is
+    (clean / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ModelError, match="not a valid safetensors file"):
+        hub.check_no_secrets(hub.plan_push(clean, "alice/x"), token=None)

@@ -68,6 +68,13 @@ def test_unwritable_output_exits_2(tmp_path, where, message):
 def test_usage_errors(tmp_path):
     res = invoke()
     assert res.exit_code == 2 and "needs a candidates file and --out" in res.output
+    (tmp_path / "c.jsonl").write_text(GOOD + "\n")
+    res = invoke(tmp_path / "c.jsonl", "--out", tmp_path / "r.jsonl", "--port", 99999)  # was a traceback from bind
+    assert res.exit_code == 2 and "--port" in res.output and "65535" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r.jsonl").exists()
+    (tmp_path / "cands").mkdir()
+    res = invoke(tmp_path / "cands", "--out", tmp_path / "r.jsonl")
+    assert res.exit_code == 2 and "candidates file" in res.output and "is a folder, not a file" in res.output
     res = invoke(tmp_path / "nope.jsonl", "--out", tmp_path / "r.jsonl")
     assert res.exit_code == 2 and "nope.jsonl' does not exist" in res.output
     (tmp_path / "c.jsonl").write_text(GOOD + "\n")

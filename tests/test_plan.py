@@ -168,6 +168,19 @@ def test_value_free_ppo_costs_less_and_checkpointing_is_counted_where_the_stage_
     assert (stage_estimate(ckpt, "ppo", shape, PlanContext()).peak < gae) == estimate.PPO_CHECKPOINTS
 
 
+def test_ppo_is_planned_with_prompts_no_longer_than_max_prompt_length():
+    """PPO cuts longer prompts before rolling out (ppo.max_prompt_length): a --prompt-length beyond it is planned
+    at the limit, a shorter one as it is, and null plans what is asked."""
+    shape = load_shape("smollm2-135m-instruct")
+
+    def peak(prompt_length: int, limit: int | None) -> int:
+        recipe = recipe_from_dict({"ppo": {"max_prompt_length": limit}})
+        return stage_estimate(recipe, "ppo", shape, PlanContext(prompt_length=prompt_length)).peak
+
+    assert peak(1024, 256) == peak(256, 256) < peak(1024, None)
+    assert peak(128, 256) < peak(256, 256)
+
+
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_checkpointing_saves_activations_but_not_the_cpu_heap_slack(stage):
     """Backward recomputes every checkpointed layer, so as much memory passes through glibc's heap as without
@@ -316,6 +329,20 @@ def test_gpu_size_needs_a_unit():
     result = runner.invoke(app, ["plan", str(ROOT / "recipes/demo_smollm2_cpu.yaml"), "--gpu", "24"])
     assert result.exit_code == 2
     assert "'24' is not a memory size with a unit" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu", "0GB"], "'0GB' is no memory"),  # printed a plan without any verdict
+    (["--gpu", "0.0001KB"], "is no memory"),
+    (["--prompt-length", "100000000"], "100000000 tokens leave no room for an answer in smollm2-135m-instruct's "
+                                       "context of 8192 tokens"),  # said "fits" at 84,973 GB
+    (["--prompt-length", "8192"], "context of 8192 tokens"),
+])
+def test_plan_refuses_sizes_and_prompt_lengths_that_make_no_sense(args, message):
+    result = runner.invoke(app, ["plan", str(ROOT / "recipes/demo_smollm2_cpu.yaml"), *args],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "fits" not in result.output
 
 
 def test_recipe_error_exits_2(tmp_path):

@@ -212,3 +212,56 @@ def test_ppo_ptx_preflight_plans_the_lm_rows_at_the_longest_ptx_row(run_dir, tin
     assert seen == {"stage": "ppo-ptx", "sequence_length": longest, "prompt_length": prompt}
     assert 10 < longest < 256 and prompt > 5
     assert not (run_dir / "run" / "ppo").exists()
+
+
+LONG_PROMPT = "Background: " + "the river runs past the old mill. " * 40 + "Question: what runs past the mill?"
+
+
+def test_prompts_longer_than_max_prompt_length_are_cut_from_the_left_and_planned_as_cut(run_dir, tiny_model_dir,
+                                                                                       monkeypatch, caplog):
+    """~1,020-token prompts peaked at 8.9 GB against 1.4 GB: PPO had no prompt limit. Now a prompt over
+    ppo.max_prompt_length keeps its end (the question), the template stays whole, and the preflight plans the
+    longest prompt as it will be rolled out."""
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.core.text import prompt_ids
+    from lora_rlhf.stages.ppo import trainer as ppo_trainer
+
+    conversation = [{"role": "system", "content": "You answer briefly. " * 30},
+                    {"role": "user", "content": "Name a colour."}]
+    (run_dir / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
+                                                   for p in ["Hi!", LONG_PROMPT, conversation]))
+    make_adapters(tiny_model_dir, run_dir / "run")
+    recipe = load_recipe(write_recipe(run_dir, tiny_model_dir, max_prompt_length=64))
+    tokenizer = load_tokenizer(recipe.model)
+    assert len(prompt_ids(tokenizer, LONG_PROMPT)) > 300 and len(prompt_ids(tokenizer, conversation)) > 64
+    seen = {}
+
+    def planned(recipe, stage, sequence_length=None, prompt_length=None):
+        seen["prompt_length"] = prompt_length
+
+    def built(recipe, sources, prompts, *args, **kwargs):
+        seen["prompts"] = prompts
+        raise Stop
+
+    monkeypatch.setattr(ppo_trainer, "check_memory", planned)
+    monkeypatch.setattr(ppo_trainer, "build_trainer", built)
+    with pytest.raises(Stop):
+        ppo_trainer.train_ppo(recipe)
+    short, cut, cut_conversation = seen["prompts"]
+    assert short == "Hi!"
+    assert cut.endswith("Question: what runs past the mill?") and len(cut) < len(LONG_PROMPT)
+    assert cut_conversation[-1] == conversation[-1]  # the earlier (system) text went first
+    lengths = [len(prompt_ids(tokenizer, p)) for p in seen["prompts"]]
+    assert max(lengths[1:]) <= 64 and min(lengths[1:]) > 56  # cut to the limit, not far below it
+    assert seen["prompt_length"] == max(lengths)
+    assert "2 prompt(s) are longer than 64 tokens: 2 cut from the left, 0 dropped" in caplog.text
+
+
+def test_long_prompts_drop_leaves_them_out_and_none_left_is_one_error(run_dir, tiny_model_dir):
+    (run_dir / "prompts.jsonl").write_text(json.dumps({"prompt": LONG_PROMPT}) + "\n")
+    make_adapters(tiny_model_dir, run_dir / "run")
+    recipe = write_recipe(run_dir, tiny_model_dir, max_prompt_length=64, long_prompts="drop")
+    result = runner.invoke(app, ["ppo", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "all 1 prompts of data.prompts are longer than ppo.max_prompt_length=64 tokens" in result.output
+    assert "Traceback" not in result.output and not (run_dir / "run" / "ppo").exists()

@@ -111,3 +111,32 @@ def test_a_prompt_larger_than_the_batch_gets_a_batch_of_its_own():
     groups = [0] * 36 + [1] * 36  # K = 9 twice: 36 pairs each, batch size 8
     batches = list(PromptGroupBatchSampler(groups, batch_size=8))
     assert sorted(len(b) for b in batches) == [36, 36]
+
+
+def test_pairs_whose_chosen_equals_rejected_are_dropped_with_their_lines(caplog):
+    """A pair with the same text on both sides gives the reward model nothing (loss ln 2, zero gradient): the
+    demo of issue 28 trained on such data to chance and was marked complete."""
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "q", "chosen": "good", "rejected": "bad"},
+            ranking(3, ranks=[1, 2, 3]) | {"responses": ["a", "a", "b"]}]  # two samples with one text
+    comparisons = to_comparisons(rows[:2], ["prompt", "chosen", "rejected"], "prefs.jsonl")
+    assert [(c.chosen, c.rejected) for c in comparisons] == [("good", "bad")]
+    assert "1 pair(s) whose chosen and rejected texts are identical (line 1) are dropped" in caplog.text
+    ranked = to_comparisons(rows[2:], ["prompt", "responses", "ranks"], "r.jsonl")
+    assert sorted((c.chosen, c.rejected) for c in ranked) == [("a", "b"), ("a", "b")]
+
+
+def test_data_where_every_pair_is_identical_is_refused():
+    rows = [{"prompt": f"p{i}", "chosen": "same answer", "rejected": "same answer"} for i in range(4)]
+    with pytest.raises(DataError, match="in every one of its 4 pairs the chosen response is the same text"):
+        to_comparisons(rows, ["prompt", "chosen", "rejected"], "prefs.jsonl")
+
+
+def test_pairs_ranked_both_ways_are_counted_with_examples(caplog):
+    rows = [{"id": "p1", "prompt": "p", "responses": ["x", "y", "z"], "ranks": [1, 2, 3], "labeler": "alice"},
+            {"id": "p1", "prompt": "p", "responses": ["y", "x", "z"], "ranks": [1, 2, 3], "labeler": "alice"},
+            {"id": "p2", "prompt": "other", "responses": ["x", "y"], "ranks": [2, 1]}]  # another prompt: no conflict
+    comparisons = to_comparisons(rows, ["id", "prompt", "responses", "ranks", "labeler"], "r.jsonl")
+    assert len(comparisons) == 7  # nothing dropped: they are real judgements, reported
+    assert "1 response pair(s) are ranked both ways" in caplog.text
+    assert "line 1 (alice) prefer 'x' to 'y', line 2 (alice) the reverse" in caplog.text

@@ -98,6 +98,34 @@ def test_rm_learns_a_separable_preference(trained):
     assert metrics["eval_pairwise_accuracy_low"] <= metrics["eval_pairwise_accuracy"]
     assert metrics["eval_pairwise_accuracy"] <= metrics["eval_pairwise_accuracy_high"]
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    assert metrics["at_chance"] is False and "AT CHANCE" not in (out / "train.log").read_text()
+
+
+def test_a_run_that_ends_at_chance_says_so_loudly(tiny_recipe, tmp_path, caplog):
+    """Preferences that are coin flips train to a model that cannot tell chosen from rejected; the stage still
+    marks it complete (it is a valid model), but says, in the log and on the console, that PPO would follow noise."""
+    rng = random.Random(3)
+    rows = [{"prompt": f"Tell me about item {i}.", "responses": [answer(rng, False) for _ in range(3)],
+             "ranks": rng.sample([1, 2, 3], 3)} for i in range(8)]
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=rows, max_steps=2, normalize=False)
+    out = run_reward(recipe)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_pairwise_accuracy_low"] <= 0.5 and metrics["at_chance"] is True
+    assert "THE REWARD MODEL IS AT CHANCE: held-out pairwise accuracy" in caplog.text
+    assert "THE REWARD MODEL IS AT CHANCE" in (out / "train.log").read_text()
+
+
+def test_without_held_out_pairs_a_loss_at_ln2_is_chance():
+    import logging
+    import math
+
+    from lora_rlhf.stages.reward import warn_if_at_chance
+
+    quiet = logging.getLogger("test-chance")
+    for loss, expected in ((math.log(2), True), (0.71, True), (0.4, False)):
+        metrics = {"last_logged_loss": loss, "train_loss": 0.1}
+        warn_if_at_chance(metrics, quiet)
+        assert metrics["at_chance"] is expected, loss
 
 
 def test_accuracy_interval_resamples_prompts_not_pairs():

@@ -259,3 +259,66 @@ def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp
         assert tok.decode(answer).startswith(DEMOS[0]["completion"]) and tok.eos_token_id in answer
     # what the memory preflight sizes the largest batch by: TRL's longest row, counted without TRL
     assert seen["longest"] == max(len(row["input_ids"]) for row in seen["rows"])
+
+
+LONG_ROWS = DEMOS[:2] + [
+    {"prompt": "Say the magic word.", "completion": "banana " * 60},  # a long answer: cut, or dropped
+    {"prompt": "Tell me the word, " + "please " * 60, "completion": "banana"},  # the prompt alone is too long
+]
+
+
+def long_rows_recipe(tiny_model_dir, tmp_path, max_length: int, mode: str | None = None):
+    sft = {"max_steps": 1, "max_length": max_length, **({"long_rows": mode} if mode else {})}
+    return recipe_from_dict({"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)},
+                             "quantization": {"mode": "none"}, "sft": sft,
+                             "data": {"sft": {"path": str(write_jsonl(tmp_path / "d.jsonl", LONG_ROWS))}}})
+
+
+def row_lengths(tiny_model_dir) -> list[tuple[int, int]]:
+    import datasets
+
+    from lora_rlhf.core.loading import load_tokenizer
+    from lora_rlhf.core.text import as_chat_turns, prompt_ids, sft_row_ids
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = as_chat_turns(datasets.Dataset.from_list(LONG_ROWS), tokenizer)
+    return [(len(sft_row_ids(tokenizer, row)), len(prompt_ids(tokenizer, row["prompt"]))) for row in rows]
+
+
+@pytest.mark.parametrize("mode, trained, truncated, dropped", [(None, 3, 1, 1), ("drop", 2, 0, 2)])
+def test_rows_longer_than_max_length_are_cut_or_dropped_and_counted(tiny_model_dir, tmp_path, caplog, mode, trained,
+                                                                     truncated, dropped):
+    """TRL cut the long answer and silently dropped the row whose prompt fills max_length, while metrics.json
+    still said train_rows 4. The default (truncate) trains the beginning of the long answer; drop trains whole
+    rows only; both say how many rows were affected, and train_rows is what TRL trained on."""
+    lengths = row_lengths(tiny_model_dir)
+    max_length = max(total for total, _ in lengths[:2])
+    assert lengths[2][0] > max_length > lengths[2][1] and lengths[3][1] > max_length  # the rows are as named
+    out, _ = train_sft(long_rows_recipe(tiny_model_dir, tmp_path, max_length, mode))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["long_rows"] == (mode or "truncate")
+    assert metrics["train_rows"] == trained
+    assert (metrics["rows_longer_than_max_length"], metrics["rows_truncated"], metrics["rows_dropped_too_long"]) \
+        == (2, truncated, dropped)
+    message = f"2 SFT row(s) are longer than sft.max_length={max_length} tokens: {truncated} cut to it"
+    assert message in caplog.text and message in (out / "train.log").read_text()
+
+
+def test_when_every_row_is_too_long_one_data_error_comes_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    from lora_rlhf.errors import DataError
+
+    def no_load(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(SharedBase, "load", no_load)
+    shortest = min(total for total, _ in row_lengths(tiny_model_dir))
+    recipe = long_rows_recipe(tiny_model_dir, tmp_path, shortest - 1, "drop")
+    with pytest.raises(DataError, match=f"all 4 SFT rows are longer than sft.max_length={shortest - 1} tokens"):
+        train_sft(recipe)
+    longest_prompt = max(prompt for _, prompt in row_lengths(tiny_model_dir))
+    recipe = long_rows_recipe(tiny_model_dir, tmp_path, 3)  # truncate: every prompt fills 3 tokens
+    assert longest_prompt > 3
+    with pytest.raises(DataError, match="all 4 SFT rows have a prompt at least as long as sft.max_length=3"):
+        train_sft(recipe)
+    assert not recipe.stage_dir("sft").exists()

@@ -123,3 +123,34 @@ def test_a_full_disk_names_the_folder_and_says_nothing_was_marked_complete(tmp_p
     assert "nothing was marked complete" in e.value.what and "--resume continues" in e.value.fix
     with pytest.raises(PermissionError), output_folder(tmp_path / "reward", resume=False):
         raise PermissionError(errno.EACCES, "Permission denied")  # other errors pass through as they are
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_temporary_files_of_a_save_killed_half_way_do_not_end_up_in_the_finished_folder(tmp_path, resume):
+    """A kill while the final save wrote the adapter left its 4.9 MB `.tmpXXXXXX` (safetensors writes through a
+    temporary file, then renames it) in OUT/sft; the next run, fresh or resumed, finished around it."""
+    out = tmp_path / "sft"
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_text("half a save")
+    (out / ".tmpQx3Zr1").write_bytes(b"\0" * 1024)  # safetensors', cut short
+    (out / "metrics.json.tmp").write_text('{"trai')  # core.io.write_text_atomic's, cut short
+    with output_folder(out, resume=resume):
+        (out / "lora_rlhf.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["adapter_model.safetensors", "lora_rlhf.json"]
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() == resume
+
+
+def test_saving_an_adapter_clears_what_a_killed_save_left_in_its_folder(tmp_path, tiny_model_dir):
+    """PPO re-saves policy/ and value/ into the folders a killed run left (the resumed run reuses them)."""
+    from lora_rlhf.core.base import SharedBase
+    from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
+
+    shared = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"))
+    shared.add_adapter("policy", LoraSettings(r=4, alpha=8, dropout=0.0))
+    folder = tmp_path / "ppo" / "policy"
+    folder.mkdir(parents=True)
+    (folder / ".tmpAbC123").write_bytes(b"\0" * 64)
+    shared.save_adapter("policy", folder, stage="ppo")
+    assert not list(folder.glob(".tmp*")) and not list(folder.glob("*.tmp"))
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "tokenizer.json").is_file()

@@ -32,6 +32,7 @@ from lora_rlhf.core.adapters import (
     write_adapter_meta,
 )
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
+from lora_rlhf.core.io import remove_temp_files, writing
 from lora_rlhf.core.loading import load_base_model, lora_config
 from lora_rlhf.core.models import PLAIN_LM_HEAD
 from lora_rlhf.errors import ModelError
@@ -236,10 +237,13 @@ class SharedBase:
         return self.heads[role](hidden)
 
     def save_adapter(self, role: str, folder: str | Path, stage: str, **extra: Any) -> None:
-        """Save `role` in plain PEFT format (+ head), tokenizer, and metadata last."""
+        """Save `role` in plain PEFT format (+ head), tokenizer, and metadata last. A full disk is an OSError(ENOSPC)
+        naming the file (core.io.writing); what an earlier save killed half-way left in `folder` is removed."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(folder), selected_adapters=[role])
+        remove_temp_files(folder)
+        with writing(folder / "adapter_model.safetensors"):
+            self.model.save_pretrained(str(folder), selected_adapters=[role])
         # PEFT nests non-default adapters in a subfolder; flatten so PeftModel.from_pretrained(base, folder) works.
         nested = folder / role
         if nested.is_dir():
@@ -249,7 +253,8 @@ class SharedBase:
         head = self.heads.get(role)
         if head is not None:
             head.save(folder)
-        self.tokenizer.save_pretrained(str(folder))
+        with writing(folder / "tokenizer.json"):
+            self.tokenizer.save_pretrained(str(folder))
         write_adapter_meta(folder, stage, role_kind(role), self.info, head, **extra)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_rlhf.core.io import check_utf8
+from lora_rlhf.core.io import check_utf8, read_jsonl, require_file
 from lora_rlhf.errors import DataError
 from lora_rlhf.recipe.config import DatasetConfig
 
@@ -28,9 +28,8 @@ def load_table(cfg: DatasetConfig, seed: int = 0, what: str = "dataset"):
     path = Path(cfg.path).expanduser()
     suffix = path.suffix.lower()
     if suffix in LOCAL_FORMATS or path.exists():
-        if not path.is_file():
-            raise DataError(f"{what} file '{cfg.path}' does not exist",
-                            fix="check data.*.path in the recipe (relative paths are read from the recipe's folder)")
+        require_file(path, f"{what} file",
+                     fix="check data.*.path in the recipe (relative paths are read from the recipe's folder)")
         if suffix not in LOCAL_FORMATS:
             raise DataError(f"{what} file '{cfg.path}' has an unsupported extension '{suffix}'",
                             fix=f"use one of {', '.join(LOCAL_FORMATS)}")
@@ -40,7 +39,9 @@ def load_table(cfg: DatasetConfig, seed: int = 0, what: str = "dataset"):
             check_utf8(path, f"{what} file")
         try:
             ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
-        except Exception as e:  # malformed JSON/CSV: say which file
+        except Exception as e:  # malformed JSON/CSV: say which file (and, for JSONL, which line)
+            if suffix == ".jsonl":
+                read_jsonl(path, f"{what} file")  # raises the DataError naming the first line that is not JSON
             raise DataError(f"cannot parse {what} file '{cfg.path}': {_first_line(e)}",
                             fix="check that every line is one valid JSON object (jsonl) or the file is valid") from None
     else:

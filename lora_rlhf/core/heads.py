@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_rlhf.core.io import writing
+
 HEAD_FILE = "head.safetensors"
 
 
@@ -38,7 +40,8 @@ class ScalarHead(nn.Module):
         tensors["bias"] = (
             self.linear.bias.detach().cpu().contiguous() if self.linear.bias is not None else torch.zeros(1)
         )
-        save_file(tensors, str(Path(folder) / HEAD_FILE))
+        with writing(Path(folder) / HEAD_FILE):  # safetensors' full-disk error has no errno
+            save_file(tensors, str(Path(folder) / HEAD_FILE))
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> ScalarHead:

@@ -5,7 +5,9 @@
     encode(tok, prompt, response)       prompt + response as the reward model reads it (training and scoring)
     as_chat_turns(rows, tok)            SFT's prompt/completion rows as chat turns (TRL then templates them)
     longest_sft_row(tok, rows)          tokens in the longest SFT row, for the memory preflight
+    sft_row_lengths(tok, row)           an SFT row's tokens and the prompt tokens TRL keeps out of the loss
     longest_prompt(tok, prompts)        tokens in the longest prompt, for the memory preflight
+    fit_prompts(tok, prompts, n, mode)  prompts cut from the left (or dropped) to at most n tokens
     pad(sequences, pad_id, side)        token lists -> (ids [B, T], attention mask [B, T])
 
 A model without a chat template gets the plain text with the tokenizer's special tokens (its BOS), the same
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,6 +112,14 @@ def sft_row_ids(tokenizer: Any, row: dict[str, Any]) -> list[int]:
     return list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"])
 
 
+def sft_row_lengths(tokenizer: Any, row: dict[str, Any]) -> tuple[int, int]:
+    """(tokens, prompt tokens) of one SFT row as TRL renders it (`sft_row_ids`). The prompt tokens are those TRL
+    keeps out of the loss by default: a prompt/completion row's prompt (`prompt_ids`, as the row starts); 0 for
+    messages and text rows, which are trained whole."""
+    prompt = len(prompt_ids(tokenizer, row["prompt"])) if "prompt" in row else 0
+    return len(sft_row_ids(tokenizer, row)), prompt
+
+
 def longest_sft_row(tokenizer: Any, rows: Any, candidates: int = 64) -> int:
     """Tokens in the longest SFT row (what sizes the largest batch)."""
     def chars(row: dict[str, Any]) -> int:
@@ -120,6 +131,80 @@ def longest_sft_row(tokenizer: Any, rows: Any, candidates: int = 64) -> int:
 def longest_prompt(tokenizer: Any, prompts: Sequence[Prompt], candidates: int = 64) -> int:
     """Tokens in the longest prompt as generation sees it (`prompt_ids`)."""
     return _most_tokens(prompts, lambda p: len(plain_text(p)), lambda p: prompt_ids(tokenizer, p), candidates)
+
+
+def cut_prompt_left(tokenizer: Any, prompt: Prompt, max_tokens: int) -> Prompt | None:
+    """`prompt` with its text cut from the left until `prompt_ids` has at most `max_tokens` tokens: the start of
+    the first message goes first, then whole earlier messages; the template stays whole and the end, where the
+    question usually is, is kept. None when even the last character does not fit (the template alone is longer).
+
+    The cut is in characters, found by bisection (token counts fall as characters go), so the result is a prompt
+    like any other: the reward model and a reward function see exactly the text the policy answered.
+    """
+    messages = as_messages(prompt)
+    total = sum(len(m["content"]) for m in messages)
+
+    def cut(k: int) -> Prompt:  # drop the first k characters of the conversation's text
+        kept, skip = [], k
+        for m in messages:
+            if skip >= len(m["content"]):
+                skip -= len(m["content"])
+                continue
+            kept.append({**m, "content": m["content"][skip:]})
+            skip = 0
+        return kept[0]["content"] if isinstance(prompt, str) else kept
+
+    def fits(k: int) -> bool:
+        return len(prompt_ids(tokenizer, cut(k))) <= max_tokens
+
+    if fits(0):
+        return prompt
+    if total == 0 or not fits(total - 1):
+        return None
+    low, high = 0, total - 1  # fits(high) holds, fits(low) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return cut(high)
+
+
+@dataclass
+class FittedPrompts:
+    """What `fit_prompts` did: counts, and the longest prompt left in tokens (what generation is sized by)."""
+
+    max_tokens: int | None
+    mode: str
+    longer: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    longest: int = 0
+
+    def describe(self) -> str:
+        return (f"{self.longer} prompt(s) are longer than {self.max_tokens} tokens: {self.truncated} cut from the "
+                f"left, {self.dropped} dropped")
+
+
+def fit_prompts(tokenizer: Any, prompts: Sequence[Prompt], max_tokens: int | None,
+                mode: str = "truncate") -> tuple[list[Prompt], FittedPrompts]:
+    """Prompts of at most `max_tokens` tokens (`prompt_ids`): longer ones cut from the left (`truncate`, see
+    `cut_prompt_left`; one that cannot fit is dropped) or dropped (`drop`). Every prompt is tokenised once, so
+    the longest is exact; `max_tokens` None keeps all and searches the longest as `longest_prompt` does."""
+    if max_tokens is None:
+        return list(prompts), FittedPrompts(None, mode, longest=longest_prompt(tokenizer, prompts))
+    kept, stats = [], FittedPrompts(max_tokens, mode)
+    for prompt in prompts:
+        n = len(prompt_ids(tokenizer, prompt))
+        if n > max_tokens:
+            stats.longer += 1
+            prompt = cut_prompt_left(tokenizer, prompt, max_tokens) if mode == "truncate" else None
+            if prompt is None:
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            n = len(prompt_ids(tokenizer, prompt))
+        kept.append(prompt)
+        stats.longest = max(stats.longest, n)
+    return kept, stats
 
 
 def _most_tokens(items: Iterable[Any], chars: Callable[[Any], int], ids: Callable[[Any], list[int]],

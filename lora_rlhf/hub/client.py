@@ -18,6 +18,7 @@ refused. `push` creates the repo (and branch) when missing, then makes ONE commi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -48,6 +49,7 @@ _TRAINER_STATE = ("optimizer", "scheduler", "rng_state", "trainer_state", "train
 _SIDECARS = ("recipe.yaml", "metrics.json")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # bytes: safetensors' own limit
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -329,16 +331,56 @@ def plan_push(output_dir: str | Path, repo_id: str, *, what: str | None = None, 
 
 
 def check_no_secrets(plan: UploadPlan, token: str | None) -> None:
-    """Refuse to publish a text file that holds the token (or anything shaped like a Hub token)."""
+    """Refuse to publish any file of the plan that holds the token, or anything shaped like a Hub token.
+
+    Every file is read: text files whole, .safetensors files by their header (tensor names and the free-form
+    `__metadata__`, text anyone can read). Only the entries of a vocabulary (tokenizer.json's model.vocab and
+    model.merges, vocab.json, merges.txt) are spared the shape search, where a learned token could look like
+    one; the token itself is searched there too. tokenizer_config.json and the rest of tokenizer.json are searched
+    in full: a tokenizer saved with `token=` carries it there.
+    """
     for path in plan.files:
-        if path.endswith(".safetensors"):
-            continue
-        text = plan.text(path)
-        # Token-shaped strings are searched in files people write, not in vocabularies (false positives).
-        vocabulary = path.rsplit("/", 1)[-1].startswith(("tokenizer", "vocab", "merges", "special_tokens"))
-        if (token and token in text) or (not vocabulary and _TOKEN_LIKE.search(text)):
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith(".safetensors"):
+            text = shaped = _safetensors_header(plan.files[path], path)
+        else:
+            text = plan.text(path)
+            shaped = _without_vocabulary(name, text)
+        if (token and token in text) or _TOKEN_LIKE.search(shaped):
             raise ModelError(f"'{path}' contains a Hugging Face token: refusing to upload it",
                              fix="remove the token from that file (pass it through HF_TOKEN or `hf auth login`)")
+
+
+def _safetensors_header(src: Path | bytes, path: str) -> str:
+    """The JSON header of a .safetensors file (an 8-byte little-endian length, then that much JSON), as text."""
+    if isinstance(src, Path):
+        with src.open("rb") as f:
+            data = f.read(8)
+            size = int.from_bytes(data, "little")
+            data += f.read(size if len(data) == 8 and size <= SAFETENSORS_MAX_HEADER else 0)
+    else:
+        data = src[:8 + SAFETENSORS_MAX_HEADER]
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 <= size <= min(len(data) - 8, SAFETENSORS_MAX_HEADER):
+        raise ModelError(f"'{path}' is not a valid safetensors file (its header length says {size} bytes)",
+                         fix="re-save the adapter (its weights file is damaged), then push again")
+    return data[8:8 + size].decode("utf-8", errors="replace")
+
+
+def _without_vocabulary(name: str, text: str) -> str:
+    """`text` less the vocabulary entries of a tokenizer file (see check_no_secrets)."""
+    if name in ("vocab.json", "merges.txt"):
+        return ""
+    if name == "tokenizer.json":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return text
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict):
+            data["model"] = {k: v for k, v in model.items() if k not in ("vocab", "merges")}
+            return json.dumps(data)
+    return text
 
 
 def push(plan: UploadPlan, *, token: str | None = None, endpoint: str | None = None, api: Any = None) -> str:

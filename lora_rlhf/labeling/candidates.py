@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from lora_rlhf.core.io import check_utf8
+from lora_rlhf.core.io import read_jsonl
 from lora_rlhf.errors import DataError
 
 MAX_PROBLEMS = 10  # enough to fix a file in one pass without flooding the terminal
@@ -43,33 +42,26 @@ def _line_problems(row: Any) -> list[str]:
 def load_candidates(path: str | Path) -> list[dict[str, Any]]:
     """Every line of a Candidates JSONL, validated; raises DataError listing (up to 10) problems by line number."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"candidates file '{path}' does not exist or is not a file",
-                        fix="pass the JSONL written by `lora-rlhf compare` (one {id, prompt, responses} per line)")
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
     first_line_of: dict[str, int] = {}
-    check_utf8(path, "candidates file")  # replaced bytes would reach the rankings as if the labeler had seen them
-    with path.open(encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                problems.append(f"line {lineno}: bad JSON ({e.msg} at column {e.colno})")
-                continue
-            line_problems = _line_problems(row)
-            problems += [f"line {lineno}: {p}" for p in line_problems]
-            if line_problems:
-                continue
-            key = str(row["id"])
-            if key in first_line_of:
-                problems.append(f"line {lineno}: duplicate id {row['id']!r} (first on line {first_line_of[key]})")
-                continue
-            first_line_of[key] = lineno
-            rows.append(row)
+    # Invalid UTF-8 is refused (read_jsonl names the line): replaced bytes would reach the rankings as if the
+    # labeler had seen them.
+    parsed = read_jsonl(path, "candidates file", problems,
+                        fix="pass the JSONL written by `lora-rlhf compare` (one {id, prompt, responses} per line)")
+    for lineno, row in parsed:
+        line_problems = _line_problems(row)
+        problems += [f"line {lineno}: {p}" for p in line_problems]
+        if line_problems:
+            continue
+        key = str(row["id"])
+        if key in first_line_of:
+            problems.append(f"line {lineno}: duplicate id {row['id']!r} (first on line {first_line_of[key]})")
+            continue
+        first_line_of[key] = lineno
+        rows.append(row)
     if problems:
+        problems.sort(key=lambda p: int(p.split(":", 1)[0].removeprefix("line ")))  # in file order
         shown = problems[:MAX_PROBLEMS]
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
         listing = "\n".join(f"  - {p}" for p in shown)

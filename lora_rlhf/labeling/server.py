@@ -34,6 +34,9 @@ READ_TIMEOUT = 30.0  # seconds a connection may stay silent mid-request
 
 class LabelServer(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C must not wait for an idle keep-alive connection
+    # The listen backlog: socketserver's 5 dropped connections of a burst (100 labelers submitting at once lost
+    # ~half to timeouts); the kernel caps it at net.core.somaxconn.
+    request_queue_size = 1024
 
     def __init__(self, session: LabelSession, host: str = "127.0.0.1", port: int = 0,
                  default_labeler: str | None = None):
@@ -140,6 +143,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError("not an object")
         except ValueError:
             self._error(HTTPStatus.BAD_REQUEST, "body is not a JSON object")
+            return
+        except RecursionError:  # nested deeper than the parser's stack: no judgement looks like that
+            self._error(HTTPStatus.BAD_REQUEST, "body is nested too deep to be a judgement")
             return
         session = self.server.session
         try:

@@ -36,7 +36,7 @@ TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
 # stages/eval/evaluate.PERPLEXITY_MAX_TOKENS, copied for the same reason (tests/test_plan.py checks it): eval
 # scores each general text up to this many tokens, in batches of eval.batch_size.
 EVAL_TEXT_TOKENS = 256
-DEFAULT_PROMPT_LENGTH = 128  # tokens; recipes do not bound prompts, so the plan assumes this (--prompt-length)
+DEFAULT_PROMPT_LENGTH = 128  # tokens the plan assumes (--prompt-length): only PPO bounds prompts (ppo.max_prompt_length)
 PLANNED_STAGES = ("sft", "compare", "reward", "ppo", "ppo-ptx", "eval")
 
 
@@ -125,6 +125,7 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
         # PPO sets every dropout to p=0 (stages/ppo/roles.disable_dropout): torch then returns the input, no copy
         base = replace(base, lora_dropout=0.0)
         ptx = stage == "ppo-ptx"
+        q = min(q, recipe.ppo.max_prompt_length or q)  # longer prompts are cut (or dropped) before rollouts
         return ppo_estimate(shape, base, ppo_shape(recipe, q, ptx, ctx.sequence_length if ptx else None), stage)
     if stage == "compare":
         c = recipe.compare

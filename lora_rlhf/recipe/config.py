@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import yaml
 
 from lora_rlhf.errors import RecipeError
 from lora_rlhf.recipe.ppo import PPOSection
-from lora_rlhf.recipe.schema import build, check_value, unknown_key_problem
+from lora_rlhf.recipe.schema import Range, build, check_number, check_value, ranged, unknown_key_problem
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -91,26 +90,15 @@ class QuantizationConfig:
 
 @dataclass
 class LoraSettings:
-    r: int = 16
+    r: int = ranged(16, gt=0)
     """Adapter rank: capacity vs. size. 8-64 is typical."""
-    alpha: int = 32
+    alpha: int = ranged(32, gt=0, why="the update is scaled by alpha / r")
     """Scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.05
+    dropout: float = ranged(0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: str | list[str] = "all-linear"
     """`all-linear` (QLoRA's choice) or a list of module names such as [q_proj, v_proj]."""
     bias: Literal["none", "all", "lora_only"] = "none"
-
-    def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.r, int) and self.r <= 0:
-            problems.append(f"r must be positive, got {self.r}")
-        if isinstance(self.alpha, (int, float)) and not self.alpha > 0:
-            problems.append(f"alpha must be positive (the update is scaled by alpha / r), got {self.alpha}")
-        if isinstance(self.dropout, (int, float)) and not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -121,14 +109,10 @@ class DatasetConfig:
     """Split to read (Hub datasets; local files have only `train`)."""
     subset: str | None = None
     """Hub dataset configuration name."""
-    eval_fraction: float = 0.0
+    eval_fraction: float = ranged(0.0, ge=0, lt=1)
     """Share of rows held out for evaluation (0 = none)."""
-    max_samples: int | None = None
+    max_samples: int | None = ranged(None, gt=0)
     """Use at most this many rows (after shuffling with the recipe seed)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.eval_fraction, (int, float)) and not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
 @dataclass
@@ -155,6 +139,11 @@ class SFTSection:
 
     init_adapter: str | None = None
     """Continue training an existing adapter (folder or Hub id) instead of a fresh one."""
+    long_rows: Literal["truncate", "drop"] = "truncate"
+    """Rows longer than max_length tokens. `truncate` (TRL's way, so the default: no demonstration is lost): the
+    end of the answer is cut, so the model does not learn where such an answer stops; a row whose prompt alone
+    fills max_length has nothing left to learn and is dropped. `drop`: only whole rows are trained. Either way
+    the counts are logged and in metrics.json."""
 
 
 @dataclass
@@ -181,40 +170,37 @@ class RewardSection:
 class CompareSection:
     """Sampling K responses per prompt and ranking them."""
 
-    k: int = 4
+    k: int = ranged(4, ge=2, why="a ranking compares responses")
     """Responses per prompt (the paper: 4..9)."""
     labeler: str | None = None
     """`module:function` (prompt, responses -> scores) or a reward adapter folder / Hub id."""
     adapter: str | None = None
     """Adapter that samples (default: the SFT stage's output when it exists, else the bare base)."""
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        if isinstance(self.k, int) and self.k < 2:
-            raise ValueError(f"k must be at least 2 (a ranking compares responses), got {self.k}")
+    max_new_tokens: int = ranged(128, gt=0)
+    temperature: float = ranged(1.0, gt=0, why="compare samples k different responses")
+    top_p: float = ranged(1.0, ge=0, le=1)
+    batch_size: int = ranged(8, gt=0)
+    """Prompts per generation batch (each gives k responses): memory vs. speed."""
 
 
 @dataclass
 class EvalSection:
     """Held-out evaluation of policies."""
 
-    max_new_tokens: int = 128
-    num_samples: int = 5
+    max_new_tokens: int = ranged(128, gt=0)
+    num_samples: int = ranged(5, ge=0)
     """Example prompt / response pairs shown in the report."""
     labeler: str | None = None
     """`module:function` judging task success (default: the reward model only)."""
-    temperature: float = 0.7
+    temperature: float = ranged(0.7, ge=0)
     """Sampling temperature of the evaluated responses (KL is measured on the same tempered distribution);
     0 decodes greedily, for a deterministic table (KL then at temperature 1)."""
-    top_p: float = 1.0
-    batch_size: int = 8
+    top_p: float = ranged(1.0, ge=0, le=1)
+    batch_size: int = ranged(8, gt=0)
     """Prompts per generation / scoring batch: memory vs. speed."""
     general_text: str | None = None
     """A .jsonl file with a `text` column held out from training: perplexity on it measures the alignment tax."""
-    general_max_texts: int = 64
+    general_max_texts: int = ranged(64, gt=0)
     """Use at most this many rows of general_text (each cut to 256 tokens)."""
 
 
@@ -233,7 +219,7 @@ class PipelineSection:
     """`module:function(recipe, **data_builder_args)` that writes the datasets the recipe names (the demo's)."""
     data_builder_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for data_builder (sizes, samples per prompt...)."""
-    reward_eval_fraction: float = 0.1
+    reward_eval_fraction: float = ranged(0.1, ge=0, lt=1)
     """Held-out share of compare's rankings, for the reward model's pairwise accuracy."""
 
 
@@ -241,7 +227,7 @@ class PipelineSection:
 class Recipe:
     output_dir: str = "runs/default"
     """Every stage writes below this folder."""
-    seed: int = 42
+    seed: int = ranged(42, ge=0, le=2**32 - 1)  # numpy's seeds
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -275,28 +261,18 @@ def _trainer_args_class(section: str) -> type:
     return RewardConfig
 
 
-# TRL/transformers arguments whose range the trainers check only once training starts (or never): checked here, so
-# a bad value fails with the recipe's other problems, before a model loads or an output folder is touched.
-_TRAINER_RANGES: dict[str, tuple[float, str]] = {  # name -> (bound, "gt" | "ge")
-    "learning_rate": (0, "ge"), "num_train_epochs": (0, "ge"), "weight_decay": (0, "ge"),
-    "max_grad_norm": (0, "ge"), "warmup_ratio": (0, "ge"), "warmup_steps": (0, "ge"),
-    "per_device_train_batch_size": (0, "gt"), "per_device_eval_batch_size": (0, "gt"),
-    "gradient_accumulation_steps": (0, "gt"), "max_length": (0, "gt"), "logging_steps": (0, "gt"),
-    "save_steps": (0, "gt"), "eval_steps": (0, "gt"), "save_total_limit": (0, "gt"),
+# TRL/transformers arguments whose range the trainers check only once training starts (or never): checked here, by
+# the same `check_number` as our own fields, so a bad value fails with the recipe's other problems, before a model
+# loads or an output folder is touched. Every other float argument must be finite.
+_POSITIVE, _NON_NEGATIVE = Range(gt=0), Range(ge=0)
+_TRAINER_RANGES: dict[str, Range] = {
+    "learning_rate": _NON_NEGATIVE, "num_train_epochs": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": _NON_NEGATIVE, "warmup_ratio": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE,
+    "per_device_train_batch_size": _POSITIVE, "per_device_eval_batch_size": _POSITIVE,
+    "gradient_accumulation_steps": _POSITIVE, "max_length": _POSITIVE, "logging_steps": _POSITIVE,
+    "save_steps": _POSITIVE, "eval_steps": _POSITIVE, "save_total_limit": _POSITIVE,
+    "max_steps": Range(gt=0, also=(-1,), why="or -1: use num_train_epochs"),
 }
-
-
-def _check_trainer_range(section: str, key: str, value: Any, problems: list[str]) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        problems.append(f"{section}.{key} must be a finite number, got {value}")
-    elif key == "max_steps" and (value == 0 or value < -1):
-        problems.append(f"{section}.{key} must be positive (or -1: use num_train_epochs), got {value}")
-    elif key in _TRAINER_RANGES:
-        bound, kind = _TRAINER_RANGES[key]
-        if (kind == "gt" and not value > bound) or (kind == "ge" and not value >= bound):
-            problems.append(f"{section}.{key} must be {'>' if kind == 'gt' else '>='} {bound}, got {value}")
 
 
 def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems: list[str]) -> tuple[dict, dict]:
@@ -310,8 +286,11 @@ def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems
         if key in our_fields:
             ours_part[key] = value
         elif key in trl_fields:
-            trl_part[key] = check_value(value, hints.get(key, Any), f"{section}.{key}", problems)
-            _check_trainer_range(section, key, trl_part[key], problems)
+            trial: list[str] = []
+            trl_part[key] = check_value(value, hints.get(key, Any), f"{section}.{key}", trial)
+            if not trial:
+                check_number(f"{section}.{key}", trl_part[key], _TRAINER_RANGES.get(key), trial)
+            problems += trial
         else:
             listing = f"valid keys: {', '.join(sorted(our_fields))} and any {cls.__name__} argument (trl docs)"
             problems.append(unknown_key_problem(section, key, sorted(our_fields | set(trl_fields)), listing))
@@ -393,7 +372,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([f"not UTF-8 text (byte {e.start}: {e.reason}) (fix: save the recipe as UTF-8)"],
                           str(path)) from None
     recipe = recipe_from_dict(raw, overrides, source=str(path))
+    problem = output_dir_problem(recipe.output_dir)
+    if problem:
+        raise RecipeError([problem], str(path))
     return _resolve_relative_paths(recipe, path.parent)
+
+
+def output_dir_problem(output_dir: str | Path) -> str | None:
+    """Why `output_dir` cannot be the run folder (it, or a folder above it, is a file), else None. Every stage
+    would fail on its first mkdir with a traceback; a folder that does not exist yet is created then."""
+    path = Path(output_dir).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return None
+            where = "is a file" if folder == path else f"lies under '{folder}', which is a file"
+            return (f"output_dir '{output_dir}' {where}, not a folder (fix: set output_dir to a folder; it is "
+                    "created when missing)")
+    return None
 
 
 def _resolve_relative_paths(recipe: Recipe, base: Path) -> Recipe:

@@ -4,13 +4,10 @@ additions TRL lacked (PPO-ptx, adaptive KL, reward normalisation) are marked."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
-# Closed ranges [low, high] of numbers that must lie in one (None: unbounded on that side); every float must be finite.
-_RANGES = {"kl_coef": (0, None), "cliprange": (0, None), "cliprange_value": (0, None), "vf_coef": (0, None),
-           "gamma": (0, 1), "lam": (0, 1), "top_p": (0, 1), "ptx_coef": (0, None), "learning_rate": (0, None),
-           "max_grad_norm": (0, None), "weight_decay": (0, None)}
+from lora_rlhf.recipe.schema import ranged
 
 # ppo.report_to: tracker -> the package that must be importable for it (stages/ppo/tracking.py)
 TRACKERS = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
@@ -27,33 +24,39 @@ class PPOSection:
     """Instead of a reward adapter, `module:function` (prompts, responses -> scores). Value starts fresh."""
 
     # --- rollout
-    total_episodes: int = 256
+    total_episodes: int = ranged(256, gt=0)
     """Prompts rolled out over the whole run."""
-    batch_size: int = 16
+    batch_size: int = ranged(16, gt=0)
     """Episodes per PPO step (rollout batch)."""
-    local_rollout_forward_batch_size: int = 16
+    local_rollout_forward_batch_size: int = ranged(16, gt=0)
     """Episodes per forward pass while generating and scoring: memory vs. speed."""
-    response_length: int = 64
+    response_length: int = ranged(64, gt=0)
     """Maximum new tokens per response."""
-    temperature: float = 0.7
-    top_k: int = 0
+    max_prompt_length: int | None = ranged(512, gt=0)
+    """[TRL's GRPO] Prompt tokens as generation sees them (chat template included): a rollout's memory grows with
+    its longest prompt. Longer prompts are handled as long_prompts says; null: no limit."""
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    """`truncate`: cut the prompt's text from the left (its start, then whole earlier messages; the question at
+    the end stays), as TRL's GRPO does; `drop`: leave such prompts out. Counted in the log and run.json."""
+    temperature: float = ranged(0.7, gt=0, why="PPO samples")
+    top_k: int = ranged(0, ge=0)
     """0 disables top-k."""
-    top_p: float = 1.0
+    top_p: float = ranged(1.0, ge=0, le=1)
     stop_token: Literal["eos"] | None = "eos"
     """`eos`: stop at the tokenizer's end-of-turn token; null: always generate response_length tokens."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of responses that did not end with the stop token (after normalisation)."""
 
     # --- reward shaping
-    kl_coef: float = 0.05
+    kl_coef: float = ranged(0.05, ge=0)
     """beta: weight of the per-token KL penalty to the reference."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """k1: log-ratio (unbiased, high variance). k3: (r - 1) - log r (unbiased, low variance, always >= 0)."""
     adaptive_kl: bool = False
     """[paper/Ziegler 2019] adapt kl_coef towards target_kl."""
-    target_kl: float = 6.0
+    target_kl: float = ranged(6.0, gt=0)
     """Target total KL per response (nats) for the adaptive controller."""
-    kl_horizon: int = 10000
+    kl_horizon: int = ranged(10000, gt=0)
     """Adaptive controller horizon in episodes: larger = slower changes."""
     normalize_reward: bool = True
     """[ours] Standardise RM scores with running mean/std so kl_coef means the same across reward models."""
@@ -66,95 +69,76 @@ class PPOSection:
     episode's baseline is the mean reward of the other samples of its prompt (Ahmadian et al. 2024); `grpo`:
     rewards standardised within each prompt's samples (Shao et al. 2024). rloo/grpo have no value role: no value
     forward or backward and less memory, but need num_generations >= 2."""
-    num_generations: int = 1
+    num_generations: int = ranged(1, gt=0)
     """Responses sampled per prompt in a step (batch_size counts them all); >= 2 for rloo/grpo."""
-    gamma: float = 1.0
+    gamma: float = ranged(1.0, ge=0, le=1)
     """Discount per token (1 = none: the episode is one response)."""
-    lam: float = 0.95
+    lam: float = ranged(0.95, ge=0, le=1)
     """GAE lambda: bias (0) vs. variance (1) of the advantages."""
-    cliprange: float = 0.2
+    cliprange: float = ranged(0.2, ge=0)
     """epsilon of PPO's clipped ratio."""
-    cliprange_value: float = 0.2
+    cliprange_value: float = ranged(0.2, ge=0)
     """How far a value prediction may move from its rollout value before its loss is clipped."""
-    vf_coef: float = 0.1
+    vf_coef: float = ranged(0.1, ge=0)
     """Weight of the value loss (the value adapter and head)."""
-    ptx_coef: float = 0.0
+    ptx_coef: float = ranged(0.0, ge=0)
     """[paper] gamma of PPO-ptx: weight of the language-modelling loss on data.ptx (0 = plain PPO)."""
-    ptx_batch_size: int = 4
+    ptx_batch_size: int = ranged(4, gt=0)
     """Rows of data.ptx per micro-batch (PPO-ptx only)."""
-    ptx_max_length: int = 256
+    ptx_max_length: int = ranged(256, gt=0)
     """Tokens per data.ptx row; longer rows are cut."""
 
     # --- optimisation
-    num_ppo_epochs: int = 4
+    num_ppo_epochs: int = ranged(4, gt=0)
     """Passes over each rollout batch."""
-    num_mini_batches: int = 1
+    num_mini_batches: int = ranged(1, gt=0)
     """Optimizer steps per pass: the batch is split into this many shuffled mini-batches."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = ranged(1, gt=0)
     """Micro-batches per mini-batch (one optimizer step per mini-batch): trades speed for memory."""
-    learning_rate: float = 1.0e-5
+    learning_rate: float = ranged(1.0e-5, ge=0)
     """AdamW learning rate of both trainable adapters and the value head."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, ge=0)
     """Clip the gradient norm over policy LoRA + value LoRA + value head."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ge=0)
     lr_scheduler_type: Literal["linear", "constant", "cosine"] = "linear"
 
     # --- observability and checkpoints
-    logging_steps: int = 1
+    logging_steps: int = ranged(1, gt=0)
     """Print a metrics line every N PPO steps (metrics.jsonl gets every step)."""
-    sample_every: int = 10
+    sample_every: int = ranged(10, gt=0)
     """Log a table of sample prompt / response / score every N steps."""
-    save_steps: int = 20
+    save_steps: int = ranged(20, gt=0)
     """Checkpoint every N PPO steps (and on Ctrl-C)."""
     report_to: list[str] = None  # type: ignore[assignment]
     """Trackers: tensorboard, trackio, wandb (empty = JSONL metrics only)."""
 
     def __post_init__(self) -> None:
+        """Checks that span several fields (each field's own range is declared with it and checked at load)."""
         if self.report_to is None:
             self.report_to = []
         problems = []
-        if isinstance(self.batch_size, int) and isinstance(self.num_mini_batches, int):
-            if self.num_mini_batches <= 0 or self.batch_size % self.num_mini_batches:
-                problems.append(
-                    f"batch_size ({self.batch_size}) must be a multiple of num_mini_batches ({self.num_mini_batches})"
-                )
-        if isinstance(self.kl_coef, (int, float)) and self.kl_coef < 0:
-            problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+        def positive(*values: object) -> bool:  # out-of-range values are reported once, by their range
+            return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+        if positive(self.batch_size, self.num_mini_batches) and self.batch_size % self.num_mini_batches:
+            problems.append(
+                f"batch_size ({self.batch_size}) must be a multiple of num_mini_batches ({self.num_mini_batches})")
         if self.reward_adapter and self.reward_fn:
             problems.append("give either reward_adapter or reward_fn, not both")
-        if isinstance(self.batch_size, int) and isinstance(self.num_mini_batches, int) and self.num_mini_batches > 0:
+        if positive(self.batch_size, self.num_mini_batches, self.gradient_accumulation_steps):
             mini = self.batch_size // self.num_mini_batches
             accum = self.gradient_accumulation_steps
-            if isinstance(accum, int) and (accum <= 0 or mini % accum):
+            if mini % accum:
                 problems.append(f"the mini-batch ({mini} = batch_size / num_mini_batches) must be a multiple of "
                                 f"gradient_accumulation_steps ({accum})")
         if self.advantage_estimator in ("rloo", "grpo") and isinstance(self.num_generations, int) \
                 and self.num_generations < 2:
             problems.append(f"advantage_estimator {self.advantage_estimator} compares the samples of one prompt: "
                             f"set num_generations >= 2 (got {self.num_generations})")
-        if isinstance(self.num_generations, int) and isinstance(self.batch_size, int) and self.num_generations > 0 \
-                and self.batch_size % self.num_generations:
+        if positive(self.num_generations, self.batch_size) and self.batch_size % self.num_generations:
             problems.append(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
                             f"({self.num_generations}): every prompt of a step gets all its samples")
-        for name in ("batch_size", "total_episodes", "num_generations", "response_length", "local_rollout_forward_batch_size",
-                     "num_ppo_epochs", "ptx_batch_size", "ptx_max_length", "logging_steps", "sample_every",
-                     "save_steps", "kl_horizon"):
-            value = getattr(self, name)
-            if isinstance(value, int) and value <= 0:
-                problems.append(f"{name} must be positive, got {value}")
-        if isinstance(self.temperature, (int, float)) and self.temperature <= 0:
-            problems.append(f"temperature must be > 0 (PPO samples), got {self.temperature}")
-        if isinstance(self.target_kl, (int, float)) and self.target_kl <= 0:
-            problems.append(f"target_kl must be > 0, got {self.target_kl}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"{f.name} must be a finite number, got {value}")
-            elif f.name in _RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
-                low, high = _RANGES[f.name]
-                if (low is not None and value < low) or (high is not None and value > high):
-                    bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
-                    problems.append(f"{f.name} must be {'in ' if high is not None else ''}{bounds}, got {value}")
         if self.missing_eos_penalty is not None and self.stop_token is None:
             problems.append("missing_eos_penalty needs stop_token: eos (without a stop token no response ends)")
         unknown = [t for t in self.report_to if t not in TRACKERS] if isinstance(self.report_to, list) else []

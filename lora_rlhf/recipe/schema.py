@@ -2,6 +2,11 @@
 
 Unknown keys are rejected with the valid names and a "did you mean"; every problem in the whole document is
 collected before anything is raised, so a user fixes a recipe in one pass rather than one error at a time.
+
+Numbers are checked in one way everywhere: a field declared with `ranged(default, gt=0)` (a `Range` in its
+metadata) is checked by `build` against its range, every float must be finite, and the TRL pass-through arguments
+(recipe/config.py) use the same `Range` and `check_number`. Checks that span several fields stay in the
+dataclass's `__post_init__`.
 """
 
 from __future__ import annotations
@@ -9,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
@@ -36,6 +43,50 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: every bound given holds; `also` lists values allowed besides (max_steps'
+    -1); `why` is said in the message."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    also: tuple[float, ...] = ()
+    why: str | None = None
+
+    def contains(self, value: float) -> bool:
+        return value in self.also or (
+            (self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+    def describe(self) -> str:
+        """'> 0', '>= 2', 'in [0, 1)', ..."""
+        low, high = self.gt if self.gt is not None else self.ge, self.lt if self.lt is not None else self.le
+        if low is not None and high is not None:
+            return f"in {'(' if self.gt is not None else '['}{low}, {high}{')' if self.lt is not None else ']'}"
+        if low is not None:
+            return f"{'>' if self.gt is not None else '>='} {low}"
+        return f"{'<' if self.lt is not None else '<='} {high}"
+
+
+def ranged(default: Any, **bounds: Any) -> Any:
+    """A dataclass field whose number `build` checks: `batch_size: int = ranged(8, gt=0)` (see `Range`)."""
+    return dataclasses.field(default=default, metadata={"range": Range(**bounds)})
+
+
+def check_number(path: str, value: Any, allowed: Range | None, problems: list[str]) -> None:
+    """Append a problem when `value` (a number; anything else is the type check's business) is not finite or
+    lies outside `allowed`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{path} must be a finite number, got {value}")
+    elif allowed is not None and not allowed.contains(value):
+        why = f" ({allowed.why})" if allowed.why else ""
+        problems.append(f"{path} must be {allowed.describe()}{why}, got {value}")
 
 
 def check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
@@ -124,7 +175,12 @@ def build(cls: type[T], data: dict[str, Any], path: str, problems: list[str]) ->
         if key not in fields:
             problems.append(unknown_key_problem(path, str(key), list(fields)))
             continue
-        kwargs[key] = check_value(value, hints[key], f"{path}.{key}" if path else key, problems)
+        where = f"{path}.{key}" if path else key
+        trial: list[str] = []
+        kwargs[key] = check_value(value, hints[key], where, trial)
+        if not trial:  # a value of the right type: now its range (every float: finite)
+            check_number(where, kwargs[key], fields[key].metadata.get("range"), trial)
+        problems += trial
     missing = [n for n, f in fields.items()
                if n not in kwargs and f.default is _MISSING and f.default_factory is _MISSING]
     for name in missing:

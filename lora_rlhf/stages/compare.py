@@ -7,11 +7,14 @@ for the people. Without a labeler, `candidates.jsonl` is what people rank (docs/
 
 Everything that can fail on user input (prompts, adapter, labeler) fails before sampling; each batch is labeled
 as soon as it is sampled, so a broken labeler stops the run on the first batch. Files are written at the end,
-atomically: an interrupted run leaves no half-written candidates.
+atomically: an interrupted run leaves no half-written candidates. A rerun never deletes rankings (they can be
+people's work, written by `lora-rlhf label`): an earlier run's rankings.jsonl moves, with its candidates and
+recipe, to OUT/compare/previous-N/ before anything new is written.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from lora_rlhf.core.adapters import recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
 from lora_rlhf.core.generation import generate_responses
-from lora_rlhf.core.io import write_jsonl_atomic
+from lora_rlhf.core.io import keep_previous, write_jsonl_atomic
 from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.text import longest_prompt
 from lora_rlhf.errors import DataError
@@ -34,6 +37,7 @@ from lora_rlhf.stages.memory import check_memory
 
 CANDIDATES = "candidates.jsonl"
 RANKINGS = "rankings.jsonl"
+log = logging.getLogger(__name__)
 
 
 def load_prompt_rows(recipe: Recipe) -> list[dict[str, Any]]:
@@ -94,10 +98,14 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
             advance(len(chunk))
     candidates, rankings = distributed.gather_shards(candidates), distributed.gather_shards(rankings)
     # --- save (rank 0): whole files, atomically. rankings.jsonl marks the stage complete: an earlier run's must
-    # not stand beside this run's candidates and recipe, were this save cut short (or this run has no labeler).
+    # not stand beside this run's candidates and recipe, were this save cut short (or this run has no labeler),
+    # and it must not be lost either: it moves to previous-N first.
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / RANKINGS).unlink(missing_ok=True)
+        kept = keep_previous(out, RANKINGS, (CANDIDATES, "recipe.yaml"))
+        if kept is not None:
+            log.warning("compare: the earlier run's %s (with its candidates and recipe) moved to %s: nothing is "
+                        "deleted; point data.reward.path at %s to train on it", RANKINGS, kept, kept / RANKINGS)
         save_recipe(recipe, out / "recipe.yaml")
         write_jsonl_atomic(out / CANDIDATES, candidates)
         if judge is not None:

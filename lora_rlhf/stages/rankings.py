@@ -13,10 +13,17 @@ TRL's preference format is read too: `chosen` / `rejected` with an explicit `pro
 shared prefix), as strings (standard) or message lists (conversational). Whatever the input, a comparison is
 stored as (prompt, response text), so the reward model always sees prompt + response through the chat template,
 exactly as PPO will show it a rollout.
+
+Degenerate data is caught here, the one place comparisons are made: a pair whose chosen text equals its rejected
+one carries no signal (its loss is ln 2 whatever the model, its gradient zero) and is refused - dropped with a
+warning, or a DataError when nothing else is left - and pairs ranked both ways (the same prompt and responses in
+opposite order) are counted and shown.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +32,9 @@ from typing import Any
 from lora_rlhf.core.text import Prompt
 from lora_rlhf.errors import DataError
 
+log = logging.getLogger(__name__)
 FLAG_LABELS = ("harmful", "untruthful", "fails_instruction", "low_quality", "other")
+EXAMPLES = 3  # lines quoted in a warning about degenerate pairs
 RANKING_COLUMNS = ("prompt", "responses")
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 
@@ -188,10 +197,56 @@ def detect_format(columns: Sequence[str], source: str) -> str:
 
 
 def to_comparisons(rows: list[dict[str, Any]], columns: Sequence[str], source: str) -> list[Comparison]:
-    """Any supported reward data -> comparisons; at least one, else DataError."""
+    """Any supported reward data -> comparisons; at least one, else DataError. Pairs with chosen == rejected are
+    dropped (a DataError when that leaves none); pairs ranked both ways are reported (`contradictions`)."""
     fmt = detect_format(columns, source)
     comparisons = (rankings_to_comparisons if fmt == "rankings" else preferences_to_comparisons)(rows, source)
     if not comparisons:
         raise DataError(f"reward data '{source}' gives no comparisons (every line is skipped)",
                         fix="label at least one prompt")
+    same = [c for c in comparisons if c.chosen == c.rejected]
+    if same:
+        lines = sorted({c.group + 1 for c in same})
+        where = f"line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:EXAMPLES]))}" + (
+            f" and {len(lines) - EXAMPLES} more" if len(lines) > EXAMPLES else "")
+        if len(same) == len(comparisons):
+            raise DataError(f"reward data '{source}': in every one of its {len(same)} pairs the chosen response is "
+                            "the same text as the rejected one, so there is nothing to learn (the loss stays at "
+                            "ln 2)", fix="check the chosen/rejected columns (or the ranked responses): they must "
+                                         "hold different answers")
+        log.warning("reward data '%s': %d pair(s) whose chosen and rejected texts are identical (%s) are dropped: "
+                    "they carry no preference", source, len(same), where)
+        comparisons = [c for c in comparisons if c.chosen != c.rejected]
+    both_ways = contradictions(comparisons, rows)
+    if both_ways:
+        shown = "; ".join(both_ways[:EXAMPLES]) + (f"; and {len(both_ways) - EXAMPLES} more"
+                                                    if len(both_ways) > EXAMPLES else "")
+        log.warning("reward data '%s': %d response pair(s) are ranked both ways (the same prompt and responses in "
+                    "opposite order), so their comparisons cancel out: %s. One labeler twice is likely a mistake; "
+                    "two labelers, a disagreement (the paper's labelers agreed ~73 %% of the time)",
+                    source, len(both_ways), shown)
     return comparisons
+
+
+def contradictions(comparisons: Sequence[Comparison], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One description per response pair of one prompt that is ranked both ways: which lines (and labelers) say
+    which. [] when the data agrees with itself."""
+    seen: dict[tuple[str, str, str], set[int]] = {}  # (prompt, winner, loser) -> source lines
+    for c in comparisons:
+        seen.setdefault((json.dumps(c.prompt, sort_keys=True), c.chosen, c.rejected), set()).add(c.group)
+
+    def who(group: int) -> str:
+        labeler = rows[group].get("labeler") if group < len(rows) else None
+        return f"line {group + 1}" + (f" ({labeler})" if isinstance(labeler, str) else "")
+
+    found = []
+    for (prompt, chosen, rejected), groups in seen.items():
+        other = seen.get((prompt, rejected, chosen))
+        if other and chosen < rejected:  # each pair once
+            found.append(f"{', '.join(who(g) for g in sorted(groups))} prefer {_short(chosen)} to {_short(rejected)}"
+                         f", {', '.join(who(g) for g in sorted(other))} the reverse")
+    return found
+
+
+def _short(text: str, width: int = 30) -> str:
+    return repr(text if len(text) <= width else text[:width - 3] + "...")

@@ -460,6 +460,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
             return out
         metrics, offset, head, base_info = checked
         metrics.update(memory.metrics())
+        warn_if_at_chance(metrics, log)
         write_metrics(out, metrics)
         write_adapter_meta(out, "reward", "reward", base_info, head, reward_offset=offset)
         log.info("reward done: %s", {k: metrics.get(k) for k in (
@@ -526,6 +527,31 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
                        demos_scored=len(raw))
     metrics["reward_offset"] = offset
     return metrics, offset, head, shared.info
+
+
+def warn_if_at_chance(metrics: dict[str, Any], log: Any) -> None:
+    """Say loudly (train.log and the console) when the run ended where a model that cannot tell chosen from rejected
+    is: held-out pairwise accuracy whose interval reaches 50 %, or, without held-out pairs, a last training loss
+    at ln 2 or above. Such a model is complete on disk, but PPO would follow noise. Sets metrics["at_chance"]."""
+    import logging
+    import math
+
+    if metrics.get("eval_pairwise_accuracy_low") is not None:
+        at_chance = metrics["eval_pairwise_accuracy_low"] <= 0.5
+        evidence = (f"held-out pairwise accuracy {metrics['eval_pairwise_accuracy']:.1%} (95 % interval "
+                    f"[{metrics['eval_pairwise_accuracy_low']:.1%}, {metrics['eval_pairwise_accuracy_high']:.1%}]) "
+                    "does not exclude chance (50 %)")
+    else:
+        loss = metrics.get("last_logged_loss", metrics.get("train_loss"))
+        at_chance = isinstance(loss, (int, float)) and loss >= math.log(2) - 0.01
+        evidence = f"the training loss ended at {loss:.3f}, where ln 2 = 0.693 means no preference learned" \
+            if at_chance else ""
+    metrics["at_chance"] = at_chance
+    if at_chance:
+        message = (f"THE REWARD MODEL IS AT CHANCE: {evidence}. PPO against it would follow noise. Check the "
+                   "comparisons (warnings above), then give it more of them, more epochs or a higher learning rate")
+        for logger in (log, logging.getLogger(__name__)):  # train.log, and the console
+            logger.warning(message)
 
 
 def _free_memory() -> None:

@@ -3,7 +3,6 @@ the loss summary, so that both behave alike on resume, interruption and precisio
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import re
@@ -18,6 +17,7 @@ from transformers import TrainerCallback
 
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import META_FILE
+from lora_rlhf.core.io import disk_full, remove_temp_files
 from lora_rlhf.core.loading import compute_dtype, resolve_device
 from lora_rlhf.core.logs import close_logger, stage_logger
 from lora_rlhf.errors import StorageError
@@ -27,7 +27,6 @@ ADAPTER = "default"  # PEFT's own name: Trainer checkpoints then reload with no 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 STEP_KINDS = ("logging", "eval", "save")  # the Trainer's *_steps that a checkpoint's state overrides on resume
 # Defaults both TRL-trained stages share (logging, length, one rolling checkpoint, no tracker); each stage adds its
 # own, and the recipe's section overrides any of them.
@@ -136,6 +135,7 @@ def output_folder(out: Path, resume: bool) -> Iterator[None]:
         out.rename(previous)
     elif out.exists():
         (out / META_FILE).unlink(missing_ok=True)
+        remove_temp_files(out)  # a save killed half-way (safetensors' .tmpXXXXXX): not part of this run
         if not resume:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     try:
@@ -146,11 +146,13 @@ def output_folder(out: Path, resume: bool) -> Iterator[None]:
             shutil.rmtree(out, ignore_errors=True)
             previous.rename(out)
             log.warning("the new run failed: the previous finished run in %s is back in place", out)
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
+        if isinstance(e, Exception) and disk_full(e, out):  # safetensors, torch.save, tokenizers: no errno
             kept_note = ("; the previous finished run is back in place" if kept
                          else f"; the previous finished run is kept in {previous}" if replacing else "")
             resume_note = "" if kept else f"; --resume continues from the newest complete checkpoint in {out / CHECKPOINTS}"
-            raise StorageError(f"no space left on the device while writing {out} ({e.filename or e.strerror}): the "
+            what = (getattr(e, "filename", None) or getattr(e, "strerror", None)
+                    or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+            raise StorageError(f"no space left on the device while writing {out} ({what}): the "
                                f"run stopped and nothing was marked complete{kept_note}",
                                fix=f"free space on that disk (or set output_dir to another one), then rerun{resume_note}"
                                ) from e

@@ -46,12 +46,12 @@ from lora_rlhf.core.text import batches, longest_prompt
 from lora_rlhf.errors import DataError, ModelError, RecipeError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe
-from lora_rlhf.stages.eval.report import write_report
+from lora_rlhf.stages.eval.report import RESULTS, write_report
 from lora_rlhf.stages.labelers import function_labeler
 from lora_rlhf.stages.memory import check_memory
 
 EVAL_DIR = "eval"
-RESULTS_FILE = "results.json"  # written last: its presence marks a finished evaluation
+RESULTS_FILE = RESULTS  # written last: its presence marks a finished evaluation
 BARE_BASE = ("base", "none")  # --policy NAME=base: the base model without any adapter
 PERPLEXITY_MAX_TOKENS = 256
 

@@ -1,19 +1,32 @@
 """The evaluation report: OUT/eval/report.md (tables, plots, samples), results.json, responses.jsonl, PNGs.
 
 Everything here works from plain data (the results dict and metrics.jsonl files), so a report can be rebuilt
-or read by other tools without loading a model.
+or read by other tools without loading a model. A new report never deletes an earlier finished one: its files
+move to OUT/eval/previous-N/ first.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from lora_rlhf.core.io import clean_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from lora_rlhf.core.io import (
+    clean_json,
+    keep_previous,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+    writing,
+)
 
 REWARD_KEY, KL_KEY = "objective/scores", "objective/kl"  # PPO's metrics.jsonl fields (TRL's names)
+RESULTS = "results.json"  # written last: its presence marks a finished evaluation
+PLOTS = ("scores.png", "win_rates.png", "ppo_curves.png")
+REPORT_FILES = ("responses.jsonl", "report.md", *PLOTS)  # what an evaluation writes besides RESULTS
+log = logging.getLogger(__name__)
 
 COLUMNS = [  # (key in a policy's results, header, format)
     ("task_score", "task score", "{:.3f}"),
@@ -264,20 +277,26 @@ def write_report(out: Path, results: dict[str, Any], responses: list[dict[str, A
     """Write responses.jsonl, the plots, report.md and results.json into `out`; return report.md.
 
     `results` is EvalResult.as_dict() (or a results.json read back). results.json goes last: its presence marks
-    a finished evaluation (the pipeline skips the stage then).
+    a finished evaluation (the pipeline skips the stage then). An earlier finished evaluation in `out` moves to
+    `out/previous-N/` first, marker first: it is neither lost nor left beside this one's files should this write
+    be cut short.
     """
     out.mkdir(parents=True, exist_ok=True)
-    # An earlier evaluation's marker must not stand beside this one's files if this write is cut short.
-    (out / "results.json").unlink(missing_ok=True)
+    kept = keep_previous(out, RESULTS, REPORT_FILES)
+    if kept is not None:
+        log.warning("eval: the earlier evaluation (%s, report.md, ...) moved to %s: nothing is deleted", RESULTS, kept)
+    for name in PLOTS:  # an unfinished earlier report's plots must not show in this one
+        (out / name).unlink(missing_ok=True)
     results = clean_json(results)
     write_jsonl_atomic(out / "responses.jsonl", responses)
     plots = []
     for name, make in (("scores.png", lambda p: plot_scores(results["policies"], p)),
                        ("win_rates.png", lambda p: plot_win_rates(results["win_rates"], p)),
                        ("ppo_curves.png", lambda p: plot_training_curves(results["curves"], p))):
-        if make(out / name):
-            plots.append(name)
+        with writing(out / name):  # matplotlib's failed write names no file
+            if make(out / name):
+                plots.append(name)
     report = out / "report.md"
     write_text_atomic(report, render_markdown(results, plots, responses[:num_samples]))
-    write_json_atomic(out / "results.json", results)  # last: evaluate.RESULTS_FILE marks the stage finished
+    write_json_atomic(out / RESULTS, results)  # last: it marks the stage finished
     return report

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.heads import ScalarHead
-from lora_rlhf.core.io import write_json_atomic
+from lora_rlhf.core.io import write_json_atomic, writing
 from lora_rlhf.errors import ModelError
 
 CHECKPOINT = "checkpoint"
@@ -74,9 +74,10 @@ def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Opti
     tmp.mkdir(parents=True)
     for role in trained_roles(sb):
         sb.save_adapter(role, tmp / role, stage="ppo")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng if rng is not None else [rng_state()]},
-               tmp / OPTIMIZER_FILE)
+    with writing(tmp / OPTIMIZER_FILE):  # torch.save's full-disk error has no errno
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng if rng is not None else [rng_state()]},
+                   tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, state)
     if final.exists():
         if old.exists():

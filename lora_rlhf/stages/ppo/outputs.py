@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_rlhf import __version__
-from lora_rlhf.core.io import clean_json, write_json_atomic
+from lora_rlhf.core.io import clean_json, write_json_atomic, writing
 from lora_rlhf.stages.ppo.tracking import Trackers
 
 log = logging.getLogger("lora_rlhf.stages.ppo")
@@ -68,7 +68,7 @@ class RunLog:
 
     def step(self, metrics: dict[str, float]) -> None:
         step = int(metrics["step"])
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with writing(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(clean_json(metrics)) + "\n")
         self.trackers.log(metrics, step)
         self.bar.update(1)
@@ -80,7 +80,7 @@ class RunLog:
     def samples(self, step: int, prompts: list[Any], texts: list[str], scores: list[float]) -> None:
         rows = [{"step": step, "prompt": prompt_text(p), "response": r, "score": s}
                 for p, r, s in list(zip(prompts, texts, scores, strict=True))[:SAMPLES_SHOWN]]
-        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
+        with writing(self.out / "samples.jsonl"), open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps(clean_json(r), ensure_ascii=False) + "\n" for r in rows)
         lines = [f"samples at step {step}:", f"  {'score':>8} | {'prompt':<40} | response"]
         lines += [f"  {r['score']:>8.3f} | {_clip(r['prompt'], 40):<40} | {_clip(r['response'], 80)}" for r in rows]

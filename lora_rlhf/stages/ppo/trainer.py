@@ -56,7 +56,7 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_prompts
 from lora_rlhf.core.io import write_json_atomic
 from lora_rlhf.core.loading import load_tokenizer
-from lora_rlhf.core.text import longest_prompt
+from lora_rlhf.core.text import fit_prompts
 from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
 from lora_rlhf.recipe.config import Recipe, recipe_to_dict, save_recipe
 from lora_rlhf.stages.memory import StageMemory, check_memory
@@ -358,9 +358,17 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     # prompt, which size the prediction. `lora-rlhf ppo` with ptx_coef > 0 is PPO-ptx too: planned with its
     # LM-loss rows whatever the folder's name.
     tokenizer = load_tokenizer(recipe.model)
+    prompts, fitted = fit_prompts(tokenizer, prompts, cfg.max_prompt_length, cfg.long_prompts)
+    if not prompts:
+        raise DataError(f"all {fitted.longer} prompts of data.prompts are longer than ppo.max_prompt_length="
+                        f"{cfg.max_prompt_length} tokens and were dropped (ppo.long_prompts: {cfg.long_prompts})",
+                        fix="raise ppo.max_prompt_length, or set ppo.long_prompts: truncate" if cfg.long_prompts ==
+                        "drop" else "raise ppo.max_prompt_length above the tokens the chat template adds by itself")
+    if fitted.longer:
+        log.warning("PPO: %s (ppo.max_prompt_length, ppo.long_prompts: %s)", fitted.describe(), cfg.long_prompts)
     ptx = PtxData.build(ptx_rows, tokenizer, cfg.ptx_max_length, recipe.seed) if ptx_rows else None
     memory = check_memory(recipe, "ppo-ptx" if ptx else "ppo", sequence_length=ptx.longest if ptx else None,
-                          prompt_length=longest_prompt(tokenizer, prompts))
+                          prompt_length=fitted.longest)
     main = distributed.is_main()  # rank 0 alone writes; the other ranks compute and stay silent
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -375,7 +383,9 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     if main:
         write_run_info(out, {"base": sb.info, "device": str(sb.device), "world_size": world, "roles": roles,
                              "num_steps": trainer.num_steps, "memory/predicted_gb": memory.metrics()[
-                                 "memory/predicted_gb"]}, trainer.step_index if resume else None)
+                                 "memory/predicted_gb"], "prompts": len(prompts), "longest_prompt": fitted.longest,
+                             "prompts_truncated": fitted.truncated, "prompts_dropped_too_long": fitted.dropped},
+                       trainer.step_index if resume else None)
         runlog: RunLog | QuietRunLog = RunLog(out, cfg, recipe_to_dict(recipe), trainer.step_index,
                                               trainer.num_steps, progress)
     else:
