@@ -156,14 +156,9 @@ class RewardSection:
     """Start the reward LoRA from this adapter (default: the SFT stage's output when it exists)."""
     normalize: bool = True
     """Set an offset so that the SFT demonstrations score 0 on average (the paper's bias)."""
-    head_learning_rate: float | None = None
+    head_learning_rate: float | None = ranged(None, gt=0)
     """Learning rate of the scalar head (null: the LoRA weights' learning_rate). The head starts from random
     numbers while the LoRA starts from the SFT adapter: on few comparisons it wants a higher rate."""
-
-    def __post_init__(self) -> None:
-        rate = self.head_learning_rate
-        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and not (math.isfinite(rate) and rate > 0):
-            raise ValueError(f"head_learning_rate must be a positive number (or null), got {rate}")
 
 
 @dataclass
