@@ -19,7 +19,7 @@ from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.scoring import score_texts
 from lora_rlhf.core.text import batches, encode
 from lora_rlhf.errors import DataError, ModelError
-from lora_rlhf.recipe.config import recipe_from_dict
+from lora_rlhf.recipe.config import DatasetConfig, recipe_from_dict
 from lora_rlhf.stages.reward import (
     _grouped_trainer_class,
     accuracy_interval,
@@ -99,6 +99,55 @@ def test_rm_learns_a_separable_preference(trained):
     assert metrics["eval_pairwise_accuracy"] <= metrics["eval_pairwise_accuracy_high"]
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
     assert metrics["at_chance"] is False and "AT CHANCE" not in (out / "train.log").read_text()
+    # Every held-out pair is written with both scores; accuracy and loss are what those scores say.
+    pairs = [json.loads(line) for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 16 and all(p["correct"] == (p["chosen_score"] > p["rejected_score"]) for p in pairs)
+    assert all("banana" in p["chosen"] and "banana" not in p["rejected"] for p in pairs)
+    assert metrics["eval_pairwise_accuracy"] == sum(p["correct"] for p in pairs) / 16
+    loss = torch.nn.functional.softplus(torch.tensor([p["rejected_score"] - p["chosen_score"] for p in pairs]))
+    assert metrics["eval_pairwise_loss"] == pytest.approx(float(loss.mean()), abs=1e-5)
+    assert metrics["eval_pairwise_loss"] < 0.5
+
+
+def test_held_out_pairs_from_their_own_file(tiny_recipe, tmp_path):
+    """data.reward_eval holds out a file of its own: all of data.reward trains, and only the Trainer's per-epoch
+    evaluation is skipped unless the recipe asks for it (the held-out pass after training scores the same pairs)."""
+    write_jsonl(tmp_path / "held.jsonl", banana_rankings(3, seed=5))
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=banana_rankings(4), max_steps=1, normalize=False,
+                         save_strategy="no", logging_steps=1)
+    recipe.data.reward.eval_fraction = 0.0
+    recipe.data.reward_eval = DatasetConfig(path=str(tmp_path / "held.jsonl"))
+    del recipe.trainer_args["reward"]["eval_strategy"]
+    metrics = json.loads((run_reward(recipe) / "metrics.json").read_text())
+    assert metrics["train_pairs"] == 16 and (metrics["eval_pairs"], metrics["eval_prompts"]) == (12, 3)
+    assert "eval_loss" not in metrics and "eval_pairwise_loss" in metrics  # no Trainer evaluation
+    recipe.data.reward.eval_fraction = 0.25
+    with pytest.raises(DataError, match="holds out reward data twice"):
+        run_reward(recipe)
+
+
+def test_the_head_learns_at_its_own_rate(tiny_recipe, tmp_path):
+    """reward.head_learning_rate: the scalar head gets its own rate. With the LoRA's rate at 0, one step moves
+    the head and nothing else; without a head rate, the head stays too."""
+    from lora_rlhf.stages.reward import load_reward_data
+
+    recipe = make_recipe(tiny_recipe, tmp_path, rows=banana_rankings(4), learning_rate=0.0)
+    train, _ = load_reward_data(recipe.data.reward, recipe.seed)
+    tokenizer = load_tokenizer(recipe.model.name)
+    dataset, _ = tokenize_comparisons(train, tokenizer, None)
+    moved = {}
+    for head_lr in (None, 1e-2):
+        torch.manual_seed(0)
+        model, _ = load_seqcls_model(recipe, tokenizer, None)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = reward_training_args(recipe, tmp_path / f"o{head_lr}", False)
+        args.max_steps = 1
+        trainer = _grouped_trainer_class()(model=model, args=args, train_dataset=dataset,
+                                           processing_class=tokenizer, head_learning_rate=head_lr)
+        trainer.train()
+        moved[head_lr] = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert moved[None] == set()
+    assert moved[1e-2] and all(".score." in n for n in moved[1e-2])
 
 
 def test_a_run_that_ends_at_chance_says_so_loudly(tiny_recipe, tmp_path, caplog):
