@@ -2,8 +2,8 @@
 
     output_dir / seed                   where every stage writes (`OUT/sft`, `OUT/reward`, `OUT/ppo`, ...)
     model, quantization, lora           the shared base and the adapters put on it
-    data                                datasets by role: sft, reward, prompts, ptx, eval
-    sft, reward                         our keys plus any trl.SFTConfig / trl.RewardConfig argument
+    data                                datasets by role: sft, reward, dpo, prompts, ptx, eval
+    sft, reward, dpo                    our keys plus any trl.SFTConfig / RewardConfig / DPOConfig argument
     compare, ppo, eval                  our own sections
 
 Unknown keys are rejected with the valid names and a "did you mean"; every problem is reported at once;
@@ -27,7 +27,7 @@ import yaml
 
 from lora_rlhf.errors import RecipeError
 from lora_rlhf.recipe.ppo import PPOSection
-from lora_rlhf.recipe.schema import build, check_value, unknown_key_problem
+from lora_rlhf.recipe.schema import build, check_value, did_you_mean, unknown_key_problem
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -137,6 +137,8 @@ class DataConfig:
     """Demonstrations for step 1: prompt/completion, messages, or text."""
     reward: DatasetConfig | None = None
     """Comparisons for step 2: rankings (see docs/FORMATS.md) or chosen/rejected preferences."""
+    dpo: DatasetConfig | None = None
+    """Comparisons for `lora-rlhf dpo`, in the same formats (default: data.reward, the same comparisons)."""
     prompts: DatasetConfig | None = None
     """Prompts for `compare` and PPO rollouts: a `prompt` column (string or messages)."""
     ptx: DatasetConfig | None = None
@@ -164,6 +166,22 @@ class RewardSection:
     """Start the reward LoRA from this adapter (default: the SFT stage's output when it exists)."""
     normalize: bool = True
     """Set an offset so that the SFT demonstrations score 0 on average (the paper's bias)."""
+
+
+PairRule = Literal["all", "best_vs_rest"]
+
+
+@dataclass
+class DPOSection:
+    """Direct preference optimisation from the comparisons. Besides these keys, any `trl.DPOConfig` argument
+    (beta, loss_type, learning_rate, precompute_ref_log_probs, max_length, ...) may be given and is passed through."""
+
+    sft_adapter: str | None = None
+    """The adapter the policy starts from and the frozen reference is (default: the SFT stage's output when it
+    exists, else a fresh adapter against the bare base)."""
+    pairs: PairRule = "all"
+    """From K-wise rankings: `all` K(K-1)/2 pairs of a prompt (the reward model's rule), or `best_vs_rest`: each
+    best-ranked response against every other (K-1 pairs, fewer steps, less signal)."""
 
 
 @dataclass
@@ -237,12 +255,14 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTSection = field(default_factory=SFTSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
     compare: CompareSection = field(default_factory=CompareSection)
     ppo: PPOSection = field(default_factory=PPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     trainer_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})
-    """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig)."""
+    """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig, `dpo` ->
+    DPOConfig)."""
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / stage
@@ -259,6 +279,10 @@ def _trainer_args_class(section: str) -> type:
         from trl import SFTConfig
 
         return SFTConfig
+    if section == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
     from trl import RewardConfig
 
     return RewardConfig
@@ -272,7 +296,12 @@ _TRAINER_RANGES: dict[str, tuple[float, str]] = {  # name -> (bound, "gt" | "ge"
     "per_device_train_batch_size": (0, "gt"), "per_device_eval_batch_size": (0, "gt"),
     "gradient_accumulation_steps": (0, "gt"), "max_length": (0, "gt"), "logging_steps": (0, "gt"),
     "save_steps": (0, "gt"), "eval_steps": (0, "gt"), "save_total_limit": (0, "gt"),
+    "beta": (0, "gt"), "precompute_ref_batch_size": (0, "gt"),
 }
+# trl 1.16 DPOConfig.loss_type values: DPOTrainer rejects another only at the first training step, after the model
+# has loaded and the output folder is made (tests/test_config.py checks this list against TRL's own).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 def _check_trainer_range(section: str, key: str, value: Any, problems: list[str]) -> None:
@@ -299,12 +328,25 @@ def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems
         if key in our_fields:
             ours_part[key] = value
         elif key in trl_fields:
+            if section == "dpo" and key == "loss_type":
+                value = _check_loss_types(value, problems)
             trl_part[key] = check_value(value, hints.get(key, Any), f"{section}.{key}", problems)
             _check_trainer_range(section, key, trl_part[key], problems)
         else:
             listing = f"valid keys: {', '.join(sorted(our_fields))} and any {cls.__name__} argument (trl docs)"
             problems.append(unknown_key_problem(section, key, sorted(our_fields | set(trl_fields)), listing))
     return ours_part, trl_part
+
+
+def _check_loss_types(value: Any, problems: list[str]) -> Any:
+    """dpo.loss_type: one name (as TRL's DPOConfig accepts it) or a list of names, each one TRL knows."""
+    names = [value] if isinstance(value, str) else value
+    if isinstance(names, list):
+        for name in names:
+            if isinstance(name, str) and name not in DPO_LOSS_TYPES:
+                problems.append(f"'dpo.loss_type' has unknown loss '{name}'{did_you_mean(name, list(DPO_LOSS_TYPES))}; "
+                                f"valid: {', '.join(DPO_LOSS_TYPES)}")
+    return names
 
 
 @functools.cache
@@ -358,7 +400,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, so
     raw, problems = apply_overrides(raw, overrides or [])
     trainer_args: dict[str, dict[str, Any]] = {}
     body = dict(raw)
-    for section, ours in (("sft", SFTSection), ("reward", RewardSection)):
+    for section, ours in (("sft", SFTSection), ("reward", RewardSection), ("dpo", DPOSection)):
         value = body.get(section)
         if isinstance(value, dict):
             body[section], trainer_args[section] = _split_trainer_args(section, ours, value, problems)
