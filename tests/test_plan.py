@@ -120,11 +120,12 @@ def test_saved_activations_match_autograd(tiny_model_dir, dropout, checkpointing
 
 
 def test_trainer_defaults_are_the_stages_own():
+    from lora_rlhf.stages.dpo import DPO_DEFAULTS
     from lora_rlhf.stages.reward import REWARD_DEFAULTS
     from lora_rlhf.stages.sft import SFT_DEFAULTS
     from lora_rlhf.stages.trainer_setup import COMMON_DEFAULTS
 
-    for section, defaults in (("sft", SFT_DEFAULTS), ("reward", REWARD_DEFAULTS)):
+    for section, defaults in (("sft", SFT_DEFAULTS), ("reward", REWARD_DEFAULTS), ("dpo", DPO_DEFAULTS)):
         merged = {**COMMON_DEFAULTS, **defaults}
         assert {k: merged[k] for k in TRAINER_DEFAULTS[section]} == TRAINER_DEFAULTS[section]
 
