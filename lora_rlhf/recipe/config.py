@@ -225,7 +225,7 @@ class EvalSection:
     """Use at most this many rows of general_text (each cut to 256 tokens)."""
 
 
-StageName = Literal["data", "sft", "compare", "reward", "ppo", "ppo-ptx", "eval"]
+StageName = Literal["data", "sft", "compare", "reward", "dpo", "ppo", "ppo-ptx", "eval"]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # the pipeline's stages, in order: the one list of them
 
 
@@ -235,7 +235,8 @@ class PipelineSection:
 
     stages: list[StageName] = field(
         default_factory=lambda: ["data", "sft", "compare", "reward", "ppo", "eval"])
-    """`ppo` is plain PPO (ptx_coef 0) into OUT/ppo; `ppo-ptx` uses ppo.ptx_coef into OUT/ppo-ptx."""
+    """`ppo` is plain PPO (ptx_coef 0) into OUT/ppo; `ppo-ptx` uses ppo.ptx_coef into OUT/ppo-ptx; `dpo` (optional)
+    trains a policy by DPO from the same comparisons into OUT/dpo."""
     data_builder: str | None = None
     """`module:function(recipe, **data_builder_args)` that writes the datasets the recipe names (the demo's)."""
     data_builder_args: dict[str, Any] = field(default_factory=dict)
