@@ -184,7 +184,8 @@ def test_rows_are_the_ids_generation_and_the_reward_model_see(tiny_recipe, tmp_p
     """The prompt is `prompt_ids` (what PPO and eval generate from), prompt + answer is `encode` (the reward model's
     ids, ending at the end-of-turn token): not TRL's own tokenisation. Pairs longer than max_length are dropped."""
     rows = [{"prompt": "Say hi.", "chosen": "hi there", "rejected": "no"},
-            {"prompt": [{"role": "user", "content": "Count."}], "chosen": "one two three four five six", "rejected": "1"}]
+            {"prompt": [{"role": "user", "content": "Count."}], "chosen": "one two three four five six",
+             "rejected": "1"}]
     recipe = make_recipe(tiny_recipe, tmp_path, rows=rows, sft=False)
     tokenizer = load_tokenizer(recipe.model)
     comparisons = load_dpo_data(recipe)[0]
