@@ -287,6 +287,7 @@ def test_resume_after_a_kill_gives_the_adapter_of_an_uninterrupted_run(dpo_run, 
     ("empty file", DataError, "DPO dataset '.*' is empty"),
     ("no data", DataError, "neither data.dpo nor data.reward"),
     ("named SFT adapter is missing", ModelError, "adapter folder '.*no-such-sft' does not exist"),
+    ("every pair is too long", DataError, "all 24 training comparisons are longer than dpo.max_length=8"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(tiny_recipe, tmp_path, case, error, message):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "same", "rejected": "same"}]
@@ -298,6 +299,8 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_recipe, tmp_path, 
         recipe.data.reward = None
     elif case == "named SFT adapter is missing":
         recipe.dpo.sft_adapter = str(tmp_path / "no-such-sft")
+    elif case == "every pair is too long":
+        recipe.trainer_args["dpo"]["max_length"] = 8
     with pytest.raises(error, match=message):
         train_dpo(recipe)
     assert not (tmp_path / "run").exists()
