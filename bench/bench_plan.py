@@ -5,9 +5,9 @@
     python bench/bench_plan.py --repeat 3      # each configuration 3 times, judged on the median
     python bench/bench_plan.py --device cuda --model meta-llama/Llama-3.1-8B-Instruct   # validate on a GPU
 
-Each configuration runs the library's own stage code (run_sft, run_reward, the PPO trainer's steps, generation)
-on the embedded SmolLM2-135M or a tiny Llama, in its own subprocess so that high-water marks do not mix. The
-measurement is the resident-set high-water mark over the stage (VmHWM after resetting it through
+Each configuration runs the library's own stage code (run_sft, run_reward, run_dpo, the PPO trainer's steps,
+generation) on the embedded SmolLM2-135M or a tiny Llama, in its own subprocess so that high-water marks do not
+mix. The measurement is the resident-set high-water mark over the stage (VmHWM after resetting it through
 /proc/self/clear_refs once the libraries are imported: lora_rlhf.plan.preflight.reset_peak / peak_bytes);
 on CUDA the measurement is torch.cuda.max_memory_allocated over the stage, compared with the prediction minus
 its CUDA-context part (which that counter does not see). The prediction is `lora-rlhf plan` on the same recipe,
@@ -47,6 +47,9 @@ CONFIGS: dict[str, tuple[str, str, list[str]]] = {
                                            "sft.per_device_train_batch_size=4", "sft.max_length=256"]),
     "reward-135m-4bit": ("reward", "135m", ["quantization.mode=4bit", "reward.per_device_train_batch_size=4",
                                             "reward.max_length=96"]),
+    # DPO (TRL's DPOTrainer, policy + reference adapters on one base): pairs exactly max_length tokens long
+    "dpo-135m-4bit": ("dpo", "135m", ["quantization.mode=4bit", "dpo.per_device_train_batch_size=4",
+                                      "dpo.max_length=96", "reward.max_length=96"]),
     "compare-135m-4bit": ("compare", "135m", ["quantization.mode=4bit", "compare.batch_size=4", "compare.k=2",
                                               "compare.max_new_tokens=48"]),
     "eval-135m-4bit": ("eval", "135m", ["quantization.mode=4bit", "eval.batch_size=16", "eval.max_new_tokens=48",
@@ -94,6 +97,8 @@ def base_recipe(work: Path, model: str, device: str = "cpu") -> dict:
             "sft": {"max_steps": 2, "logging_steps": 1, "save_strategy": "no"},
             "reward": {"max_steps": 2, "logging_steps": 1, "save_strategy": "no", "normalize": False,
                        "group_by_prompt": False},
+            "dpo": {"max_steps": 2, "logging_steps": 1, "save_strategy": "no",
+                    "sft_adapter": str(work / "sft-adapter")},
             "ppo": {"sft_adapter": str(work / "sft-adapter"), "reward_adapter": str(work / "reward-adapter"),
                     "stop_token": None, "learning_rate": 1e-5, "save_steps": 1000}}
 
@@ -160,7 +165,8 @@ def prepare_adapters(work: Path, model: str, device: str = "cpu") -> None:
 def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     import torch
 
-    import lora_rlhf.stages.ppo.trainer  # noqa: F401 - libraries count in the runtime, imported before the reset
+    import lora_rlhf.stages.dpo  # noqa: F401 - libraries count in the runtime, imported before the reset
+    import lora_rlhf.stages.ppo.trainer  # noqa: F401
     import lora_rlhf.stages.reward  # noqa: F401
     import lora_rlhf.stages.sft  # noqa: F401
     from lora_rlhf.core.loading import load_tokenizer
@@ -201,6 +207,10 @@ def run_stage(stage: str, recipe, prompts: list[str]) -> None:
         from lora_rlhf.stages.reward import run_reward
 
         run_reward(recipe)
+    elif stage == "dpo":  # from the (random, fixed) SFT adapter, on reward's pairs
+        from lora_rlhf.stages.dpo import run_dpo
+
+        run_dpo(recipe)
     elif stage == "eval":  # one policy (the SFT adapter) against itself as reference, the RM, perplexity
         from lora_rlhf.stages.eval.evaluate import Policy, run_eval
 
@@ -258,7 +268,8 @@ def main() -> None:
         for key, model in models.items():
             work = Path(tmp) / key
             work.mkdir()
-            if any(CONFIGS[n][1] == key and CONFIGS[n][0] in ("ppo", "ppo-ptx", "compare", "eval") for n in names):
+            if any(CONFIGS[n][1] == key and CONFIGS[n][0] in ("ppo", "ppo-ptx", "compare", "eval", "dpo")
+                   for n in names):
                 _run([sys.executable, __file__, "--child", "prepare", "--work", str(work), "--child-model", model,
                       "--device", args.device], env)
         for name in names:

@@ -16,7 +16,7 @@ ForceOpt = Annotated[
 
 @handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None, force: ForceOpt = None) -> None:
-    """Run data -> SFT -> compare + rank -> reward -> PPO(-ptx) -> eval into one output folder."""
+    """Run data -> SFT -> compare + rank -> reward -> (DPO) -> PPO(-ptx) -> eval into one output folder."""
     from lora_rlhf.recipe.config import load_recipe
     from lora_rlhf.stages.pipeline import run_pipeline
 

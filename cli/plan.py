@@ -44,7 +44,7 @@ def command(
     device: Annotated[Device | None, typer.Option(
         help="Plan for this device (default: cuda with a --gpu size, else the recipe's / this machine's).")] = None,
     stage: Annotated[list[str] | None, typer.Option(
-        "--stage", help="Plan only these stages (sft, compare, reward, ppo, ppo-ptx, eval); default: the pipeline's.")
+        "--stage", help="Plan only these stages (sft, compare, reward, dpo, ppo, ppo-ptx, eval); default: the pipeline's.")
     ] = None,
     prompt_length: Annotated[int, typer.Option(min=1, help="Prompt tokens to assume (PPO plans at most ppo.max_prompt_length).")
                              ] = 128,

@@ -17,12 +17,12 @@ What = Enum("What", {name: name for name in WHAT_CHOICES}, type=str)
 @handle_errors
 def command(
     output_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
-                                               help="A stage folder (OUT/sft, OUT/reward, OUT/ppo/policy) or a run "
-                                                    "folder (OUT, OUT/ppo).")],
+                                               help="A stage folder (OUT/sft, OUT/reward, OUT/dpo, OUT/ppo/policy) "
+                                                    "or a run folder (OUT, OUT/ppo).")],
     repo_id: Annotated[str, typer.Argument(help="user/name on the Hub; created when missing.")],
     what: Annotated[What | None, typer.Option(
-        "--what", help="Which adapters of a run folder: policy (PPO's, else SFT's; the default), reward, value, or "
-                       "all (policy at the root, the others in subfolders).")] = None,
+        "--what", help="Which adapters of a run folder: policy (PPO's, else DPO's, else SFT's; the default), dpo, "
+                       "reward, value, or all (policy at the root, the others in subfolders).")] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its "
                                                             "visibility).")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to (created from main when "

@@ -51,6 +51,37 @@ def test_trainer_arguments_pass_through_and_are_type_checked():
         recipe_from_dict({"sft": {"output_dir": "elsewhere"}})  # set by us from the top-level output_dir
 
 
+def test_dpo_section_passes_dpo_config_arguments_through_and_checks_ours():
+    recipe = recipe_from_dict({"dpo": {"pairs": "best_vs_rest", "sft_adapter": "runs/x/sft", "beta": 0.2,
+                                       "loss_type": "ipo", "precompute_ref_log_probs": True}})
+    assert (recipe.dpo.pairs, recipe.dpo.sft_adapter) == ("best_vs_rest", "runs/x/sft")
+    # one loss name, as TRL's DPOConfig takes it, becomes its list form
+    assert recipe.trainer_args["dpo"] == {"beta": 0.2, "loss_type": ["ipo"], "precompute_ref_log_probs": True}
+    assert recipe_to_dict(recipe)["dpo"]["loss_type"] == ["ipo"]
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"dpo": {"pairs": "best", "beta": 0, "loss_type": ["sigmoid", "ipoo"], "betta": 1}})
+    text = str(info.value)
+    assert "'dpo.pairs' must be one of 'all', 'best_vs_rest', got 'best'" in text
+    assert "dpo.beta must be > 0, got 0" in text
+    assert "'dpo.loss_type' has unknown loss 'ipoo' (did you mean 'ipo'?)" in text
+    assert "unknown key 'dpo.betta' (did you mean 'beta'?)" in text and "any DPOConfig argument" in text
+
+
+def test_dpo_loss_types_are_the_ones_trl_knows():
+    """DPOTrainer refuses an unknown loss only at the first step; the recipe refuses it up front from our copy of
+    TRL's list, which must stay the same list."""
+    import dataclasses
+    import re
+
+    from trl import DPOConfig
+
+    from lora_rlhf.recipe.config import DPO_LOSS_TYPES
+
+    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata["help"]
+    listed = help_text.split("Possible values are:")[1].split(". If")[0]
+    assert tuple(re.findall(r"'(\w+)'", listed)) == DPO_LOSS_TYPES
+
+
 def test_cross_field_checks():
     with pytest.raises(RecipeError, match=r"batch_size \(6\) must be a multiple of num_mini_batches \(4\)"):
         recipe_from_dict({"ppo": {"batch_size": 6, "num_mini_batches": 4}})

@@ -307,3 +307,43 @@ def test_gathered_shares_give_each_episode_the_forward_it_had_alone(tiny_recipe,
             assert torch.equal(getattr(whole, name)[rows, :width], getattr(share, name))
         torch.testing.assert_close(again[rows, :width], share.logprobs, rtol=1e-4, atol=1e-4)
         row += n
+
+
+def test_one_dpo_step_on_two_ranks_equals_one_process_accumulating_both_batches(tiny_recipe, tmp_path):
+    """TRL's DPOTrainer under DDP, the reference adapter and the (default) precomputed reference log-probs included:
+    2 ranks of 2 pairs give the adapter of one process accumulating two batches of 2 (run in this process, so that
+    the test launches torchrun once)."""
+    from conftest import write_jsonl
+    from test_dpo import save_sft_adapter
+    from test_reward import banana_rankings
+
+    from lora_rlhf.recipe.config import recipe_from_dict
+    from lora_rlhf.stages.dpo import run_dpo
+
+    data = {"reward": {"path": str(write_jsonl(tmp_path / "rank.jsonl", banana_rankings(1)))}}  # 4 pairs
+    common = {"max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "save_strategy": "no",
+              "logging_steps": 1}
+    sft = tmp_path / "sft"
+    outs = []
+    for name, settings in (("one", {**common, "gradient_accumulation_steps": 2}), ("two", common)):
+        raw = tiny_recipe(output_dir=str(tmp_path / name), data=data, dpo={**settings, "sft_adapter": str(sft)})
+        if not sft.is_dir():
+            save_sft_adapter(recipe_from_dict(raw), sft)
+        if name == "one":
+            out = run_dpo(recipe_from_dict(raw))
+        else:
+            path = tmp_path / "two.yaml"
+            path.write_text(yaml.safe_dump(raw))
+            run = torchrun("-m", "cli.main", "dpo", str(path))
+            assert run.returncode == 0, run.stderr[-3000:]
+            out = tmp_path / name / "dpo"
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["world_size"] == (1 if name == "one" else 2) and metrics["precompute_ref_log_probs"]
+        assert metrics["train_pairs"] == 4 and metrics["reference"] == str(sft)
+        outs.append(out)
+    _assert_same_trained_tensors(outs[0], outs[1], "adapter_model.safetensors")
+    from safetensors.torch import load_file
+
+    start = load_file(str(sft / "adapter_model.safetensors"))
+    trained = load_file(str(outs[1] / "adapter_model.safetensors"))
+    assert all(not torch.equal(trained[k], start[k]) for k in start if "lora_B" in k)  # the step moved the policy

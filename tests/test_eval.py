@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,27 @@ def test_discovers_base_sft_and_every_stage_policy(run_dir, tiny_model_dir):
     policies = discover_policies(_recipe(run_dir, tiny_model_dir))
     assert [p.name for p in policies] == ["base", "sft", "ppo", "ppo-ptx"]
     assert policies[2].metrics == run_dir / "run" / "ppo" / "metrics.jsonl"
+
+
+def test_the_dpo_policy_joins_the_table_with_paired_differences_against_sft_and_ppo(run_dir, tiny_model_dir,
+                                                                                    tmp_path):
+    shutil.copytree(run_dir, tmp_path / "copy")
+    shared = SharedBase.load(ModelConfig(name=str(tiny_model_dir), device="cpu"), QuantizationConfig(mode="none"),
+                             for_training=False)
+    _save_adapter(shared, "dpo", tmp_path / "copy" / "run" / "dpo", "dpo", seed=5)
+    recipe = _recipe(tmp_path / "copy", tiny_model_dir, labeler=f"{tmp_path / 'copy' / 'labeler.py'}:judge")
+    policies = discover_policies(recipe)
+    assert [p.name for p in policies] == ["base", "sft", "ppo", "ppo-ptx", "dpo"]
+    assert policies[-1].adapter == tmp_path / "copy" / "run" / "dpo"
+    result, out = run_eval(recipe, policies=[p for p in policies if p.name in ("sft", "ppo", "dpo")])
+    assert list(result.policies) == ["sft", "ppo", "dpo"] and result.policies["dpo"]["kl"] != 0.0  # KL to SFT
+    paired = {(d["policy"], d["baseline"], d["judge"]): d for d in result.paired}
+    for baseline in ("sft", "ppo"):
+        d = paired[("dpo", baseline, "labeler")]
+        assert d["n"] == 4 and d["low"] <= d["mean"] <= d["high"]
+    report = (out / "report.md").read_text()
+    assert "| dpo |" in report.split("## Policies")[1].split("## Paired differences")[0]
+    assert "- **dpo**:" in report  # the summary line against SFT
 
 
 def test_kl_of_a_policy_against_itself_is_zero_and_against_another_is_not(run_dir, tiny_model_dir):

@@ -241,3 +241,36 @@ def test_vocabulary_entries_are_not_mistaken_for_tokens_but_the_token_itself_is_
     (clean / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ModelError, match="not a valid safetensors file"):
         hub.check_no_secrets(hub.plan_push(clean, "alice/x"), token=None)
+
+
+def _with_dpo(run_dir, tmp_path, ppo: bool = True):
+    """A copy of the run with OUT/dpo (the SFT folder re-stamped as the dpo stage's), with or without PPO."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.copytree(run / "sft", run / "dpo")
+    meta = json.loads((run / "dpo" / "lora_rlhf.json").read_text())
+    (run / "dpo" / "lora_rlhf.json").write_text(json.dumps({**meta, "stage": "dpo"}))
+    if not ppo:
+        shutil.rmtree(run / "ppo")
+    return run
+
+
+def test_dpo_adapter_is_pushed_with_a_dpo_card(run_dir, tmp_path):
+    run = _with_dpo(run_dir, tmp_path)
+    plan = hub.plan_push(run / "dpo", "alice/dpo", what="dpo")
+    card = plan.text("README.md")
+    assert "direct preference optimisation" in card and "SFT adapter as the frozen reference" in card
+    assert {"dpo", "lora-rlhf"} <= set(read_front_matter(card)["tags"])
+    assert "## Evaluation" in card  # the run's eval report, as for any policy
+    # beside PPO: `all` keeps it in dpo/, `--what dpo` picks it alone
+    everything = hub.plan_push(run, "alice/rlhf", what="all")
+    assert {p.split("/")[0] for p in everything.files if "/" in p} == {"dpo", "sft", "reward", "value"}
+    assert json.loads(everything.text("lora_rlhf.json"))["stage"] == "ppo"
+    assert json.loads(everything.text("dpo/lora_rlhf.json"))["stage"] == "dpo"
+    assert "`alice/rlhf:dpo`" in everything.text("README.md")
+    assert json.loads(hub.plan_push(run, "a/b", what="dpo").text("lora_rlhf.json"))["stage"] == "dpo"
+    # without PPO the run's policy is DPO's, with the SFT reference beside it
+    no_ppo = _with_dpo(run_dir, tmp_path / "no-ppo", ppo=False)
+    assert json.loads(hub.plan_push(no_ppo, "a/b").text("lora_rlhf.json"))["stage"] == "dpo"
+    layout = {p.split("/")[0] if "/" in p else "." for p in hub.plan_push(no_ppo, "a/b", what="all").files}
+    assert layout == {".", "sft", "reward"}

@@ -23,6 +23,17 @@ def test_reward_reads_compare_rankings_by_default(tmp_path):
     assert recipe.data.reward.eval_fraction == 0.1
 
 
+def test_dpo_reads_the_same_rankings_unless_data_dpo_says_otherwise(tmp_path):
+    from lora_rlhf.stages.dpo import dpo_dataset_config
+
+    stages = {"pipeline": {"stages": ["data", "sft", "compare", "reward", "dpo", "eval"]}}
+    recipe = with_pipeline_defaults(recipe_from_dict({"output_dir": str(tmp_path), **stages}))
+    assert dpo_dataset_config(recipe) == recipe.data.reward  # compare's rankings, the same held-out prompts
+    own = with_pipeline_defaults(recipe_from_dict({"output_dir": str(tmp_path), **stages,
+                                                   "data": {"dpo": {"path": "prefs.jsonl"}}}))
+    assert dpo_dataset_config(own).path == "prefs.jsonl"
+
+
 def test_ppo_ptx_stage_without_ptx_settings_fails_before_any_stage_runs(tmp_path):
     recipe = recipe_from_dict({"output_dir": str(tmp_path / "run"), "pipeline": {"stages": ["sft", "ppo-ptx"]}})
     with pytest.raises(RecipeError, match="'ppo-ptx' needs ppo.ptx_coef > 0 and a data.ptx dataset"):
@@ -45,23 +56,25 @@ def test_complete_stages_are_skipped_and_force_reruns(tmp_path, monkeypatch):
         ran.append(stage)
         folder = recipe.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
-        names = {"sft": ["adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json"],
-                 "reward": ["adapter_config.json", "adapter_model.safetensors", "head.safetensors", "lora_rlhf.json"],
+        adapter = ["adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json"]
+        names = {"sft": adapter, "dpo": adapter, "reward": [*adapter, "head.safetensors"],
                  "eval": ["results.json"]}[stage]
         for name in names:
             (folder / name).write_text("{}")
 
     monkeypatch.setattr(pipeline, "_run_stage", fake_stage)
-    recipe = recipe_from_dict({"output_dir": str(tmp_path), "pipeline": {"stages": ["sft", "reward", "eval"]}})
+    recipe = recipe_from_dict({"output_dir": str(tmp_path),
+                               "pipeline": {"stages": ["sft", "reward", "dpo", "eval"]}})
     run_pipeline(recipe)
-    assert ran == ["sft", "reward", "eval"]
+    assert ran == ["sft", "reward", "dpo", "eval"]
     ran.clear()
     results = run_pipeline(recipe)
     assert ran == [] and all(r.skipped for r in results)
     (tmp_path / "reward" / "lora_rlhf.json").unlink()  # an interrupted reward stage
+    (tmp_path / "dpo" / "lora_rlhf.json").unlink()  # and an interrupted DPO stage
     run_pipeline(recipe, force=["eval"])
-    assert ran == ["reward", "eval"]
-    assert is_complete(recipe, "reward")
+    assert ran == ["reward", "dpo", "eval"]
+    assert is_complete(recipe, "reward") and is_complete(recipe, "dpo")
 
 
 def quick_overrides(out) -> list[str]:

@@ -120,11 +120,12 @@ def test_saved_activations_match_autograd(tiny_model_dir, dropout, checkpointing
 
 
 def test_trainer_defaults_are_the_stages_own():
+    from lora_rlhf.stages.dpo import DPO_DEFAULTS
     from lora_rlhf.stages.reward import REWARD_DEFAULTS
     from lora_rlhf.stages.sft import SFT_DEFAULTS
     from lora_rlhf.stages.trainer_setup import COMMON_DEFAULTS
 
-    for section, defaults in (("sft", SFT_DEFAULTS), ("reward", REWARD_DEFAULTS)):
+    for section, defaults in (("sft", SFT_DEFAULTS), ("reward", REWARD_DEFAULTS), ("dpo", DPO_DEFAULTS)):
         merged = {**COMMON_DEFAULTS, **defaults}
         assert {k: merged[k] for k in TRAINER_DEFAULTS[section]} == TRAINER_DEFAULTS[section]
 
@@ -273,12 +274,56 @@ def test_ppo_logits_are_one_sequences_where_the_lm_head_is_plain():
     assert logits(capped) == 8 * logits(llama)  # micro-batch 8 (batch 8, one mini-batch)
 
 
+def test_dpo_plans_policy_and_reference_over_chosen_and_rejected_without_vocabulary_sized_logits():
+    """A DPO step forwards 2 x batch sequences (chosen and rejected) with grad through the policy, and again without
+    through the reference adapter of the same base: SFT's activations at twice the batch, one more frozen adapter,
+    and TRL's fused log-prob tiles instead of [rows, T, V] logits. TRL switches dropout off, so no dropped copies."""
+    shape = load_shape("smollm2-135m-instruct")
+    recipe = recipe_from_dict({"lora": {"dropout": 0.1}, "dpo": {"per_device_train_batch_size": 4, "max_length": 128},
+                               "sft": {"per_device_train_batch_size": 8, "max_length": 128}})
+    for device in ("cpu", "cuda"):
+        dpo = stage_estimate(recipe, "dpo", shape, PlanContext(device))
+        parts = {p.name: p.bytes for p in dpo.phases[-1].parts}
+        base = Base(device, 4 if device == "cpu" else 2, "4bit", lora_dropout=0.0)
+        assert parts["activations"] == activation_bytes(shape, base, 8, 128)  # 4 pairs = 8 rows, no dropout copy
+        assert parts["lora reference"] < parts["lora policy"]  # frozen: no gradient, no AdamW state
+        tiles = int(estimate.FUSED_TILES[device] * 1024 * 32768 * 4)  # 8 x 128 = 1024 tokens; 32768 of 49152
+        assert parts["log-prob tiles"] == tiles + 1024 * 576 * base.dtype_bytes  # + the final hidden states
+        sft_logits = next(p.bytes for p in stage_estimate(recipe, "sft", shape, PlanContext(device)).phases[-1].parts
+                          if p.name == "logits")
+        if device == "cuda":  # SFT's [8, 128, 49152] logits and their copies; the CPU's torch tiles are not small
+            assert parts["log-prob tiles"] < sft_logits / 3
+    assert dpo.settings == {"micro_batch_pairs": 4, "sequences": 8, "max_length": 128}
+    # sized by the data's longest pair up to max_length, like sft and reward
+    shorter = stage_estimate(recipe, "dpo", shape, PlanContext(sequence_length=64)).peak
+    assert shorter < stage_estimate(recipe, "dpo", shape, PlanContext()).peak
+    assert stage_estimate(recipe, "dpo", shape, PlanContext(sequence_length=4096)).peak == \
+        stage_estimate(recipe, "dpo", shape, PlanContext()).peak
+
+
+def test_dpo_advice_parses_and_fits():
+    from lora_rlhf.plan.advice import advise, apply_sets
+
+    shape = load_shape("meta-llama/Llama-3.1-8B-Instruct")
+    recipe = recipe_from_dict({"model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "dtype": "bf16"},
+                               "dpo": {"per_device_train_batch_size": 8, "max_length": 1024}})
+    ctx = PlanContext("cuda")
+    peak = stage_estimate(recipe, "dpo", shape, ctx).peak
+    knobs = advise(recipe, "dpo", shape, ctx, int(0.7 * peak))
+    assert knobs and knobs[0].peak <= 0.7 * peak and knobs[0].keeps_results  # gradient checkpointing, first
+    for knob in knobs:
+        assert stage_estimate(apply_sets(recipe, knob.sets), "dpo", shape, ctx).peak == knob.peak < peak
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_table_names_every_stage_of_the_demo():
     result = runner.invoke(app, ["plan", str(ROOT / "recipes/demo_smollm2_cpu.yaml"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     for stage in ("sft", "compare", "reward", "ppo", "ppo-ptx", "eval", "activations", "dequantized weights"):
         assert stage in result.output
+    result = runner.invoke(app, ["plan", str(ROOT / "recipes/demo_smollm2_cpu.yaml"), "--stage", "dpo", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [s["stage"] for s in json.loads(result.output)["stages"]] == ["dpo"]
 
 
 def test_json_has_every_phase_and_part():

@@ -140,3 +140,40 @@ def test_pairs_ranked_both_ways_are_counted_with_examples(caplog):
     assert len(comparisons) == 7  # nothing dropped: they are real judgements, reported
     assert "1 response pair(s) are ranked both ways" in caplog.text
     assert "line 1 (alice) prefer 'x' to 'y', line 2 (alice) the reverse" in caplog.text
+
+
+def test_best_vs_rest_keeps_the_pairs_won_by_a_best_response():
+    # ranks [1, 3, 2, 2]: all pairs (0,1) (0,2) (0,3) (2,1) (3,1); best vs rest keeps response 0's three.
+    line = {"prompt": "p", "responses": ["a", "b", "c", "d"], "ranks": [1, 3, 2, 2]}
+    best = rankings_to_comparisons([line], "x", pairs="best_vs_rest")
+    assert [(c.chosen, c.rejected) for c in best] == [("a", "b"), ("a", "c"), ("a", "d")]
+    assert len(rankings_to_comparisons([line], "x")) == 5  # the reward model's rule is unchanged
+    # A tie for best: each best response against every worse one. Scores are ranks with the sign flipped.
+    tied = {"prompt": "p", "responses": ["a", "b", "c"], "scores": [0.9, 0.9, 0.1]}
+    assert [(c.chosen, c.rejected) for c in to_comparisons([tied], list(tied), "x", pairs="best_vs_rest")] == [
+        ("a", "c"), ("b", "c")]
+    # K = 6 without ties: K - 1 = 5 pairs instead of 15.
+    six = ranking(6, ranks=[4, 1, 6, 2, 5, 3])
+    pairs = rankings_to_comparisons([six], "x", pairs="best_vs_rest")
+    assert len(pairs) == 5 and {c.chosen for c in pairs} == {"r1"}
+    # Preference rows are one pair each, whatever the rule.
+    row = {"prompt": "p", "chosen": "good", "rejected": "bad"}
+    assert len(to_comparisons([row], list(row), "x", pairs="best_vs_rest")) == 1
+
+
+def test_held_out_comparisons_are_whole_prompts(tmp_path):
+    from conftest import write_jsonl
+
+    from lora_rlhf.recipe.config import DatasetConfig
+    from lora_rlhf.stages.rankings import load_comparisons
+
+    rows = [ranking(3, ranks=[1, 2, 3], id=i) | {"prompt": f"p{i}"} for i in range(10)]
+    cfg = DatasetConfig(path=str(write_jsonl(tmp_path / "r.jsonl", rows)), eval_fraction=0.2)
+    train, held = load_comparisons(cfg, seed=0, pairs="best_vs_rest")
+    assert len(held) == 2 * 2 and len(train) == 8 * 2  # 2 of 10 prompts, 2 pairs each under best-vs-rest
+    assert not {c.prompt for c in train} & {c.prompt for c in held}
+    # the same prompts are held out whatever the pair rule (the reward model and DPO share the split)
+    assert {c.prompt for c in load_comparisons(cfg, seed=0)[1]} == {c.prompt for c in held}
+    with pytest.raises(DataError, match="set data.dpo.eval_fraction: 0"):
+        load_comparisons(DatasetConfig(path=str(write_jsonl(tmp_path / "one.jsonl", rows[:1])), eval_fraction=0.2),
+                         key="data.dpo")

@@ -4,4 +4,4 @@ Hub references (`user/name[@revision][:subfolder]`) become local folders here, b
 """
 
 # `push --what`: which adapters of a run folder go up (kept here, free of torch, so the CLI's --help stays fast)
-WHAT_CHOICES = ("policy", "reward", "value", "all")
+WHAT_CHOICES = ("policy", "dpo", "reward", "value", "all")

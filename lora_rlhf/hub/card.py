@@ -46,7 +46,7 @@ def sidecar(folder: Path, name: str) -> Path | None:
 
 
 def eval_report_for(folder: Path) -> Path | None:
-    """`OUT/eval/report.md` of the run an adapter folder belongs to (OUT/sft or OUT/ppo/policy)."""
+    """`OUT/eval/report.md` of the run an adapter folder belongs to (OUT/sft, OUT/dpo or OUT/ppo/policy)."""
     for run in (folder.parent, folder.parent.parent):
         candidate = run / "eval" / "report.md"
         if candidate.is_file():
@@ -106,9 +106,11 @@ def adapter_card(inputs: CardInputs, repo_id: str, *, subfolder: str | None = No
     what = {"policy": "a policy (causal LM) LoRA adapter",
             "reward": "a reward model: a LoRA adapter plus a scalar head (`head.safetensors`)",
             "value": "a PPO value function: a LoRA adapter plus a scalar head (`head.safetensors`)"}.get(role, role)
+    how = (f"stage `{stage}`: direct preference optimisation (Rafailov et al. 2023) from ranked comparisons, "
+           "against the SFT adapter as the frozen reference" if stage == "dpo"
+           else f"stage `{stage}` of the InstructGPT recipe: SFT -> reward model -> PPO")
     lines = [f"# {repo_id.split('/')[-1]}" + (f" / {subfolder}" if subfolder else ""), "",
-             f"This is {what}, trained with lora-rlhf (stage `{stage}` of "
-             "the InstructGPT recipe: SFT -> reward model -> PPO).", ""]
+             f"This is {what}, trained with lora-rlhf ({how}).", ""]
     lines += _base_section(meta, base_id, license)
     lines += _usage_section(ref, role, base_id or str(base.get("name_or_path")), subfolder)
     if others:

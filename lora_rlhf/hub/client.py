@@ -203,14 +203,16 @@ def find_adapters(output_dir: Path, what: str | None = None) -> list[AdapterFold
     if (output_dir / META_FILE).is_file():
         meta = read_adapter_meta(output_dir)
         role = meta.get("role", "policy")
-        if what not in (None, "all", role):
+        if what not in (None, "all", role) and not (what == "dpo" and meta.get("stage") == "dpo"):
             raise ModelError(f"'{output_dir}' holds a {role} adapter, not a {what} adapter",
                              fix=f"use --what {role} (or all), or point at the run folder that holds all stages")
         return [_checked(AdapterFolder(role, output_dir, meta))]
     if (output_dir / "adapter_config.json").is_file():
         raise _incomplete(output_dir)
-    # Run folder layouts: OUT/{sft,reward,ppo/policy,ppo/value}, or OUT/ppo/{policy,value} itself.
-    layout = {"policy": ["ppo/policy", "policy", "sft"], "reward": ["reward"], "value": ["ppo/value", "value"]}
+    # Run folder layouts: OUT/{sft,reward,dpo,ppo/policy,ppo/value}, or OUT/ppo/{policy,value} itself. The policy
+    # is PPO's, else DPO's, else SFT's; a DPO adapter beside a PPO one is its own entry (`--what dpo`, or `all`).
+    layout = {"policy": ["ppo/policy", "policy", "dpo", "sft"], "dpo": ["dpo"], "reward": ["reward"],
+              "value": ["ppo/value", "value"]}
     found: dict[str, AdapterFolder] = {}
     incomplete: list[Path] = []
     for label, subdirs in layout.items():
@@ -221,16 +223,19 @@ def find_adapters(output_dir: Path, what: str | None = None) -> list[AdapterFold
             elif (folder / "adapter_config.json").is_file():
                 incomplete.append(folder)
     policy = found.get("policy")
-    if policy is not None and policy.folder.name == "policy" and (output_dir / "sft" / META_FILE).is_file():
-        # After PPO the SFT adapter is the reference policy: worth keeping next to the PPO one.
+    if policy is not None and "dpo" in found and found["dpo"].folder == policy.folder and what != "dpo":
+        del found["dpo"]  # the run's policy is the DPO adapter itself: one entry
+    if policy is not None and policy.folder.name in ("policy", "dpo") and (output_dir / "sft" / META_FILE).is_file():
+        # After PPO or DPO the SFT adapter is the reference policy: worth keeping next to the trained one.
         found["sft"] = AdapterFolder("sft", output_dir / "sft", read_adapter_meta(output_dir / "sft"))
     if not found:
         if incomplete:
             raise _incomplete(incomplete[0])
         raise ModelError(f"'{output_dir}' is neither an adapter folder (no {META_FILE}) nor a run folder holding "
-                         "sft/, reward/ or ppo/", fix="point at OUT/sft, OUT/reward, OUT/ppo or the run folder OUT")
+                         "sft/, reward/, dpo/ or ppo/",
+                         fix="point at OUT/sft, OUT/reward, OUT/dpo, OUT/ppo or the run folder OUT")
     if what == "all":
-        chosen = [found[k] for k in ("policy", "sft", "reward", "value") if k in found]
+        chosen = [found[k] for k in ("policy", "dpo", "sft", "reward", "value") if k in found]
     else:
         want = what or "policy"
         if want not in found:

@@ -34,10 +34,10 @@ class Knob:
 def _candidates(recipe: Recipe, stage: str) -> list[tuple[tuple[str, ...], str, bool]]:
     """(overrides, effect, keeps results) worth trying for `stage`, from the recipe's current values."""
     out: list[tuple[tuple[str, ...], str, bool]] = []
-    checkpointed = ("sft", "reward", "ppo", "ppo-ptx") if PPO_CHECKPOINTS else ("sft", "reward")
+    checkpointed = ("sft", "reward", "dpo", "ppo", "ppo-ptx") if PPO_CHECKPOINTS else ("sft", "reward", "dpo")
     if not recipe.model.gradient_checkpointing and stage in checkpointed:
         out.append((("model.gradient_checkpointing=true",), "~30 % slower steps, same results", True))
-    if stage in ("sft", "reward"):
+    if stage in ("sft", "reward", "dpo"):
         batch = trainer_value(recipe, stage, "per_device_train_batch_size")
         accum = int(recipe.trainer_args.get(stage, {}).get("gradient_accumulation_steps", 1))
         length = trainer_value(recipe, stage, "max_length")
@@ -49,8 +49,8 @@ def _candidates(recipe: Recipe, stage: str) -> list[tuple[tuple[str, ...], str, 
         if "8bit" not in str(recipe.trainer_args.get(stage, {}).get("optim", "")):
             out.append(((f"{stage}.optim=paged_adamw_8bit",), "8-bit AdamW states (small for LoRA)", True))
         if length > 64:
-            out.append(((f"{stage}.max_length={length // 2}",), "longer examples are cut (sft) or dropped (reward)",
-                        False))
+            out.append(((f"{stage}.max_length={length // 2}",),
+                        "longer examples are cut (sft) or dropped (reward, dpo)", False))
     if stage in ("ppo", "ppo-ptx"):
         cfg = recipe.ppo
         mini = cfg.batch_size // cfg.num_mini_batches

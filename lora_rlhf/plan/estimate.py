@@ -66,6 +66,13 @@ CPU_ADAPTER_SETUP = 0.8
 # less slack than SFT's: its full CPU_HEAP_SLACK predicted above every one of ten bench_plan runs (2.56-3.02 GB,
 # median 2.84, against 3.15 predicted); 0.7 x of it predicts 2.91: +2.5 % on that median, under four runs by 1-4 %.
 CPU_REWARD_SLACK = 0.7
+# TRL's fused LM head (DPO): log-probs are folded tile by tile, never as [B, T, V] logits. A tile is at most
+# [4096 tokens, 32768 vocabulary entries] (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, kernels/chunked_logprob
+# TOKEN_CHUNK_SIZE). On the CPU its torch fallback's backward peaks at 8.4-8.8 fp32 tiles (measured with VmHWM on
+# trl 1.16's ChunkedLogProbFunction at 512-2048 tokens, a 49152 vocabulary); on CUDA the Triton kernels work in
+# place on the tile and one fp32 buffer (read from the source, not measured).
+FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
+FUSED_TILES = {"cpu": 8.8, "cuda": 2}
 
 Device = Literal["cpu", "cuda"]
 QuantMode = Literal["4bit", "8bit", "none"]
@@ -295,6 +302,33 @@ def reward_estimate(shape: ModelShape, base: Base, batch: int, max_length: int,
                             *heap_slack(base, transient)])
     return StageEstimate("reward", [_load_phase(shape, base, lm_head=False), train],
                          {"micro_batch_pairs": batch, "sequences": rows, "max_length": max_length})
+
+
+def dpo_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> StageEstimate:
+    """`lora-rlhf dpo`: TRL's DPOTrainer on one base with the policy (trainable) and reference (frozen) adapters.
+
+    Each step forwards the chosen and the rejected sequence of `batch` pairs (2 x batch rows) through the policy
+    with grad, then through the reference without (its temporaries on top of the policy's saved activations), then
+    backward. Log-probs come from TRL's fused LM head (FUSED_TILES tiles, no [rows, T, V] logits). The CPU heap
+    slack is SFT's formula, not yet fitted on DPO runs (bench/bench_plan.py dpo-135m-4bit measures it).
+    """
+    rows = 2 * batch
+    tokens = rows * max_length
+    acts = activation_bytes(shape, base, rows, max_length)
+    tile = min(tokens, FUSED_TILE_TOKENS) * min(shape.vocab_size, FUSED_TILE_VOCAB) * 4
+    tiles = int(FUSED_TILES[base.device] * tile)
+    hidden = tokens * shape.hidden_size * base.dtype_bytes
+    transient = backward_churn(shape, base, rows, max_length) + layer_workspace(shape, base, tokens)
+    train = Phase("train", [*_resident(shape, base, {"policy": True, "reference": False}),
+                            Part("activations", acts, _act_note(base, rows, max_length) + ", chosen + rejected"),
+                            Part("log-prob tiles", tiles + hidden,
+                                 f"{FUSED_TILES[base.device]} x [{min(tokens, FUSED_TILE_TOKENS)}, "
+                                 f"{min(shape.vocab_size, FUSED_TILE_VOCAB)}] fp32 + the final hidden states"),
+                            Part("forward/backward workspace", layer_workspace(shape, base, tokens),
+                                 "the reference's no-grad forward, then the backward"),
+                            *heap_slack(base, transient)])
+    return StageEstimate("dpo", [_load_phase(shape, base), train], {"micro_batch_pairs": batch, "sequences": rows,
+                                                                     "max_length": max_length})
 
 
 def generation_parts(shape: ModelShape, base: Base, rows: int, prompt_len: int, new_tokens: int,

@@ -56,9 +56,9 @@ def preflight(recipe: Recipe, stage: str, device: torch.device, prompt_length: i
               sequence_length: int | None = None) -> int:
     """Predict `stage`'s peak for `recipe` on `device` (bytes) and stop when it exceeds the free memory.
 
-    stage: sft | compare | reward | ppo | ppo-ptx | eval; prompt_length: the data's longest prompt in tokens,
+    stage: sft | compare | reward | dpo | ppo | ppo-ptx | eval; prompt_length: the data's longest prompt in tokens,
     planned at no fewer than the planner's 128 (else 128 is assumed); sequence_length: the data's longest
-    training row in tokens, where the stage knows it (sft, reward, ppo-ptx's ptx rows; else max_length is
+    training row in tokens, where the stage knows it (sft, reward, dpo, ppo-ptx's ptx rows; else max_length is
     assumed). Returns the predicted peak in bytes. Raises OutOfMemoryPlan (a LoraRlhfError: the CLI prints it and
     exits 2) whose `fix` lists the ranked `--set` lines that would fit, unless the environment variable
     LORA_RLHF_SKIP_PREFLIGHT=1 is set. A model whose config cannot be read (no Hub access) is not a reason to

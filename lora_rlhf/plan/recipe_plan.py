@@ -17,6 +17,7 @@ from lora_rlhf.plan.estimate import (
     Device,
     PPOShape,
     StageEstimate,
+    dpo_estimate,
     eval_estimate,
     generation_estimate,
     ppo_estimate,
@@ -27,17 +28,18 @@ from lora_rlhf.plan.model_shape import ModelShape, load_shape
 from lora_rlhf.recipe.config import Recipe
 
 # The TRL-trained stages' defaults (stages/trainer_setup.COMMON_DEFAULTS, stages/sft.SFT_DEFAULTS,
-# stages/reward.REWARD_DEFAULTS). The planner sits below the stages (they call its preflight), so it cannot
-# import them; tests/test_plan.py checks these copies against the originals.
+# stages/reward.REWARD_DEFAULTS, stages/dpo.DPO_DEFAULTS). The planner sits below the stages (they call its
+# preflight), so it cannot import them; tests/test_plan.py checks these copies against the originals.
 TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"per_device_train_batch_size": 4, "max_length": 512},
     "reward": {"per_device_train_batch_size": 8, "max_length": 512},
+    "dpo": {"per_device_train_batch_size": 4, "max_length": 512},
 }
 # stages/eval/evaluate.PERPLEXITY_MAX_TOKENS, copied for the same reason (tests/test_plan.py checks it): eval
 # scores each general text up to this many tokens, in batches of eval.batch_size.
 EVAL_TEXT_TOKENS = 256
 DEFAULT_PROMPT_LENGTH = 128  # tokens the plan assumes (--prompt-length): only PPO bounds prompts (ppo.max_prompt_length)
-PLANNED_STAGES = ("sft", "compare", "reward", "ppo", "ppo-ptx", "eval")
+PLANNED_STAGES = ("sft", "compare", "reward", "dpo", "ppo", "ppo-ptx", "eval")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def planning_dtype_bytes(recipe: Recipe, device: Device) -> int:
 
 
 def base_settings(recipe: Recipe, device: Device, section: str | None = None) -> Base:
-    """The shared base's settings for a stage; `section` (sft / reward) adds its trainer's optimizer."""
+    """The shared base's settings for a stage; `section` (sft / reward / dpo) adds its trainer's optimizer."""
     optim = str(recipe.trainer_args.get(section, {}).get("optim", "")) if section else ""
     lora = recipe.lora
     return Base(device=device, dtype_bytes=planning_dtype_bytes(recipe, device), quant=recipe.quantization.mode,
@@ -77,8 +79,8 @@ def trainer_value(recipe: Recipe, section: str, key: str) -> int:
 
 
 def trained_length(recipe: Recipe, section: str, ctx: PlanContext) -> int:
-    """Tokens per row of an sft / reward batch: max_length, or the data's longest row when shorter (packed SFT
-    rows are always max_length long)."""
+    """Tokens per row of an sft / reward / dpo batch: max_length, or the data's longest row when shorter (packed
+    SFT rows are always max_length long)."""
     cap = trainer_value(recipe, section, "max_length")
     if not ctx.sequence_length or recipe.trainer_args.get(section, {}).get("packing"):
         return cap
@@ -110,7 +112,7 @@ def ranked_responses(recipe: Recipe) -> int | None:
 
 
 def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanContext) -> StageEstimate:
-    """The prediction for one stage of `recipe` (sft, compare, reward, ppo, ppo-ptx, eval)."""
+    """The prediction for one stage of `recipe` (sft, compare, reward, dpo, ppo, ppo-ptx, eval)."""
     q = ctx.prompt_length
     if stage == "sft":
         return sft_estimate(shape, base_settings(recipe, ctx.device, "sft"),
@@ -120,6 +122,12 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
         return reward_estimate(shape, base_settings(recipe, ctx.device, "reward"),
                                trainer_value(recipe, "reward", "per_device_train_batch_size"),
                                trained_length(recipe, "reward", ctx), ranked_responses(recipe))
+    if stage == "dpo":
+        base = base_settings(recipe, ctx.device, "dpo")
+        if recipe.trainer_args.get("dpo", {}).get("disable_dropout", True):
+            base = replace(base, lora_dropout=0.0)  # TRL sets every dropout to p=0: no dropped-out copies
+        return dpo_estimate(shape, base, trainer_value(recipe, "dpo", "per_device_train_batch_size"),
+                            trained_length(recipe, "dpo", ctx))
     base = base_settings(recipe, ctx.device)
     if stage in ("ppo", "ppo-ptx"):
         # PPO sets every dropout to p=0 (stages/ppo/roles.disable_dropout): torch then returns the input, no copy

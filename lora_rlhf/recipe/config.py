@@ -2,8 +2,8 @@
 
     output_dir / seed                   where every stage writes (`OUT/sft`, `OUT/reward`, `OUT/ppo`, ...)
     model, quantization, lora           the shared base and the adapters put on it
-    data                                datasets by role: sft, reward, prompts, ptx, eval
-    sft, reward                         our keys plus any trl.SFTConfig / trl.RewardConfig argument
+    data                                datasets by role: sft, reward, dpo, prompts, ptx, eval
+    sft, reward, dpo                    our keys plus any trl.SFTConfig / RewardConfig / DPOConfig argument
     compare, ppo, eval                  our own sections
 
 Unknown keys are rejected with the valid names and a "did you mean"; every problem is reported at once;
@@ -26,7 +26,15 @@ import yaml
 
 from lora_rlhf.errors import RecipeError
 from lora_rlhf.recipe.ppo import PPOSection
-from lora_rlhf.recipe.schema import Range, build, check_number, check_value, ranged, unknown_key_problem
+from lora_rlhf.recipe.schema import (
+    Range,
+    build,
+    check_number,
+    check_value,
+    did_you_mean,
+    ranged,
+    unknown_key_problem,
+)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -124,6 +132,8 @@ class DataConfig:
     reward_eval: DatasetConfig | None = None
     """Held-out comparisons (same formats) for the reward model's pairwise accuracy, instead of holding out
     data.reward.eval_fraction of data.reward's prompts."""
+    dpo: DatasetConfig | None = None
+    """Comparisons for `lora-rlhf dpo`, in the same formats (default: data.reward, the same comparisons)."""
     prompts: DatasetConfig | None = None
     """Prompts for `compare` and PPO rollouts: a `prompt` column (string or messages)."""
     ptx: DatasetConfig | None = None
@@ -159,6 +169,22 @@ class RewardSection:
     head_learning_rate: float | None = ranged(None, gt=0)
     """Learning rate of the scalar head (null: the LoRA weights' learning_rate). The head starts from random
     numbers while the LoRA starts from the SFT adapter: on few comparisons it wants a higher rate."""
+
+
+PairRule = Literal["all", "best_vs_rest"]
+
+
+@dataclass
+class DPOSection:
+    """Direct preference optimisation from the comparisons. Besides these keys, any `trl.DPOConfig` argument
+    (beta, loss_type, learning_rate, precompute_ref_log_probs, max_length, ...) may be given and is passed through."""
+
+    sft_adapter: str | None = None
+    """The adapter the policy starts from and the frozen reference is (default: the SFT stage's output when it
+    exists, else a fresh adapter against the bare base)."""
+    pairs: PairRule = "all"
+    """From K-wise rankings: `all` K(K-1)/2 pairs of a prompt (the reward model's rule), or `best_vs_rest`: each
+    best-ranked response against every other (K-1 pairs, fewer steps, less signal)."""
 
 
 @dataclass
@@ -199,7 +225,7 @@ class EvalSection:
     """Use at most this many rows of general_text (each cut to 256 tokens)."""
 
 
-StageName = Literal["data", "sft", "compare", "reward", "ppo", "ppo-ptx", "eval"]
+StageName = Literal["data", "sft", "compare", "reward", "dpo", "ppo", "ppo-ptx", "eval"]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # the pipeline's stages, in order: the one list of them
 
 
@@ -209,7 +235,8 @@ class PipelineSection:
 
     stages: list[StageName] = field(
         default_factory=lambda: ["data", "sft", "compare", "reward", "ppo", "eval"])
-    """`ppo` is plain PPO (ptx_coef 0) into OUT/ppo; `ppo-ptx` uses ppo.ptx_coef into OUT/ppo-ptx."""
+    """`ppo` is plain PPO (ptx_coef 0) into OUT/ppo; `ppo-ptx` uses ppo.ptx_coef into OUT/ppo-ptx; `dpo` (optional)
+    trains a policy by DPO from the same comparisons into OUT/dpo."""
     data_builder: str | None = None
     """`module:function(recipe, **data_builder_args)` that writes the datasets the recipe names (the demo's)."""
     data_builder_args: dict[str, Any] = field(default_factory=dict)
@@ -229,12 +256,14 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTSection = field(default_factory=SFTSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
     compare: CompareSection = field(default_factory=CompareSection)
     ppo: PPOSection = field(default_factory=PPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     trainer_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})
-    """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig)."""
+    """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig, `dpo` ->
+    DPOConfig)."""
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / stage
@@ -251,6 +280,10 @@ def _trainer_args_class(section: str) -> type:
         from trl import SFTConfig
 
         return SFTConfig
+    if section == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
     from trl import RewardConfig
 
     return RewardConfig
@@ -266,8 +299,13 @@ _TRAINER_RANGES: dict[str, Range] = {
     "per_device_train_batch_size": _POSITIVE, "per_device_eval_batch_size": _POSITIVE,
     "gradient_accumulation_steps": _POSITIVE, "max_length": _POSITIVE, "logging_steps": _POSITIVE,
     "save_steps": _POSITIVE, "eval_steps": _POSITIVE, "save_total_limit": _POSITIVE,
+    "beta": _POSITIVE, "precompute_ref_batch_size": _POSITIVE,
     "max_steps": Range(gt=0, also=(-1,), why="or -1: use num_train_epochs"),
 }
+# trl 1.16 DPOConfig.loss_type values: DPOTrainer rejects another only at the first training step, after the model
+# has loaded and the output folder is made (tests/test_config.py checks this list against TRL's own).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems: list[str]) -> tuple[dict, dict]:
@@ -281,6 +319,8 @@ def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems
         if key in our_fields:
             ours_part[key] = value
         elif key in trl_fields:
+            if section == "dpo" and key == "loss_type":
+                value = _check_loss_types(value, problems)
             trial: list[str] = []
             trl_part[key] = check_value(value, hints.get(key, Any), f"{section}.{key}", trial)
             if not trial:
@@ -290,6 +330,17 @@ def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems
             listing = f"valid keys: {', '.join(sorted(our_fields))} and any {cls.__name__} argument (trl docs)"
             problems.append(unknown_key_problem(section, key, sorted(our_fields | set(trl_fields)), listing))
     return ours_part, trl_part
+
+
+def _check_loss_types(value: Any, problems: list[str]) -> Any:
+    """dpo.loss_type: one name (as TRL's DPOConfig accepts it) or a list of names, each one TRL knows."""
+    names = [value] if isinstance(value, str) else value
+    if isinstance(names, list):
+        for name in names:
+            if isinstance(name, str) and name not in DPO_LOSS_TYPES:
+                problems.append(f"'dpo.loss_type' has unknown loss '{name}'{did_you_mean(name, list(DPO_LOSS_TYPES))}; "
+                                f"valid: {', '.join(DPO_LOSS_TYPES)}")
+    return names
 
 
 @functools.cache
@@ -343,7 +394,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, so
     raw, problems = apply_overrides(raw, overrides or [])
     trainer_args: dict[str, dict[str, Any]] = {}
     body = dict(raw)
-    for section, ours in (("sft", SFTSection), ("reward", RewardSection)):
+    for section, ours in (("sft", SFTSection), ("reward", RewardSection), ("dpo", DPOSection)):
         value = body.get(section)
         if isinstance(value, dict):
             body[section], trainer_args[section] = _split_trainer_args(section, ours, value, problems)

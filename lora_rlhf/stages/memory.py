@@ -34,8 +34,8 @@ def check_memory(recipe: Recipe, stage: str, sequence_length: int | None = None,
                  prompt_length: int | None = None) -> StageMemory:
     """Stop (exit 2, with the knobs that fit) when `stage` is predicted not to fit; then start its peak.
 
-    stage: sft | compare | reward | ppo | ppo-ptx | eval; sequence_length: the longest training row in tokens
-    (sft, reward, ppo-ptx's ptx rows), so the prediction is for the data rather than max_length; prompt_length:
+    stage: sft | compare | reward | dpo | ppo | ppo-ptx | eval; sequence_length: the longest training row in tokens
+    (sft, reward, dpo, ppo-ptx's ptx rows), so the prediction is for the data rather than max_length; prompt_length:
     the longest prompt in tokens (compare, ppo, eval; planned at no fewer than 128, see `preflight`).
     LORA_RLHF_SKIP_PREFLIGHT=1 starts it anyway.
     """

@@ -1,4 +1,4 @@
-"""The whole InstructGPT recipe in one command: data -> SFT -> compare + rank -> RM -> PPO(-ptx) -> eval.
+"""The whole InstructGPT recipe in one command: data -> SFT -> compare + rank -> RM -> (DPO) -> PPO(-ptx) -> eval.
 
 Every stage writes into the recipe's output folder and is skipped when its output is complete (each stage
 writes its completion marker last), so an interrupted pipeline resumes where it stopped; `force` reruns the
@@ -6,7 +6,9 @@ named stages (or all). Stages run in the order of `pipeline.stages`; each is the
 command (`lora-rlhf sft`, `reward`, ...), so a pipeline run and a hand-run sequence give the same folders.
 
 `ppo` runs PPO without the pretraining mix (ptx_coef = 0) into OUT/ppo; `ppo-ptx` runs PPO-ptx with the
-recipe's ptx_coef into OUT/ppo-ptx, so the evaluation can show what ptx buys against the alignment tax.
+recipe's ptx_coef into OUT/ppo-ptx, so the evaluation can show what ptx buys against the alignment tax. The
+optional `dpo` stage trains a policy by DPO from the same comparisons as the reward model into OUT/dpo, which the
+evaluation puts in the same table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.errors import RecipeError
 from lora_rlhf.recipe.config import STAGES, DatasetConfig, Recipe
 from lora_rlhf.stages.compare import RANKINGS, run_compare
+from lora_rlhf.stages.dpo import run_dpo
 from lora_rlhf.stages.eval.evaluate import EVAL_DIR, RESULTS_FILE, run_eval
 from lora_rlhf.stages.ppo.trainer import train_ppo
 from lora_rlhf.stages.reward import run_reward
@@ -47,7 +50,8 @@ def _is_local(path: str) -> bool:
 
 
 def with_pipeline_defaults(recipe: Recipe) -> Recipe:
-    """Chain the stages: without data.reward, the reward model learns from compare's rankings."""
+    """Chain the stages: without data.reward, the reward model (and DPO, without data.dpo) learns from compare's
+    rankings."""
     recipe = copy.deepcopy(recipe)
     if recipe.data.reward is None and "compare" in recipe.pipeline.stages:
         recipe.data.reward = DatasetConfig(path=str(recipe.stage_dir("compare") / "rankings.jsonl"),
@@ -70,7 +74,7 @@ def is_complete(recipe: Recipe, stage: str) -> bool:
     """A stage is complete when its output is finished: the same tests the later stages use to find it."""
     if stage == "data":
         return _data_complete(recipe)
-    if stage in ("sft", "reward"):
+    if stage in ("sft", "reward", "dpo"):
         return is_finished(recipe.stage_dir(stage), "reward" if stage == "reward" else "policy")
     if stage in ("ppo", "ppo-ptx"):
         return is_finished(recipe.stage_dir(stage) / "policy")
@@ -98,6 +102,8 @@ def _run_stage(recipe: Recipe, stage: str) -> Path | None:
         return run_compare(recipe)
     if stage == "reward":
         return run_reward(recipe)
+    if stage == "dpo":
+        return run_dpo(recipe)
     if stage in ("ppo", "ppo-ptx"):
         train_ppo(ppo_variant(recipe, stage), stage=stage)
         return recipe.stage_dir(stage)

@@ -1,9 +1,10 @@
-"""Comparisons for the reward model: K-wise rankings and TRL preference rows -> (prompt, chosen, rejected).
+"""Comparisons for the reward model and DPO: K-wise rankings and TRL preference rows -> (prompt, chosen, rejected).
 
 The paper's labelers rank K = 4..9 responses per prompt and every one of the K(K-1)/2 ordered pairs becomes a
-comparison. A ranking line (docs/FORMATS.md) carries `ranks` (1 = best) or `scores` (higher = better); equal
-values are ties and give no pair; a line whose responses are all tied, or that has fewer than two responses, is
-an error; `"skipped": true` lines give no pairs.
+comparison (`pairs="all"`, the reward model's rule); `pairs="best_vs_rest"` keeps only the pairs whose chosen
+response is a best-ranked one (K-1 pairs without ties; a DPO choice). A ranking line (docs/FORMATS.md) carries
+`ranks` (1 = best) or `scores` (higher = better); equal values are ties and give no pair; a line whose responses
+are all tied, or that has fewer than two responses, is an error; `"skipped": true` lines give no pairs.
 
 Every comparison keeps the index of the line it came from (`group`), so that training can put all pairs of
 one prompt in the same batch (the paper's fix for reward-model overfitting) and held-out evaluation can split
@@ -25,12 +26,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lora_rlhf.core.data import load_table
 from lora_rlhf.core.text import Prompt
 from lora_rlhf.errors import DataError
+from lora_rlhf.recipe.config import DatasetConfig, PairRule
 
 log = logging.getLogger(__name__)
 FLAG_LABELS = ("harmful", "untruthful", "fails_instruction", "low_quality", "other")
@@ -67,8 +71,16 @@ def pairs_from_scores(scores: Sequence[float]) -> list[tuple[int, int]]:
     return pairs_from_ranks([-s for s in scores])
 
 
-def ranking_pairs(row: dict[str, Any], where: str) -> list[tuple[int, int]]:
-    """Validate one ranking line and return its (winner, loser) pairs; [] for a skipped line."""
+def best_vs_rest(ranks: Sequence[float]) -> list[tuple[int, int]]:
+    """ranks (1 = best) -> the pairs of `pairs_from_ranks` whose winner holds the best rank: each best response
+    against every worse one. [1, 3, 2, 2] -> [(0, 1), (0, 2), (0, 3)]; [1, 1, 2] -> [(0, 2), (1, 2)]."""
+    best = min(ranks)
+    return [(w, lo) for w, lo in pairs_from_ranks(ranks) if ranks[w] == best]
+
+
+def ranking_pairs(row: dict[str, Any], where: str, pairs: PairRule = "all") -> list[tuple[int, int]]:
+    """Validate one ranking line and return its (winner, loser) pairs under the rule `pairs`; [] for a skipped
+    line."""
     if row.get("skipped"):
         return []
     responses = row.get("responses")
@@ -87,11 +99,12 @@ def ranking_pairs(row: dict[str, Any], where: str) -> list[tuple[int, int]]:
             or not all(_is_number(v) for v in values)):
         raise DataError(f"{where}: '{key}' must be a list of {len(responses)} numbers (one per response), "
                         f"got {str(values)[:80]!r}", fix=f"give one {key[:-1]} per response, in response order")
-    pairs = pairs_from_ranks(values) if key == "ranks" else pairs_from_scores(values)
-    if not pairs:
+    ranks_ = list(values) if key == "ranks" else [-v for v in values]  # scores are ranks with the sign flipped
+    found = pairs_from_ranks(ranks_) if pairs == "all" else best_vs_rest(ranks_)
+    if not found:
         raise DataError(f"{where}: all {len(responses)} responses are tied, so the line gives no comparison",
                         fix="rank at least two responses differently, or mark the line \"skipped\": true")
-    return pairs
+    return found
 
 
 def _is_number(v: Any) -> bool:
@@ -108,8 +121,9 @@ def _check_prompt(prompt: Any, where: str) -> None:
                         f"got {str(prompt)[:80]!r}", fix="fix or drop that line")
 
 
-def rankings_to_comparisons(rows: Iterable[dict[str, Any]], source: str) -> list[Comparison]:
-    """Ranking lines -> comparisons (every non-tied pair). Raises DataError naming the first bad line."""
+def rankings_to_comparisons(rows: Iterable[dict[str, Any]], source: str, pairs: PairRule = "all") -> list[Comparison]:
+    """Ranking lines -> comparisons (every non-tied pair, or best vs rest). Raises DataError naming the first bad
+    line."""
     out: list[Comparison] = []
     for i, row in enumerate(rows):
         where = f"'{source}' line {i + 1}"
@@ -122,7 +136,7 @@ def rankings_to_comparisons(rows: Iterable[dict[str, Any]], source: str) -> list
                                     "(docs/FORMATS.md)")
         _check_prompt(row["prompt"], where)
         responses = row["responses"]
-        for winner, loser in ranking_pairs(row, where):
+        for winner, loser in ranking_pairs(row, where, pairs):
             out.append(Comparison(row["prompt"], responses[winner], responses[loser], group=i))
     return out
 
@@ -139,8 +153,8 @@ def preferences_to_comparisons(rows: Iterable[dict[str, Any]], source: str) -> l
         if prompt is None:
             prompt, chosen, rejected = _split_implicit(chosen, rejected, where)
         _check_prompt(prompt, where)
-        out.append(Comparison(prompt, _response_text(chosen, where, "chosen"),
-                              _response_text(rejected, where, "rejected"), group=i))
+        chosen, rejected = _response_text(chosen, where, "chosen"), _response_text(rejected, where, "rejected")
+        out.append(Comparison(prompt, chosen, rejected, group=i))
     return out
 
 
@@ -196,11 +210,14 @@ def detect_format(columns: Sequence[str], source: str) -> str:
                     fix="rename the columns, or convert the file to one of the formats in docs/FORMATS.md")
 
 
-def to_comparisons(rows: list[dict[str, Any]], columns: Sequence[str], source: str) -> list[Comparison]:
-    """Any supported reward data -> comparisons; at least one, else DataError. Pairs with chosen == rejected are
-    dropped (a DataError when that leaves none); pairs ranked both ways are reported (`contradictions`)."""
+def to_comparisons(rows: list[dict[str, Any]], columns: Sequence[str], source: str,
+                   pairs: PairRule = "all") -> list[Comparison]:
+    """Any supported reward data -> comparisons; at least one, else DataError. `pairs` applies to rankings (a
+    preference row is one pair already). Pairs with chosen == rejected are dropped (a DataError when that leaves
+    none); pairs ranked both ways are reported (`contradictions`)."""
     fmt = detect_format(columns, source)
-    comparisons = (rankings_to_comparisons if fmt == "rankings" else preferences_to_comparisons)(rows, source)
+    comparisons = (rankings_to_comparisons(rows, source, pairs) if fmt == "rankings"
+                   else preferences_to_comparisons(rows, source))
     if not comparisons:
         raise DataError(f"reward data '{source}' gives no comparisons (every line is skipped)",
                         fix="label at least one prompt")
@@ -250,3 +267,21 @@ def contradictions(comparisons: Sequence[Comparison], rows: Sequence[dict[str, A
 
 def _short(text: str, width: int = 30) -> str:
     return repr(text if len(text) <= width else text[:width - 3] + "...")
+
+
+def load_comparisons(cfg: DatasetConfig, seed: int = 0, pairs: PairRule = "all", what: str = "reward dataset",
+                     key: str = "data.reward") -> tuple[list[Comparison], list[Comparison] | None]:
+    """A dataset of rankings or preferences (the recipe's `key`) -> (train, held-out or None) comparisons. Held
+    out by prompt line (`cfg.eval_fraction` of them, seeded), never by pair, so no prompt has pairs on both
+    sides."""
+    ds = load_table(cfg, seed, what=what)
+    comparisons = to_comparisons(ds.to_list(), ds.column_names, cfg.path, pairs)
+    if cfg.eval_fraction <= 0:
+        return comparisons, None
+    groups = sorted({c.group for c in comparisons})
+    if len(groups) < 2:
+        raise DataError(f"cannot hold out {cfg.eval_fraction:.0%} of {what} '{cfg.path}' with {len(groups)} labeled "
+                        "line", fix=f"add lines, or set {key}.eval_fraction: 0")
+    random.Random(seed).shuffle(groups)
+    held = set(groups[:max(1, round(len(groups) * cfg.eval_fraction))])
+    return [c for c in comparisons if c.group not in held], [c for c in comparisons if c.group in held]

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, recipe_adapter, write_adapter_meta
 from lora_rlhf.core.base import SharedBase
-from lora_rlhf.core.data import load_sft_data, load_table
+from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
 from lora_rlhf.core.io import write_jsonl_atomic
 from lora_rlhf.core.loading import load_config, load_pretrained, load_tokenizer, lora_config
@@ -42,7 +42,7 @@ from lora_rlhf.errors import DataError, ModelError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe, save_recipe
 from lora_rlhf.stages.memory import check_memory
-from lora_rlhf.stages.rankings import Comparison, to_comparisons
+from lora_rlhf.stages.rankings import Comparison, load_comparisons
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     RecipeStepsOnResume,
@@ -70,30 +70,19 @@ REWARD_DEFAULTS: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------------------- data
 def load_reward_data(cfg: DatasetConfig | None, seed: int = 0, eval_cfg: DatasetConfig | None = None
                      ) -> tuple[list[Comparison], list[Comparison] | None]:
-    """data.reward (+ data.reward_eval) -> (train, held-out or None) comparisons.
-
-    Held out is data.reward_eval when given, else data.reward.eval_fraction of data.reward's prompt lines (never
-    single pairs, so no prompt has pairs on both sides)."""
+    """data.reward (+ data.reward_eval) -> (train, held-out or None) comparisons: every pair of a ranking (the
+    paper's rule). Held out is data.reward_eval when given, else data.reward.eval_fraction of data.reward's prompt
+    lines (`rankings.load_comparisons`: never single pairs, so no prompt has pairs on both sides)."""
     if cfg is None:
         raise DataError("the recipe has no data.reward section, so the reward model has no comparisons",
                         fix="add `data: {reward: {path: rankings.jsonl}}` (rankings or chosen/rejected preferences)")
     if eval_cfg is not None and cfg.eval_fraction > 0:
         raise DataError("the recipe holds out reward data twice: data.reward.eval_fraction and data.reward_eval",
                         fix="keep one: data.reward.eval_fraction: 0, or drop data.reward_eval")
-    ds = load_table(cfg, seed, what="reward dataset")
-    comparisons = to_comparisons(ds.to_list(), ds.column_names, cfg.path)
+    train, held_out = load_comparisons(cfg, seed, "all")
     if eval_cfg is not None:
-        held_ds = load_table(eval_cfg, seed, what="held-out reward dataset")
-        return comparisons, to_comparisons(held_ds.to_list(), held_ds.column_names, eval_cfg.path)
-    if cfg.eval_fraction <= 0:
-        return comparisons, None
-    groups = sorted({c.group for c in comparisons})
-    if len(groups) < 2:
-        raise DataError(f"cannot hold out {cfg.eval_fraction:.0%} of reward data with {len(groups)} labeled line",
-                        fix="add lines, or set data.reward.eval_fraction: 0")
-    random.Random(seed).shuffle(groups)
-    held = set(groups[:max(1, round(len(groups) * cfg.eval_fraction))])
-    return [c for c in comparisons if c.group not in held], [c for c in comparisons if c.group in held]
+        held_out, _ = load_comparisons(eval_cfg, seed, "all", what="held-out reward dataset", key="data.reward_eval")
+    return train, held_out
 
 
 def tokenize_comparisons(comparisons: Sequence[Comparison], tokenizer: Any, max_length: int | None):

@@ -1,7 +1,7 @@
 """`lora-rlhf eval`: what each stage changed, measured on held-out prompts (the paper's section 4).
 
-For every policy (the bare base, OUT/sft, OUT/<stage>/policy such as PPO and PPO-ptx, or those named with
---policy), on the held-out prompts of `data.eval`:
+For every policy (the bare base, OUT/sft, OUT/<stage>/policy such as PPO and PPO-ptx, OUT/dpo, or those named
+with --policy), on the held-out prompts of `data.eval`:
 
     1. sample one response per prompt (same seed for every policy)
     2. task score      `eval.labeler` (module:function, e.g. constraint compliance), all policies' responses
@@ -138,7 +138,8 @@ def reward_model_accuracy(folder: Path | None) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------------------------- policies
 def discover_policies(recipe: Recipe) -> list[Policy]:
-    """base, then OUT/sft, then every OUT/<stage>/policy (ppo, ppo-ptx, ...) that is complete."""
+    """base, then OUT/sft, then every OUT/<stage>/policy (ppo, ppo-ptx, ...), then OUT/dpo: those complete. Later
+    policies are compared with every earlier one, so DPO's row is paired with SFT's and PPO's."""
     out = Path(recipe.output_dir)
     policies = [Policy("base", None)]
     if is_finished(out / "sft"):
@@ -147,6 +148,8 @@ def discover_policies(recipe: Recipe) -> list[Policy]:
         stages = sorted(p for p in out.iterdir() if p.is_dir() and is_finished(p / "policy"))
         for stage in sorted(stages, key=lambda p: (p.name != "ppo", p.name)):
             policies.append(Policy(stage.name, stage / "policy", _metrics_file(stage)))
+    if is_finished(out / "dpo"):
+        policies.append(Policy("dpo", out / "dpo"))
     return policies
 
 
