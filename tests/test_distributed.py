@@ -101,6 +101,21 @@ def test_gather_rows_takes_a_different_number_of_rows_from_each_rank(tmp_path):
     assert got["torn_down"]
 
 
+def test_a_hung_rank_is_named_after_the_recipes_timeout_not_gloos_30_minutes(tmp_path):
+    """Issue 28: a stopped rank kept the other waiting for gloo's default 30 minutes, with no word of whom for."""
+    import time
+
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps({"distributed": {"timeout_minutes": 0.05}}))  # 3 s
+    started = time.monotonic()
+    run = torchrun(str(REPO / "tests" / "dist_worker.py"), "hung-rank", str(recipe_file), timeout=120)
+    assert run.returncode != 0
+    assert "process group timeout 3 s" in run.stderr, run.stderr[-3000:]
+    assert "rank 0 waited 0.05 min at the test's barrier (collective #1 of this run) for rank 1, which never " \
+           "reached it" in run.stderr, run.stderr[-3000:]
+    assert time.monotonic() - started < 90
+
+
 def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe, tmp_path):
     straight, recipe = ppo_recipe("straight")
     run = torchrun("-m", "cli.main", "ppo", str(straight))

@@ -29,8 +29,9 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ModelError("model.device is 'cuda' but no CUDA GPU is visible",
                          fix="set model.device: auto (or cpu), or check the NVIDIA driver / CUDA_VISIBLE_DEVICES")
-    if cfg.device == "auto":
-        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.device == "auto":  # ACCELERATE_USE_CPU=1 (a launch on the CPU, as the tests do) means the CPU
+        cuda = torch.cuda.is_available() and not distributed.cpu_requested()
+        return distributed.local_device(torch.device("cuda" if cuda else "cpu"))
     return distributed.local_device(torch.device(cfg.device))
 
 

@@ -5,6 +5,7 @@
     data                                datasets by role: sft, reward, prompts, ptx, eval
     sft, reward                         our keys plus any trl.SFTConfig / trl.RewardConfig argument
     compare, ppo, eval                  our own sections
+    distributed                         how ranks wait for each other under torchrun / accelerate launch
 
 Unknown keys are rejected with the valid names and a "did you mean"; every problem is reported at once;
 `--set section.key=value` overrides are applied to the parsed YAML before validation, so they are checked the
@@ -207,6 +208,22 @@ class EvalSection:
     """Use at most this many rows of general_text (each cut to 256 tokens)."""
 
 
+@dataclass
+class DistributedConfig:
+    """Several processes (torchrun / accelerate launch); ignored in one process."""
+
+    timeout_minutes: float = 30.0
+    """How long a rank waits for the others at a collective before it stops and names the ranks that never came.
+    Long enough for the longest time rank 0 works alone (the reward stage reloads and checks the reward model and
+    scores the demonstrations: minutes at 8B); lower it to notice a hung rank sooner. The process group (NCCL, gloo)
+    gets the same timeout: NCCL's own default of 10 minutes would kill that reward check on a large model."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.timeout_minutes, (int, float)) and not (math.isfinite(self.timeout_minutes)
+                                                                   and self.timeout_minutes > 0):
+            raise ValueError(f"timeout_minutes must be a positive number, got {self.timeout_minutes}")
+
+
 StageName = Literal["data", "sft", "compare", "reward", "ppo", "ppo-ptx", "eval"]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # the pipeline's stages, in order: the one list of them
 
@@ -241,6 +258,7 @@ class Recipe:
     ppo: PPOSection = field(default_factory=PPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     trainer_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})
     """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig)."""
 
@@ -251,6 +269,8 @@ class Recipe:
 # Sections whose unknown keys are passed to a TRL config class instead of being rejected.
 # Keys we set ourselves are not accepted from the recipe.
 _RESERVED_TRAINER_KEYS = {"output_dir", "seed", "logging_dir", "hub_token", "push_to_hub"}
+# Trainer arguments a recipe sets elsewhere, once for every stage: the process group outlives a stage.
+_MOVED_TRAINER_KEYS = {"ddp_timeout": "distributed.timeout_minutes"}
 
 
 @functools.cache
@@ -298,6 +318,9 @@ def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems
     for key, value in data.items():
         if key in our_fields:
             ours_part[key] = value
+        elif key in _MOVED_TRAINER_KEYS:
+            problems.append(f"{section}.{key}: set {_MOVED_TRAINER_KEYS[key]} instead (one timeout for every stage: "
+                            "the ranks' process group is made once and outlives a stage)")
         elif key in trl_fields:
             trl_part[key] = check_value(value, hints.get(key, Any), f"{section}.{key}", problems)
             _check_trainer_range(section, key, trl_part[key], problems)

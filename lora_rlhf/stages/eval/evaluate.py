@@ -324,6 +324,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
              log: Callable[[str], None] = lambda _: None) -> tuple[EvalResult, Path]:
     """Evaluate `policies` (default: discovered from OUT) on data.eval; write OUT/eval; return (result, folder)."""
     cfg = recipe.eval
+    distributed.configure(recipe)
     # --- setup: every check that can fail on user input, before the model loads or anything is written
     prompts, kinds = load_eval_prompts(recipe.data.eval, recipe.seed)
     policies = policies if policies is not None else discover_policies(recipe)
@@ -448,5 +449,5 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
 
     if distributed.is_main():
         write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)
-    distributed.barrier()
+    distributed.barrier("the end of eval (rank 0 writes the report)")
     return result, out

@@ -70,6 +70,7 @@ from lora_rlhf.stages.ppo.rollout import Batch, RewardSource
 from lora_rlhf.stages.ppo.tracking import check_trackers
 
 log = logging.getLogger("lora_rlhf.stages.ppo")
+SAVED = "the end of PPO (rank 0 saves the adapters)"
 
 
 class NonFiniteError(LoraRlhfError):
@@ -333,6 +334,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     # Setup. Everything the user gave is checked before anything is written or loaded (on every rank, so a bad
     # input stops all of them with the same message instead of leaving some waiting in a collective).
     distributed.refuse_sharded_engine(stage)
+    distributed.configure(recipe)
     sources = resolve_sources(recipe)
     check_bases(recipe, sources)
     prompts = load_prompts(recipe.data.prompts, recipe.seed)
@@ -387,7 +389,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     finally:
         runlog.close()
     if not main:
-        distributed.barrier()  # return once rank 0 has written the adapters the next stage reads
+        distributed.barrier(SAVED)  # return once rank 0 has written the adapters the next stage reads
         return final
 
     # Save. policy/lora_rlhf.json marks the whole stage complete (pipeline, eval and push look for it), so it is
@@ -399,7 +401,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
         sb.save_adapter(role, out / role, stage="ppo")
     write_json_atomic(out / "metrics.json", final)
     sb.save_adapter("policy", out / "policy", stage="ppo")
-    distributed.barrier()
+    distributed.barrier(SAVED)
     return final
 
 
@@ -440,7 +442,7 @@ def fit(trainer: PPOTrainer, runlog: RunLog | QuietRunLog, out: Path, compat: di
                 if distributed.is_main():
                     ckpt.save_checkpoint(out, trainer.sb, trainer.optimizer, trainer.scheduler,
                                          {**trainer.state_dict(), "compat": compat}, rng)
-                distributed.barrier()
+                distributed.barrier("a PPO checkpoint (rank 0 writes it)")
             if interrupt["requested"]:
                 log.warning("stopped after PPO step %d; the checkpoint is saved: continue with --resume", step)
                 raise KeyboardInterrupt
