@@ -172,6 +172,9 @@ class PPOTrainer:
             "time/step": t3 - t0, "tokens/s": n_tokens / (t3 - t0), "episodes/s": len(batch.prompts) / (t3 - t0),
             "memory/peak_gb": distributed.max_over_ranks(self._peak_gb(device)),
         }
+        if device.type == "cuda":  # every rank's device is of one type: all ranks take part or none
+            metrics["memory/peak_reserved_gb"] = distributed.max_over_ranks(
+                torch.cuda.max_memory_reserved(device) / 2**30)
         return metrics, batch
 
     def _next_prompts(self) -> list[Any]:
