@@ -71,7 +71,8 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `name`."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Compute dtype. `auto`: bf16 where the hardware supports it, else fp32."""
+    """Compute dtype. `auto`: fp32 on the CPU; on a GPU bf16 where it computes bf16 natively (Ampere on), else fp16
+    (V100, T4: PPO then scales its loss, as the Trainer does for sft and reward)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA if present, else CPU."""
     gradient_checkpointing: bool = False

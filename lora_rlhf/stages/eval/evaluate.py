@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trl.trainer.utils import selective_log_softmax
 
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import is_finished, recipe_adapter
@@ -39,6 +38,7 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
 from lora_rlhf.core.generation import answer_text, generate_ids
 from lora_rlhf.core.loading import load_tokenizer
+from lora_rlhf.core.logprobs import token_logprobs
 from lora_rlhf.core.logs import METRICS_FILE
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.core.scoring import score_texts
@@ -229,7 +229,7 @@ def sequence_logprobs(shared: SharedBase, role: str | None, sequences: Sequence[
                     start, end = max(starts[i], 1), len(sequences[i])
                     # positions start-1 .. end-2 predict tokens start .. end-1: [n, V]
                     row = logits[r, start - 1:end - 1] if head is None else head(hidden[r, start - 1:end - 1]).float()
-                    out[i] = selective_log_softmax(row, ids[r, start:end], temperature).cpu()
+                    out[i] = token_logprobs(row / temperature, ids[r, start:end]).cpu()
         finally:
             model.train(was_training)
     return out
