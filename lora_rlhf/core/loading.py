@@ -61,7 +61,9 @@ def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | No
     computes in its input's dtype and returns it: without autocast every matmul, the attention (no flash kernel)
     and the KV cache run in fp32 on the GPU. The TRL-trained stages get autocast from the Trainer (bf16 / fp16
     set by `trainer_setup.trainer_args`); PPO, our own loop, asks for the same. On the CPU the compute dtype is the
-    base's own (fp32 with `auto`), and bf16 autocast there is slow on CPUs without AVX512-BF16.
+    base's own (fp32 with `auto`), and bf16 autocast there is slow on CPUs without AVX512-BF16. TF32 stays off:
+    it would change every fp32 matmul of the process (eval's, the reward reload check's), and under autocast the
+    large ones run in 16 bits anyway; a user who wants it sets torch.backends.cuda.matmul.allow_tf32 themselves.
     """
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return dtype
