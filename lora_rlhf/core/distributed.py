@@ -113,7 +113,6 @@ def _arrive(what: str) -> None:
     one, which every rank has passed once all are here)."""
     if not launched():
         return
-    state()
     _arrivals[0] += 1
     n, me, world, store = _arrivals[0], rank(), world_size(), _store()
     key = "lora_rlhf/arrived/{}/{}".format
@@ -124,10 +123,10 @@ def _arrive(what: str) -> None:
     except torch.distributed.DistStoreError:
         missing = _missing(store, [key(n, r) for r in range(world)])
         if missing:
-            ranks = ", ".join(str(r) for r in missing)
+            ranks = ("ranks " if len(missing) > 1 else "rank ") + ", ".join(str(r) for r in missing)
             raise LoraRlhfError(
                 f"rank {me} waited {timeout.total_seconds() / 60:g} min at {what} (collective #{n} of this run) "
-                f"for rank {ranks}, which never reached it: hung (stopped, deadlocked) or far slower than the others",
+                f"for {ranks}, which never reached it: hung (stopped, deadlocked) or far slower than the others",
                 fix=f"see what rank {missing[0]} was doing (its last log lines; `py-spy dump --pid PID`); when a rank "
                     "legitimately works alone that long (rank 0's reward check on a large model), raise "
                     "distributed.timeout_minutes") from None
@@ -138,11 +137,14 @@ def _arrive(what: str) -> None:
 def _missing(store: Any, keys: list[str]) -> list[int]:
     """The ranks whose key is absent. A store that does not answer either lives in rank 0's own process (a
     launch without torchrun's agent store) and rank 0 is the one stopped, or cannot be asked: then rank 0."""
+    previous = store.timeout
     try:
         store.set_timeout(timedelta(seconds=10))
         return [r for r, k in enumerate(keys) if not store.check([k])]
     except RuntimeError:
         return [0]
+    finally:
+        store.set_timeout(previous)
 
 
 def barrier(what: str = "a barrier") -> None:
