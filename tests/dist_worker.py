@@ -71,7 +71,7 @@ def hung_rank(recipe_file: str) -> None:
         time.sleep(600)
     from torch.distributed.distributed_c10d import _get_default_group
 
-    timeout = _get_default_group()._get_backend(torch.device("cpu")).options._timeout
+    timeout = _get_default_group()._get_backend(distributed.device()).options._timeout  # gloo or NCCL
     print(f"process group timeout {timeout.total_seconds():g} s", file=sys.stderr, flush=True)
     try:
         distributed.barrier("the test's barrier")

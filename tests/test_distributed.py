@@ -1,5 +1,6 @@
 """Data parallelism on the CPU: 2 ranks over gloo, launched by torchrun as a user would (TRL's pattern:
-`torch.distributed.run --standalone`, ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, a subprocess timeout).
+`torch.distributed.run --standalone`, ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, a subprocess timeout). With
+LORA_RLHF_TEST_DEVICE=cuda the same launches run over NCCL, one GPU per rank (skipped with fewer GPUs than ranks).
 
 Every run asserts it really had 2 ranks (run.json / the saved world size), so a silent fallback to one process
 fails. Tiny Llama, 4-bit, a reward function: each launch takes seconds.
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TEST_DEVICE
 from test_ppo_trainer import REWARD_MODULE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +27,16 @@ PROMPTS = ["Say something.", "Tell me a story about a cat.", "Hi!", "2+2?", "Nam
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if TEST_DEVICE == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"
     env.pop("PPO_TEST_INTERRUPT_AT", None)  # only a test that asks for an interruption gets one
     return {**env, **extra}
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = TIMEOUT, **env: str) -> subprocess.CompletedProcess:
+    if TEST_DEVICE == "cuda" and nproc > torch.cuda.device_count():
+        pytest.skip(f"{nproc} NCCL ranks need {nproc} GPUs, {torch.cuda.device_count()} visible")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, cwd=REPO, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
 
