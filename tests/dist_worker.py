@@ -35,11 +35,12 @@ def ppo_optimise(recipe_file: str, out: str) -> None:
     if distributed.is_main():
         torch.manual_seed(1)
         batch = rollout.score(sb, rollout.generate(sb, PROMPTS, cfg), trainer.reward, cfg)
-    batch = distributed.broadcast_object(batch)
+    # pickled tensors come back on the device they left: through the CPU, then onto this rank's own
+    batch = distributed.broadcast_object(batch.to(torch.device("cpu")) if batch is not None else None).to(sb.device)
     generator = torch.Generator().manual_seed(2)
     mask = batch.response_mask
-    advantages = torch.randn(mask.shape, generator=generator) * mask
-    returns = torch.randn(mask.shape, generator=generator) * mask
+    advantages = torch.randn(mask.shape, generator=generator).to(mask.device) * mask
+    returns = torch.randn(mask.shape, generator=generator).to(mask.device) * mask
     initial = {f"param.{i}": p.detach().clone() for i, p in enumerate(trainer.params)}
     sb.train(True)
     stats = trainer._optimise(batch, advantages, returns)

@@ -45,18 +45,20 @@ def test_a_rollout_chunk_frees_its_generation_output_before_the_next_one_generat
     sb, cfg = trainer.sb, trainer.cfg
     sb.train(False)
     earlier: list[weakref.ref] = []
+    chunks = []
     real = sb.model.generate
 
     def generate(*args, **kwargs):
         assert all(ref() is None for ref in earlier), "an earlier chunk's generation output is still alive"
         out = real(*args, **kwargs)
-        earlier.extend(weakref.ref(t) for t in (out.logits or ()))
+        earlier.extend(weakref.ref(t) for t in (out.logits or ()))  # no logits kept on a GPU
         earlier.append(weakref.ref(out))
+        chunks.append(len(out.sequences))
         return out
 
     monkeypatch.setattr(sb.model, "generate", generate)
     batch = rollout.generate(sb, PROMPTS, cfg)
-    assert len(batch.prompts) == 4 and len(earlier) > 2  # two chunks ran
+    assert len(batch.prompts) == 4 and chunks == [2, 2]
 
 
 # ----------------------------------------------------------------------------------- 7. old log-probs
@@ -79,7 +81,7 @@ def test_old_log_probs_come_from_the_training_forward_where_decoding_differs(tin
     scored = rollout.score(sb, batch, trainer.reward, cfg)
     with torch.no_grad(), sb.use("policy"):
         again = rollout.response_logprobs(sb, scored, cfg.temperature)[0]
-    assert torch.equal(scored.logprobs, again)
+    torch.testing.assert_close(scored.logprobs, again, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(scored.logprobs, scored.ref_logprobs, atol=1e-4, rtol=1e-4)  # policy = SFT copy
     stats = first_ratio(trainer, monkeypatch)
     assert abs(stats["ratio"].item() - 1.0) < 1e-4 and stats["approxkl"].item() < 1e-8

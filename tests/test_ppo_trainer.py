@@ -193,7 +193,7 @@ def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_thei
         try:
             with sb.use("policy"):
                 logprobs, entropy = rollout.response_logprobs(sb, batch, cfg.temperature, with_entropy=True)
-                (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
+                (logprobs * torch.linspace(-1, 1, logprobs.numel(), device=logprobs.device).view_as(logprobs)).sum().backward()
         finally:
             monkeypatch.undo()
         grads = [p.grad.clone() for p in sb.trainable_parameters("policy")]
@@ -217,7 +217,7 @@ def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, adap
     trainer = trainer_with_adapters(tiny_recipe, adapters)
     sb = trainer.sb
     eos = sb.tokenizer.eos_token_id
-    bias = torch.zeros(sb.model.config.vocab_size)
+    bias = torch.zeros(sb.model.config.vocab_size, device=sb.device)
     bias[eos] = 1e4  # the model now always says end-of-turn
     hook = sb.model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
     try:
