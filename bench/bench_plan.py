@@ -4,13 +4,15 @@
     python bench/bench_plan.py --only sft-135m-4bit ppo-anchor
     python bench/bench_plan.py --repeat 3      # each configuration 3 times, judged on the median
     python bench/bench_plan.py --device cuda --model meta-llama/Llama-3.1-8B-Instruct   # validate on a GPU
+    python bench/bench_plan.py --device cuda --only ppo-anchor --strict   # exit 1 when the target is not met
 
 Each configuration runs the library's own stage code (run_sft, run_reward, run_dpo, the PPO trainer's steps,
 generation) on the embedded SmolLM2-135M or a tiny Llama, in its own subprocess so that high-water marks do not
 mix. The measurement is the resident-set high-water mark over the stage (VmHWM after resetting it through
 /proc/self/clear_refs once the libraries are imported: lora_rlhf.plan.preflight.reset_peak / peak_bytes);
-on CUDA the measurement is torch.cuda.max_memory_allocated over the stage, compared with the prediction minus
-its CUDA-context part (which that counter does not see). The prediction is `lora-rlhf plan` on the same recipe,
+on CUDA the measurement is torch.cuda.max_memory_reserved over the stage (the caching allocator's peak: what
+meets the free memory), compared with the prediction minus its CUDA-context part (which that counter does not
+see); max_memory_allocated is printed beside it, against the prediction less its allocator headroom too. The prediction is `lora-rlhf plan` on the same recipe,
 with the prompt length the data really has. Sequences are made exactly as long as the recipe's max_length (SFT
 and ptx texts are cut there; reward pairs are built to that length; PPO responses never stop early), so the
 plan's upper bound is the real length.
@@ -171,7 +173,7 @@ def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     import lora_rlhf.stages.sft  # noqa: F401
     from lora_rlhf.core.loading import load_tokenizer
     from lora_rlhf.plan.model_shape import load_shape
-    from lora_rlhf.plan.preflight import peak_bytes, reset_peak
+    from lora_rlhf.plan.preflight import peak_bytes, peak_reserved_bytes, reset_peak
     from lora_rlhf.plan.recipe_plan import PlanContext, stage_estimate
     from lora_rlhf.recipe.config import recipe_from_dict
 
@@ -191,11 +193,15 @@ def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     reset_peak(device)
     started = time.perf_counter()
     run_stage(stage, recipe, prompts)
-    measured = peak_bytes(device)
-    context = sum(p.bytes for p in predicted.peak_phase.parts if p.name == "runtime") if device_type == "cuda" else 0
-    return {"name": name, "stage": stage, "measured": measured, "predicted": predicted.peak - context,
-            "phase": predicted.peak_phase.name, "seconds": time.perf_counter() - started,
-            "parts": {p.name: p.bytes for p in predicted.peak_phase.parts}}
+    peak = peak_bytes(device)  # resident set on the CPU, allocated tensors on CUDA
+    parts = {p.name: p.bytes for p in predicted.peak_phase.parts}
+    context = parts.get("runtime", 0) if device_type == "cuda" else 0
+    result = {"name": name, "stage": stage, "measured": peak, "predicted": predicted.peak - context,
+              "phase": predicted.peak_phase.name, "seconds": time.perf_counter() - started, "parts": parts}
+    if device_type == "cuda":  # the reserved peak against the whole prediction; the allocated one without headroom
+        result.update(measured=peak_reserved_bytes(device), allocated=peak,
+                      predicted_allocated=predicted.peak - context - parts.get("allocator headroom", 0))
+    return result
 
 
 def run_stage(stage: str, recipe, prompts: list[str]) -> None:
@@ -247,6 +253,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="measure each configuration N times (fresh processes) and judge the median: a CPU's "
                              "resident-set peak varies ~15-20 %% between identical runs (glibc's heap)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when the target is not met (bench/gpu_check.sh)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
@@ -281,7 +288,8 @@ def main() -> None:
                 results += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
                 r = results[-1]
                 print(f"[{name}: {r['seconds']:.0f} s, {r['measured'] / 2**30:.2f}G]", file=sys.stderr, flush=True)
-    report(results)
+    if not report(results) and args.strict:
+        sys.exit(1)
 
 
 def build_tiny(folder: Path) -> Path:
@@ -299,8 +307,10 @@ def _run(cmd: list[str], env: dict) -> str:
     return proc.stdout
 
 
-def report(results: list[dict]) -> None:
-    """One row per configuration: the prediction against the median of its runs (and their range when repeated)."""
+def report(results: list[dict]) -> bool:
+    """One row per configuration: the prediction against the median of its runs (and their range when repeated);
+    on CUDA also the allocated peak against the prediction without its allocator headroom. True when the target
+    is met."""
     runs: dict[str, list[dict]] = {}
     for r in results:
         runs.setdefault(r["name"], []).append(r)
@@ -316,9 +326,14 @@ def report(results: list[dict]) -> None:
         spread = f"{len(rs)}: {measured[0] / 2**30:.2f}-{measured[-1] / 2**30:.2f}G" if len(rs) > 1 else ""
         print(f"{name:22} {r['stage']:8} {r['phase']:13} {r['predicted'] / 2**30:9.2f}G "
               f"{median / 2**30:9.2f}G {err:+8.1%}  {spread:>16}")
+        if "allocated" in r:
+            allocated = statistics.median(x["allocated"] for x in rs)
+            print(f"{'':22} {'':8} {'allocated':13} {r['predicted_allocated'] / 2**30:9.2f}G "
+                  f"{allocated / 2**30:9.2f}G {r['predicted_allocated'] / allocated - 1:+8.1%}")
     ok = worst_over <= 0.15 and worst_under >= -0.10
     print(f"\nworst: {worst_over:+.1%} over, {worst_under:+.1%} under; target within +-15 %, never under by more "
           f"than 10 %: {'met' if ok else 'NOT met'}")
+    return ok
 
 
 if __name__ == "__main__":

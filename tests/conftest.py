@@ -2,6 +2,11 @@
 
 The tiny model is random, so tests assert on mechanics (shapes, bit-identity, learning on memorisable data),
 never on language quality.
+
+LORA_RLHF_TEST_DEVICE=cuda (bench/gpu_check.sh sets it) runs the device-switched tests, those whose model comes
+from `tiny_recipe` or `TEST_MODEL`, on the GPU: in fp32 there, so that the CPU's tolerances keep their meaning
+(tests of the 16-bit paths set their dtype). Tests marked `cpu_only(reason)` are then skipped with that reason,
+and tests marked `cuda_only(reason)` run only then.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+TEST_DEVICE = os.environ.get("LORA_RLHF_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"LORA_RLHF_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")
+# The `model` section of a device-switched test's recipe (on the GPU in fp32: see the docstring).
+TEST_MODEL = {"device": TEST_DEVICE, **({"dtype": "fp32"} if TEST_DEVICE == "cuda" else {})}
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
@@ -85,7 +95,7 @@ def tiny_recipe(tiny_model_dir, tmp_path):
         recipe = {
             "output_dir": str(tmp_path / "run"),
             "seed": 0,
-            "model": {"name": str(tiny_model_dir), "device": "cpu"},
+            "model": {"name": str(tiny_model_dir), **TEST_MODEL},
             "quantization": {"mode": quantization},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         }
@@ -93,3 +103,12 @@ def tiny_recipe(tiny_model_dir, tmp_path):
         return recipe
 
     return make
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        for name, skipped in (("cpu_only", TEST_DEVICE != "cpu"), ("cuda_only", TEST_DEVICE != "cuda")):
+            marker = item.get_closest_marker(name)
+            if marker is not None and skipped:
+                reason = marker.args[0] if marker.args else name
+                item.add_marker(pytest.mark.skip(reason=f"{name} (LORA_RLHF_TEST_DEVICE={TEST_DEVICE}): {reason}"))

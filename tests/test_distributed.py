@@ -1,5 +1,6 @@
 """Data parallelism on the CPU: 2 ranks over gloo, launched by torchrun as a user would (TRL's pattern:
-`torch.distributed.run --standalone`, ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, a subprocess timeout).
+`torch.distributed.run --standalone`, ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, a subprocess timeout). With
+LORA_RLHF_TEST_DEVICE=cuda the same launches run over NCCL, one GPU per rank (skipped with fewer GPUs than ranks).
 
 Every run asserts it really had 2 ranks (run.json / the saved world size), so a silent fallback to one process
 fails. Tiny Llama, 4-bit, a reward function: each launch takes seconds.
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TEST_DEVICE
 from test_ppo_trainer import REWARD_MODULE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +27,16 @@ PROMPTS = ["Say something.", "Tell me a story about a cat.", "Hi!", "2+2?", "Nam
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if TEST_DEVICE == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"
     env.pop("PPO_TEST_INTERRUPT_AT", None)  # only a test that asks for an interruption gets one
     return {**env, **extra}
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = TIMEOUT, **env: str) -> subprocess.CompletedProcess:
+    if TEST_DEVICE == "cuda" and nproc > torch.cuda.device_count():
+        pytest.skip(f"{nproc} NCCL ranks need {nproc} GPUs, {torch.cuda.device_count()} visible")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, cwd=REPO, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
 
@@ -99,6 +105,21 @@ def test_gather_rows_takes_a_different_number_of_rows_from_each_rank(tmp_path):
     assert got["rows"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
     assert got["scalars"].tolist() == [10.0, 11.0]
     assert got["torn_down"]
+
+
+def test_a_hung_rank_is_named_after_the_recipes_timeout_not_gloos_30_minutes(tmp_path):
+    """Issue 28: a stopped rank kept the other waiting for gloo's default 30 minutes, with no word of whom for."""
+    import time
+
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps({"distributed": {"timeout_minutes": 0.05}}))  # 3 s
+    started = time.monotonic()
+    run = torchrun(str(REPO / "tests" / "dist_worker.py"), "hung-rank", str(recipe_file), timeout=120)
+    assert run.returncode != 0
+    assert "process group timeout 3 s" in run.stderr, run.stderr[-3000:]
+    assert "rank 0 waited 0.05 min at the test's barrier (collective #1 of this run) for rank 1, which never " \
+           "reached it" in run.stderr, run.stderr[-3000:]
+    assert time.monotonic() - started < 90
 
 
 def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe, tmp_path):

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import yaml
+from conftest import TEST_DEVICE
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -80,7 +81,7 @@ def test_complete_stages_are_skipped_and_force_reruns(tmp_path, monkeypatch):
 def quick_overrides(out) -> list[str]:
     """--set values that shrink the demo recipe to seconds per stage (the test below; 2 ranks in test_distributed)."""
     return [
-        f"output_dir={out}",
+        f"output_dir={out}", f"model.device={TEST_DEVICE}",
         f"data.sft.path={out}/data/sft.jsonl", f"data.prompts.path={out}/data/prompts_train.jsonl",
         f"data.ptx.path={out}/data/ptx.jsonl", f"data.eval.path={out}/data/prompts_eval.jsonl",
         f"eval.general_text={out}/data/general_eval.jsonl", "eval.general_max_texts=4", "eval.max_new_tokens=16",

@@ -315,6 +315,47 @@ def test_dpo_advice_parses_and_fits():
         assert stage_estimate(apply_sets(recipe, knob.sets), "dpo", shape, ctx).peak == knob.peak < peak
 
 
+def test_a_prepared_4bit_base_streams_fp32_whatever_the_compute_dtype():
+    """PEFT's k-bit preparation upcasts embeddings, norms and LM head to fp32 and bitsandbytes' 4-bit layers return
+    their input's dtype: SFT's, reward's and PPO's activations and PPO's KV cache are fp32 in bf16 too (issue 25:
+    planned at 2 bytes, the 8B recipe ran out of memory where the plan said it fit). A base loaded for inference
+    (compare, eval) and an unquantized one keep the compute dtype."""
+    shape = load_shape("smollm2-135m-instruct")
+    bf16, fp32 = Base("cuda", 2, "4bit"), Base("cuda", 4, "4bit")
+    assert estimate.activation_bytes(shape, bf16, 4, 256) == estimate.activation_bytes(shape, fp32, 4, 256)
+    unquantized = Base("cuda", 2, "none")
+    assert estimate.activation_bytes(shape, unquantized, 4, 256) * 2 == estimate.activation_bytes(shape, fp32, 4, 256)
+    p = estimate.PPOShape(batch_size=8, forward_batch=8, micro_batch=4, response_length=48, prompt_length=128)
+
+    def part(est, phase, name):
+        return next(x.bytes for x in est.phases if x.name == phase for x in x.parts if x.name == name)
+
+    kv = shape.kv_cache_bytes_per_token(4) * 8 * (128 + 48)
+    assert part(estimate.ppo_estimate(shape, bf16, p), "rollout", "kv cache") == kv
+    compare = estimate.generation_estimate(shape, bf16, 8, 128, 48)
+    assert part(compare, "generate", "kv cache") == kv // 2
+
+
+def test_cuda_phases_leave_the_caching_allocators_headroom_and_a_gpu_rollout_keeps_no_logits():
+    """Issue 25: the preflight compared the tensors' peak with the free memory with no room for fragmentation.
+    On CUDA every phase carries CUDA_ALLOCATOR_HEADROOM of its tensors (so `plan`'s verdicts, its advice and the
+    preflight all include it); the CPU has its measured heap slack instead. A GPU rollout recomputes the old
+    log-probs in scoring (rollout.keeps_generation_logprobs), so it keeps no [R, B, V] generation logits."""
+    shape = load_shape("smollm2-135m-instruct")
+    p = estimate.PPOShape(batch_size=8, forward_batch=8, micro_batch=4, response_length=48, prompt_length=128)
+    for device in ("cpu", "cuda"):
+        est = estimate.ppo_estimate(shape, Base(device, 2 if device == "cuda" else 4, "4bit"), p)
+        for phase in est.phases:
+            parts = {x.name: x.bytes for x in phase.parts}
+            if device == "cpu":
+                assert "allocator headroom" not in parts
+                continue
+            tensors = sum(b for name, b in parts.items() if name not in ("runtime", "allocator headroom"))
+            assert parts["allocator headroom"] == int(estimate.CUDA_ALLOCATOR_HEADROOM * tensors), phase.name
+        rollout = {x.name for x in est.phases[1].parts}
+        assert ("generation logits" in rollout) == (device == "cpu")
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_table_names_every_stage_of_the_demo():
     result = runner.invoke(app, ["plan", str(ROOT / "recipes/demo_smollm2_cpu.yaml"), "--device", "cpu"])
@@ -339,8 +380,8 @@ def test_json_has_every_phase_and_part():
 
 @pytest.mark.parametrize("gpu", ["24GB", "16GB"])
 def test_8b_recipe_verdict_and_advice_that_parses_and_fits(gpu):
-    """The README's claim: the 8B recipe fits 24 GB as written; at 16 GB sft and reward need a knob (PPO-ptx fits:
-    its log-probs never hold the micro-batch's [B, R, 128k] logits)."""
+    """The README's claim: the 8B recipe fits 24 GB as written; at 16 GB sft, reward and PPO-ptx need a knob (their
+    residual stream is fp32 on the prepared 4-bit base)."""
     recipe = str(ROOT / "recipes/llama3_8b_qlora_1gpu.yaml")
     capacity = int(gpu[:-2]) * 2**30
     result = runner.invoke(app, ["plan", recipe, "--gpu", gpu, "--json"])
@@ -351,7 +392,7 @@ def test_8b_recipe_verdict_and_advice_that_parses_and_fits(gpu):
     for stage in plan["stages"]:
         assert (stage["verdict"] == "does not fit") == (stage["peak_bytes"] > capacity)
     over = [s["stage"] for s in plan["stages"] if s["verdict"] == "does not fit"]
-    assert over == ([] if gpu == "24GB" else ["sft", "reward"])
+    assert over == ([] if gpu == "24GB" else ["sft", "reward", "ppo-ptx"])
     for stage in [s for s in plan["stages"] if s["stage"] in over]:
         first = stage["advice"][0]
         assert first["fits"], stage["stage"]  # ranked: what fits comes first

@@ -1,5 +1,6 @@
 """PPO on one shared 4-bit base: what trains, what stays frozen, alignment of every per-token quantity,
-learning, exact resume, one copy of the base, and failure modes. Tiny Llama on the CPU."""
+learning, exact resume, one copy of the base, and failure modes. Tiny Llama on the CPU (or, device-switched, on a
+GPU: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapter
+from conftest import TEST_DEVICE, TEST_MODEL, randomize_adapter
 
 from lora_rlhf.core import text
 from lora_rlhf.core.base import SharedBase, _adapter_of
@@ -46,7 +47,7 @@ def count_e(prompts, responses):
 
 def make_adapters(model_dir: Path, out: Path) -> tuple[Path, Path]:
     """An SFT adapter and a reward adapter (+ head, offset) as steps 1 and 2 would leave them."""
-    sb = SharedBase.load(ModelConfig(name=str(model_dir), device="cpu"), QuantizationConfig(mode="4bit"))
+    sb = SharedBase.load(ModelConfig(name=str(model_dir), **TEST_MODEL), QuantizationConfig(mode="4bit"))
     lora = LoraSettings(r=8, alpha=16, dropout=0.0)
     sb.add_adapter("policy", lora)
     sb.add_adapter("reward", lora)
@@ -179,8 +180,6 @@ def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_thei
                                                                                             monkeypatch):
     """The policy's training log-probs run the LM head per sequence under checkpointing (no [B, R, V] logits):
     log-probs, entropy and the gradients they give the policy adapter equal the model's own forward's."""
-    from trl.trainer.utils import entropy_from_logits
-
     trainer = trainer_with_adapters(tiny_recipe, adapters, temperature=0.7)
     sb, cfg = trainer.sb, trainer.cfg
     trainer._train_mode(False)
@@ -194,7 +193,7 @@ def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_thei
         try:
             with sb.use("policy"):
                 logprobs, entropy = rollout.response_logprobs(sb, batch, cfg.temperature, with_entropy=True)
-                (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
+                (logprobs * torch.linspace(-1, 1, logprobs.numel(), device=logprobs.device).view_as(logprobs)).sum().backward()
         finally:
             monkeypatch.undo()
         grads = [p.grad.clone() for p in sb.trainable_parameters("policy")]
@@ -211,13 +210,14 @@ def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_thei
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # float sums in another order
     with sb.use("policy"), torch.no_grad():
         logits = rollout.response_logits(sb.model, batch) / cfg.temperature
-    torch.testing.assert_close(mine[1], entropy_from_logits(logits), atol=1e-5, rtol=1e-5)
+    logp = torch.log_softmax(logits.float(), -1)
+    torch.testing.assert_close(mine[1], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
 
 def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, adapters):
     trainer = trainer_with_adapters(tiny_recipe, adapters)
     sb = trainer.sb
     eos = sb.tokenizer.eos_token_id
-    bias = torch.zeros(sb.model.config.vocab_size)
+    bias = torch.zeros(sb.model.config.vocab_size, device=sb.device)
     bias[eos] = 1e4  # the model now always says end-of-turn
     hook = sb.model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
     try:
@@ -359,7 +359,7 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path,
     (tmp_path / "banana.py").write_text("def reward(prompts, responses):\n"
                                         "    return [float(r.count('banana')) for r in responses]\n")
     recipe = recipe_from_dict(tiny_recipe(
-        model={"name": str(model_dir), "device": "cpu"},
+        model={"name": str(model_dir), **TEST_MODEL},
         ppo={**FAST_PPO, "reward_fn": f"{tmp_path}/banana.py:reward", "total_episodes": 160, "batch_size": 8,
              "local_rollout_forward_batch_size": 8, "response_length": 8, "num_ppo_epochs": 2,
              "num_mini_batches": 2, "learning_rate": 1e-3, "kl_coef": 0.1, **estimator}))
@@ -410,17 +410,22 @@ def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zer
     assert abs(metrics["objective/kl"]) < 1e-3
 
 
-def test_scoring_reuses_the_log_probs_of_generation(tiny_recipe, adapters, monkeypatch):
-    """Scoring runs the reference, value and reward adapters once per chunk and never the policy: its log-probs
-    come from the logits generation computed (checked against plain forwards in the test above)."""
+def test_scoring_reuses_the_log_probs_of_generation_on_the_cpu_only(tiny_recipe, adapters, monkeypatch):
+    """On the CPU scoring runs the reference, value and reward adapters once per chunk and never the policy: its
+    log-probs come from the logits generation computed (checked against plain forwards in the test above). On a
+    GPU generation keeps no logits and scoring runs the policy too (rollout.keeps_generation_logprobs)."""
     trainer = trainer_with_adapters(tiny_recipe, adapters)
     sb, cfg = trainer.sb, trainer.cfg
     sb.train(False)
     batch = rollout.generate(sb, PROMPTS, cfg)
-    assert batch.logprobs is not None and (batch.logprobs * batch.response_mask).ne(0).any()
     used = []
     real_use = sb.use
     monkeypatch.setattr(sb, "use", lambda role: used.append(role) or real_use(role))
     scored = rollout.score(sb, batch, trainer.reward, cfg)
-    assert sorted(used) == ["reference", "reward", "value"]
-    assert scored.logprobs is batch.logprobs
+    if TEST_DEVICE == "cpu":
+        assert batch.logprobs is not None and (batch.logprobs * batch.response_mask).ne(0).any()
+        assert sorted(used) == ["reference", "reward", "value"]
+        assert scored.logprobs is batch.logprobs
+    else:
+        assert batch.logprobs is None
+        assert sorted(used) == ["policy", "reference", "reward", "value"]

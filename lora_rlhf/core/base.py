@@ -33,7 +33,7 @@ from lora_rlhf.core.adapters import (
 )
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
 from lora_rlhf.core.io import remove_temp_files, writing
-from lora_rlhf.core.loading import load_base_model, lora_config
+from lora_rlhf.core.loading import autocast_dtype, compute_dtype, load_base_model, lora_config
 from lora_rlhf.core.models import PLAIN_LM_HEAD
 from lora_rlhf.errors import ModelError
 from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
@@ -52,13 +52,14 @@ class SharedBase:
     trainable: set[str] = field(default_factory=set)
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> adapter metadata
     _params: dict[str, list[nn.Parameter]] = field(default_factory=dict, repr=False)  # role -> its LoRA weights
+    dtype: torch.dtype = torch.float32  # the compute dtype (core.loading.compute_dtype)
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, quant: QuantizationConfig, for_training: bool = True,
              tokenizer: Any = None) -> SharedBase:
         """`tokenizer`: the model's, when the caller already loaded it (to size its preflight)."""
         model, tokenizer, info = load_base_model(model_cfg, quant, for_training, tokenizer)
-        return cls(model=model, tokenizer=tokenizer, info=info)
+        return cls(model=model, tokenizer=tokenizer, info=info, dtype=compute_dtype(model_cfg, model.device))
 
     # ---------------------------------------------------------------- adapters by role
     @property
@@ -70,6 +71,17 @@ class SharedBase:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """What `autocast` casts forwards to (None: no autocast): core.loading.autocast_dtype."""
+        return autocast_dtype(self.device, self.dtype)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Forwards in the compute dtype on a GPU (PPO's own loop; see core.loading.autocast_dtype); a no-op
+        elsewhere. Backward runs outside it."""
+        target = self.autocast_dtype
+        return contextlib.nullcontext() if target is None else torch.autocast(self.device.type, dtype=target)
 
     @property
     def hidden_size(self) -> int:

@@ -39,6 +39,29 @@ def dequantized_for_decoding(model: nn.Module) -> Iterator[None]:
             layer.__dict__.pop("forward", None)
 
 
+@contextlib.contextmanager
+def sampling_as_given(model: nn.Module) -> Iterator[None]:
+    """Sample with exactly the settings a `generate` call passes, none of the model's own generation defaults.
+
+    transformers fills every setting a call leaves unset from the model's `generation_config`: a Hub model that
+    ships `repetition_penalty: 1.05` (some instruct models do), `min_p` or `suppress_tokens` would reshape PPO's
+    sampling distribution while its log-probs describe the plain tempered softmax: off-policy samples, a biased
+    KL. While the block runs the model's defaults are a blank config holding only its special token ids, so what
+    transformers fills in is its own neutral default for each setting.
+    """
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes its base's on
+    saved = inner.generation_config
+    ids = {k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                 "decoder_start_token_id")}
+    inner.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 def _dense_forward(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # The arithmetic of bitsandbytes' Linear4bit.forward on the CPU, minus the dequantization.
     dtype = x.dtype
@@ -67,7 +90,7 @@ def generate_ids(shared_base: Any, prompts: Sequence[Prompt], role: str | None =
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     out: list[list[tuple[list[int], list[int]]]] = []
-    with shared_base.use(role) as model, dequantized_for_decoding(model):
+    with shared_base.use(role) as model, dequantized_for_decoding(model), sampling_as_given(model):
         was_training = model.training
         model.eval()
         try:

@@ -33,7 +33,9 @@ class ScalarHead(nn.Module):
         return self.linear.in_features
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+        # fp32 under autocast too (PPO's forwards autocast on a GPU): a 16-bit score keeps ~3 significant digits
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
     def save(self, folder: str | Path) -> None:
         tensors = {"weight": self.linear.weight.detach().cpu().contiguous()}

@@ -29,18 +29,45 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ModelError("model.device is 'cuda' but no CUDA GPU is visible",
                          fix="set model.device: auto (or cpu), or check the NVIDIA driver / CUDA_VISIBLE_DEVICES")
-    if cfg.device == "auto":
-        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.device == "auto":  # ACCELERATE_USE_CPU=1 (a launch on the CPU, as the tests do) means the CPU
+        cuda = torch.cuda.is_available() and not distributed.cpu_requested()
+        return distributed.local_device(torch.device("cuda" if cuda else "cpu"))
     return distributed.local_device(torch.device(cfg.device))
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
-        # On the CPU fp32 is both faster and exact; bf16 where the GPU supports it.
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        # On the CPU fp32 is both faster and exact; on a GPU the 16-bit type it computes natively.
+        if device.type == "cuda":
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in the GPU's hardware: NVIDIA compute capability 8.0 on (A100, RTX 30xx, L4, H100), and ROCm GPUs.
+    `torch.cuda.is_bf16_supported()` also says yes on a V100 or T4, which only emulate bf16 (no bf16 tensor
+    cores: several times slower than their fp16); it also asks the current device, not `device`."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype our own training loop (PPO) autocasts its forwards to: the compute dtype on a GPU when it is
+    16-bit; None (no autocast) otherwise.
+
+    PEFT's k-bit preparation upcasts embeddings, norms and the LM head to fp32, and a bitsandbytes 4-bit layer then
+    computes in its input's dtype and returns it: without autocast every matmul, the attention (no flash kernel)
+    and the KV cache run in fp32 on the GPU. The TRL-trained stages get autocast from the Trainer (bf16 / fp16
+    set by `trainer_setup.trainer_args`); PPO, our own loop, asks for the same. On the CPU the compute dtype is the
+    base's own (fp32 with `auto`), and bf16 autocast there is slow on CPUs without AVX512-BF16. TF32 stays off:
+    it would change every fp32 matmul of the process (eval's, the reward reload check's), and under autocast the
+    large ones run in 16 bits anyway; a user who wants it sets torch.backends.cuda.matmul.allow_tf32 themselves.
+    """
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    return None
 
 
 def load_tokenizer(model_cfg: ModelConfig | str):

@@ -11,11 +11,12 @@ the code keeps alive (lora_rlhf.core.base, lora_rlhf.stages.*, TRL's trainers):
                  trainable roles add the gradient and AdamW's two moments: 16 bytes/param
     activations  what autograd saves for backward, per token per layer (counted with saved-tensor hooks on
                  Llama layers, see ACT_*), or only each layer's input with gradient checkpointing plus one
-                 layer recomputed
+                 layer recomputed; fp32 on a k-bit base prepared for training (`stream_bytes`)
     logits       [B, R, V] in the compute dtype plus the copies softmax-based log-probs make
     KV cache     2 * layers * kv_heads * head_dim * bytes * rows * (prompt + response) while generating
     runtime      CPU: the interpreter with torch / transformers / TRL / PEFT imported (resident set);
                  CUDA: the context (not in torch.cuda.max_memory_allocated, but taken from the free memory)
+    headroom     CPU: glibc's heap slack (measured); CUDA: the caching allocator's reserve above the tensors
 
 Units: bytes everywhere; B = sequences in a forward, T = tokens per sequence, V = vocabulary, H = hidden size.
 """
@@ -73,6 +74,11 @@ CPU_REWARD_SLACK = 0.7
 # place on the tile and one fp32 buffer (read from the source, not measured).
 FUSED_TILE_TOKENS, FUSED_TILE_VOCAB = 4096, 32768
 FUSED_TILES = {"cpu": 8.8, "cuda": 2}
+# On a GPU the caching allocator reserves more than the live tensors (blocks cut for one size, freed, and not
+# reusable for the next: fragmentation), and a stage runs out when its reserved memory meets the free memory, not
+# its allocated. A share of each phase's tensors is planned on top. Not measured yet (no GPU in this project so
+# far): bench/bench_plan.py --device cuda compares the plan with torch.cuda.max_memory_reserved to fit it.
+CUDA_ALLOCATOR_HEADROOM = 0.10
 
 Device = Literal["cpu", "cuda"]
 QuantMode = Literal["4bit", "8bit", "none"]
@@ -210,13 +216,23 @@ def saved_per_token_layer(shape: ModelShape, base: Base, seq_len: int) -> float:
             + 2 * shape.num_heads + 8 + ACT_DROPOUT * lora_dropout_width(shape, base))
 
 
+def stream_bytes(base: Base, for_training: bool = True) -> int:
+    """Bytes per element of the residual stream, the activations saved for backward, the layers' temporaries and
+    the KV cache. On a quantized base prepared for training they are fp32 whatever the compute dtype: PEFT's
+    prepare_model_for_kbit_training upcasts embeddings, norms and the LM head to fp32, and bitsandbytes' 4-bit
+    (and 8-bit) layers return their input's dtype, so the stream never leaves fp32, under autocast too (only the
+    matmuls inside run in 16 bits). A base loaded for inference (compare, eval) keeps the compute dtype."""
+    return 4 if for_training and base.quant != "none" else base.dtype_bytes
+
+
 def activation_bytes(shape: ModelShape, base: Base, rows: int, seq_len: int) -> int:
     """Saved activations of a forward with grad over rows x seq_len tokens, held until backward."""
     tokens = rows * seq_len
-    per_layer = saved_per_token_layer(shape, base, seq_len) * tokens * base.dtype_bytes
+    width = stream_bytes(base)
+    per_layer = saved_per_token_layer(shape, base, seq_len) * tokens * width
     if base.gradient_checkpointing:
         # each layer's input stays; backward recomputes one layer at a time with everything it saves
-        return int(shape.num_layers * tokens * (shape.hidden_size + 19) * base.dtype_bytes + per_layer)
+        return int(shape.num_layers * tokens * (shape.hidden_size + 19) * width + per_layer)
     return int(shape.num_layers * per_layer)
 
 
@@ -227,15 +243,24 @@ def backward_churn(shape: ModelShape, base: Base, rows: int, seq_len: int) -> in
     return activation_bytes(shape, replace(base, gradient_checkpointing=False), rows, seq_len)
 
 
-def layer_workspace(shape: ModelShape, base: Base, tokens: int) -> int:
+def layer_workspace(shape: ModelShape, base: Base, tokens: int, for_training: bool = True) -> int:
     """Temporaries of one layer's forward (no grad) or backward: hidden states, the MLP's inner width, grads."""
-    return int(tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) * base.dtype_bytes)
+    return int(tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) * stream_bytes(base, for_training))
 
 
 def heap_slack(base: Base, transient: int) -> list[Part]:
     if base.device != "cpu" or transient <= 0:
         return []
     return [Part("allocator slack", int(CPU_HEAP_SLACK * transient), "freed temporaries glibc keeps mapped")]
+
+
+def _phase(base: Base, name: str, parts: list[Part]) -> Phase:
+    """A phase; on CUDA with the caching allocator's headroom over its tensors (CUDA_ALLOCATOR_HEADROOM)."""
+    if base.device == "cuda":
+        tensors = sum(p.bytes for p in parts if p.name != "runtime")
+        parts = [*parts, Part("allocator headroom", int(CUDA_ALLOCATOR_HEADROOM * tensors),
+                              "CUDA caching allocator: reserved beyond the live tensors (fragmentation)")]
+    return Phase(name, parts)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -252,7 +277,7 @@ def _load_phase(shape: ModelShape, base: Base, for_training: bool = True, lm_hea
         # resident set by ~0.8 x an fp32 copy of the linear weights before it settles
         parts.append(Part("adapter setup", int(CPU_ADAPTER_SETUP * shape.linear_params() * 4),
                           "CPU 4-bit: measured while PEFT wraps the base"))
-    return Phase("load", parts)
+    return _phase(base, "load", parts)
 
 
 def sft_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> StageEstimate:
@@ -266,7 +291,7 @@ def sft_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> 
     acts = activation_bytes(shape, base, batch, max_length)
     logits = tokens * shape.vocab_size * (base.dtype_bytes + 16)
     transient = backward_churn(shape, base, batch, max_length) + layer_workspace(shape, base, tokens)
-    train = Phase("train", [*_resident(shape, base, {"policy": True}),
+    train = _phase(base, "train", [*_resident(shape, base, {"policy": True}),
                             Part("activations", acts, _act_note(base, batch, max_length)),
                             Part("logits", logits, f"[{batch}, {max_length}, {shape.vocab_size}] + fp32 copy, "
                                                    "log-softmax and their grads"),
@@ -296,7 +321,7 @@ def reward_estimate(shape: ModelShape, base: Base, batch: int, max_length: int,
     acts = activation_bytes(shape, base, rows, max_length)
     transient = backward_churn(shape, base, rows, max_length) + layer_workspace(shape, base, tokens)
     transient = int(CPU_REWARD_SLACK * transient)
-    train = Phase("train", [*_resident(shape, base, {"reward": True}, lm_head=False),
+    train = _phase(base, "train", [*_resident(shape, base, {"reward": True}, lm_head=False),
                             Part("activations", acts, _act_note(base, rows, max_length)),
                             Part("backward workspace", layer_workspace(shape, base, tokens)),
                             *heap_slack(base, transient)])
@@ -332,9 +357,11 @@ def dpo_estimate(shape: ModelShape, base: Base, batch: int, max_length: int) -> 
 
 
 def generation_parts(shape: ModelShape, base: Base, rows: int, prompt_len: int, new_tokens: int,
-                     keep_logits: bool) -> list[Part]:
-    """What sampling `rows` sequences adds: KV cache, (kept) logits, the CPU's dequantized weights, prefill."""
-    parts = [Part("kv cache", shape.kv_cache_bytes_per_token(base.dtype_bytes) * rows * (prompt_len + new_tokens),
+                     keep_logits: bool, for_training: bool = False) -> list[Part]:
+    """What sampling `rows` sequences adds: KV cache, (kept) logits, the CPU's dequantized weights, prefill.
+    `for_training`: the base is prepared for training (PPO), so the cache and the stream are fp32."""
+    width = stream_bytes(base, for_training)
+    parts = [Part("kv cache", shape.kv_cache_bytes_per_token(width) * rows * (prompt_len + new_tokens),
                   f"{rows} rows x {prompt_len}+{new_tokens} tokens")]
     if keep_logits:
         parts.append(Part("generation logits", rows * new_tokens * shape.vocab_size * 4,
@@ -344,7 +371,7 @@ def generation_parts(shape: ModelShape, base: Base, rows: int, prompt_len: int, 
     if base.device == "cpu" and base.quant == "4bit":
         parts.append(Part("dequantized weights", shape.linear_params() * base.dtype_bytes,
                           "CPU: 4-bit layers decoded once per generate call (core.generation)"))
-    prefill = layer_workspace(shape, base, rows * prompt_len) + rows * prompt_len * shape.hidden_size * base.dtype_bytes
+    prefill = layer_workspace(shape, base, rows * prompt_len, for_training) + rows * prompt_len * shape.hidden_size * width
     parts.append(Part("prefill workspace", prefill, "one layer's temporaries over the prompts"))
     return parts
 
@@ -354,7 +381,7 @@ def generation_estimate(shape: ModelShape, base: Base, rows: int, prompt_len: in
     """`compare` / `eval`: the base (not prepared for training) + frozen adapters, sampling `rows` at a time."""
     gen = generation_parts(shape, base, rows, prompt_len, new_tokens, keep_logits=False)
     roles = {f"adapter {i + 1}": False for i in range(adapters)}
-    phase = Phase("generate", [*_resident(shape, base, roles, for_training=False), *gen,
+    phase = _phase(base, "generate", [*_resident(shape, base, roles, for_training=False), *gen,
                                *heap_slack(base, sum(p.bytes for p in gen if p.name != "dequantized weights"))])
     return StageEstimate(stage, [_load_phase(shape, base, for_training=False), phase],
                          {"rows": rows, "prompt_length": prompt_len, "new_tokens": new_tokens})
@@ -369,9 +396,9 @@ def eval_estimate(shape: ModelShape, base: Base, rows: int, prompt_len: int, new
     resident = _resident(shape, base, {f"adapter {i + 1}": False for i in range(adapters)}, for_training=False)
     tokens = rows * text_len
     hidden = tokens * shape.hidden_size * base.dtype_bytes
-    work = layer_workspace(shape, base, tokens)
+    work = layer_workspace(shape, base, tokens, for_training=False)
     logits = 2 * text_len * shape.vocab_size * 4
-    est.phases.append(Phase("score", [*resident,
+    est.phases.append(_phase(base, "score", [*resident,
                                       Part("hidden states", hidden, f"[{rows}, {text_len}, {shape.hidden_size}]"),
                                       Part("forward workspace", work, "one layer's temporaries"),
                                       Part("sequence logits", logits, f"fp32 [{text_len}, {shape.vocab_size}] of "
@@ -413,9 +440,11 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
     buffers = Part("rollout buffers", p.batch_size * (seq * 8 * 3 + p.response_length * 4 * 8),
                    "ids, masks, log-probs, values, rewards, advantages")
 
-    # 1. roll out: KV cache of one forward batch, its kept logits; CPU: the dequantized copy of the weights
-    gen = generation_parts(shape, base, p.forward_batch, p.prompt_length, p.response_length, keep_logits=True)
-    rollout = Phase("rollout", [*resident, buffers, *gen,
+    # 1. roll out: KV cache of one forward batch; on the CPU its kept logits (rollout.keeps_generation_logprobs: a
+    # GPU recomputes the old log-probs in scoring) and the dequantized copy of the weights
+    gen = generation_parts(shape, base, p.forward_batch, p.prompt_length, p.response_length,
+                           keep_logits=base.device == "cpu", for_training=True)
+    rollout = _phase(base, "rollout", [*resident, buffers, *gen,
                                 *heap_slack(base, sum(x.bytes for x in gen if x.name != "dequantized weights"))])
 
     # 2. score: no-grad forwards of one forward batch; reference logits [b, R+1, V], /temperature, log-softmax rows
@@ -423,7 +452,7 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
     per = 1 if shape.plain_lm_head else b  # rows whose logits exist at once (rollout.response_logprobs)
     score_logits = per * (p.response_length + 1) * v * dt + per * p.response_length * v * max(dt, 4)
     score_work = layer_workspace(shape, base, b * seq)
-    scoring = Phase("scoring", [*resident, buffers,
+    scoring = _phase(base, "scoring", [*resident, buffers,
                                 Part("scoring logits", score_logits, f"reference [{per}, {p.response_length}+1, {v}] "
                                                                      "and its tempered copy"),
                                 Part("forward workspace", score_work), *heap_slack(base, score_logits + score_work)])
@@ -471,7 +500,7 @@ def ppo_estimate(shape: ModelShape, base: Base, p: PPOShape, stage: str = "ppo")
         kept = sum(x.bytes for x in gen) - sum(x.bytes for x in opt_parts)
         if kept > 0:
             opt_parts.append(Part("rollout heap kept", kept, "CPU: freed by the rollout, beyond what is reused"))
-    optimise = Phase("optimisation", [*resident, buffers, *opt_parts])
+    optimise = _phase(base, "optimisation", [*resident, buffers, *opt_parts])
     settings = {"batch_size": p.batch_size, "forward_batch": b, "micro_batch": m, "prompt_length": p.prompt_length,
                 "response_length": p.response_length, "roles": list(roles)}
     return StageEstimate(stage, [_load_phase(shape, base), rollout, scoring, optimise], settings)

@@ -105,6 +105,12 @@ def peak_bytes(device: torch.device) -> int:
     return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_reserved_bytes(device: torch.device) -> int | None:
+    """On CUDA, the caching allocator's high-water mark since the last reset_peak (torch.cuda.max_memory_reserved):
+    the allocated peak plus what fragmentation held, which is what meets the free memory. None on the CPU."""
+    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
+
+
 def _status(key: str) -> int:
     return _kb_field(Path("/proc/self/status"), key)
 

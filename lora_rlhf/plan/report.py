@@ -94,4 +94,5 @@ def render(plans: list[StagePlan], shape: ModelShape, ctx: PlanContext, capacity
                 console.print(f"    {k.set_line}   -> {gb(k.peak)} {mark} ({k.effect})", highlight=False)
     console.print(f"\n[dim]Assumed: prompts of {ctx.prompt_length} tokens (--prompt-length), every sequence as long as "
                   "the recipe allows. CPU figures are resident memory; CUDA figures are tensors "
-                  "(torch.cuda.max_memory_allocated) plus the CUDA context.[/dim]", highlight=False)
+                  "(torch.cuda.max_memory_allocated) plus the CUDA context and the caching allocator's headroom "
+                  "(compare with torch.cuda.max_memory_reserved).[/dim]", highlight=False)

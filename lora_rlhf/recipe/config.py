@@ -5,6 +5,7 @@
     data                                datasets by role: sft, reward, dpo, prompts, ptx, eval
     sft, reward, dpo                    our keys plus any trl.SFTConfig / RewardConfig / DPOConfig argument
     compare, ppo, eval                  our own sections
+    distributed                         how ranks wait for each other under torchrun / accelerate launch
 
 Unknown keys are rejected with the valid names and a "did you mean"; every problem is reported at once;
 `--set section.key=value` overrides are applied to the parsed YAML before validation, so they are checked the
@@ -77,7 +78,8 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `name`."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Compute dtype. `auto`: bf16 where the hardware supports it, else fp32."""
+    """Compute dtype. `auto`: fp32 on the CPU; on a GPU bf16 where it computes bf16 natively (Ampere on), else fp16
+    (V100, T4: PPO then scales its loss, as the Trainer does for sft and reward)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA if present, else CPU."""
     gradient_checkpointing: bool = False
@@ -225,6 +227,17 @@ class EvalSection:
     """Use at most this many rows of general_text (each cut to 256 tokens)."""
 
 
+@dataclass
+class DistributedConfig:
+    """Several processes (torchrun / accelerate launch); ignored in one process."""
+
+    timeout_minutes: float = ranged(30.0, gt=0)
+    """How long a rank waits for the others at a collective before it stops and names the ranks that never came.
+    Long enough for the longest time rank 0 works alone (the reward stage reloads and checks the reward model and
+    scores the demonstrations: minutes at 8B); lower it to notice a hung rank sooner. The process group (NCCL, gloo)
+    gets the same timeout: NCCL's own default of 10 minutes would kill that reward check on a large model."""
+
+
 StageName = Literal["data", "sft", "compare", "reward", "dpo", "ppo", "ppo-ptx", "eval"]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # the pipeline's stages, in order: the one list of them
 
@@ -261,6 +274,7 @@ class Recipe:
     ppo: PPOSection = field(default_factory=PPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     trainer_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})
     """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig, `dpo` ->
     DPOConfig)."""
@@ -272,6 +286,8 @@ class Recipe:
 # Sections whose unknown keys are passed to a TRL config class instead of being rejected.
 # Keys we set ourselves are not accepted from the recipe.
 _RESERVED_TRAINER_KEYS = {"output_dir", "seed", "logging_dir", "hub_token", "push_to_hub"}
+# Trainer arguments a recipe sets elsewhere, once for every stage: the process group outlives a stage.
+_MOVED_TRAINER_KEYS = {"ddp_timeout": "distributed.timeout_minutes"}
 
 
 @functools.cache
@@ -318,6 +334,9 @@ def _split_trainer_args(section: str, ours: type, data: dict[str, Any], problems
     for key, value in data.items():
         if key in our_fields:
             ours_part[key] = value
+        elif key in _MOVED_TRAINER_KEYS:
+            problems.append(f"{section}.{key}: set {_MOVED_TRAINER_KEYS[key]} instead (one timeout for every stage: "
+                            "the ranks' process group is made once and outlives a stage)")
         elif key in trl_fields:
             if section == "dpo" and key == "loss_type":
                 value = _check_loss_types(value, problems)

@@ -67,6 +67,7 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
     """Sample recipe.compare.k responses per prompt; write OUT/compare/candidates.jsonl (+ rankings.jsonl)."""
     cfg = recipe.compare
     out = recipe.stage_dir("compare")
+    distributed.configure(recipe)
     # --- setup: validate prompts, load base + sampling adapter + labeler before sampling anything
     rows = load_prompt_rows(recipe)
     tokenizer = load_tokenizer(recipe.model)
@@ -110,7 +111,7 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
         write_jsonl_atomic(out / CANDIDATES, candidates)
         if judge is not None:
             write_jsonl_atomic(out / RANKINGS, rankings)
-    distributed.barrier()
+    distributed.barrier("the end of compare (rank 0 writes the candidates and rankings)")
     return out
 
 

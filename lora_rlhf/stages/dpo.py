@@ -226,6 +226,7 @@ def run_dpo(recipe: Recipe, resume: bool = False) -> Path:
 def train_dpo(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     """`run_dpo`, also returning the shared base (policy `default` and reference `ref`) for callers that inspect it."""
     out = recipe.stage_dir("dpo")
+    distributed.configure(recipe)
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_dpo_data(recipe)
     sft = sft_adapter_for(recipe)

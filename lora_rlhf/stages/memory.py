@@ -13,7 +13,7 @@ import torch
 
 from lora_rlhf.core.loading import resolve_device
 from lora_rlhf.core.memory import release_freed
-from lora_rlhf.plan.preflight import peak_bytes, preflight, reset_peak
+from lora_rlhf.plan.preflight import peak_bytes, peak_reserved_bytes, preflight, reset_peak
 from lora_rlhf.recipe.config import Recipe
 
 
@@ -26,8 +26,19 @@ class StageMemory:
         """This stage's peak so far: GB allocated on a GPU, resident GB on the CPU."""
         return peak_bytes(self.device) / 2**30
 
+    def peak_reserved_gb(self) -> float | None:
+        """On CUDA, what the caching allocator held at the peak (allocated + fragmentation); None on the CPU."""
+        reserved = peak_reserved_bytes(self.device)
+        return None if reserved is None else reserved / 2**30
+
     def metrics(self) -> dict[str, float]:
-        return {"memory/peak_gb": round(self.peak_gb(), 3), "memory/predicted_gb": round(self.predicted / 2**30, 3)}
+        """Peak and prediction; on CUDA also the reserved peak, which the prediction's allocator headroom covers
+        and which is what runs out (the allocated peak alone is blind to fragmentation)."""
+        out = {"memory/peak_gb": round(self.peak_gb(), 3), "memory/predicted_gb": round(self.predicted / 2**30, 3)}
+        reserved = self.peak_reserved_gb()
+        if reserved is not None:
+            out["memory/peak_reserved_gb"] = round(reserved, 3)
+        return out
 
 
 def check_memory(recipe: Recipe, stage: str, sequence_length: int | None = None,

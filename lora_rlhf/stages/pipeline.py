@@ -90,7 +90,7 @@ def _run_stage(recipe: Recipe, stage: str) -> Path | None:
         builder = load_callable(recipe.pipeline.data_builder, "pipeline.data_builder")
         if distributed.is_main():  # the files are written once; the other ranks read them after the barrier
             builder(recipe, **recipe.pipeline.data_builder_args)
-        distributed.barrier()
+        distributed.barrier("the end of the data stage (rank 0 builds the datasets)")
         return Path(recipe.output_dir) / "data"
     if stage == "sft":
         return run_sft(recipe)
@@ -120,6 +120,7 @@ def run_pipeline(recipe: Recipe, force: list[str] | None = None,
     if unknown:
         raise RecipeError([f"--force: unknown stage '{s}' (stages: {', '.join(STAGES)}, or all)" for s in unknown])
     recipe = with_pipeline_defaults(recipe)
+    distributed.configure(recipe)
     if "ppo-ptx" in recipe.pipeline.stages:
         ppo_variant(recipe, "ppo-ptx")  # fail now, not after an hour of SFT and reward training
     results = []

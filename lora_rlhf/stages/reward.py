@@ -416,6 +416,7 @@ def init_adapter_for(recipe: Recipe) -> Path | None:
 def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     """Train the reward adapter described by `recipe`; return its output folder (OUT/reward)."""
     out = recipe.stage_dir("reward")
+    distributed.configure(recipe)
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_reward_data(recipe.data.reward, recipe.seed, recipe.data.reward_eval)
     demos = demonstrations(recipe.data.sft, recipe.seed) if recipe.reward.normalize else None

@@ -125,6 +125,7 @@ def run_sft(recipe: Recipe, resume: bool = False) -> Path:
 def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     """`run_sft`, also returning the shared base with the trained adapter (for callers that keep going)."""
     out = recipe.stage_dir("sft")
+    distributed.configure(recipe)
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_sft_data(recipe.data.sft, recipe.seed)
     tokenizer = load_tokenizer(recipe.model)

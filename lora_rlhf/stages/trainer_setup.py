@@ -27,6 +27,7 @@ ADAPTER = "default"  # PEFT's own name: Trainer checkpoints then reload with no 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
+WHAT_RANK_0_DOES = {"reward": ", reloads the reward model on the causal base, checks it, scores the demonstrations"}
 STEP_KINDS = ("logging", "eval", "save")  # the Trainer's *_steps that a checkpoint's state overrides on resume
 # Defaults both TRL-trained stages share (logging, length, one rolling checkpoint, no tracker); each stage adds its
 # own, and the recipe's section overrides any of them.
@@ -168,14 +169,15 @@ def stage_outputs(out: Path, stage: str, resume: bool) -> Iterator[tuple[Any, bo
     Under a launcher the other ranks train alongside (the Trainer syncs them) and get a silent logger; they
     leave the block once rank 0 has written everything, so a next stage on any rank finds its inputs.
     """
+    end = f"the end of the {stage} stage (rank 0 writes its outputs{WHAT_RANK_0_DOES.get(stage, '')})"
     if not distributed.is_main():
         yield logging.getLogger(f"lora_rlhf.{stage}.rank{distributed.rank()}.silent"), False
-        distributed.barrier()
+        distributed.barrier(end)
         return
     with output_folder(out, resume), stage_log(out, stage) as logger:
         logger.info("%s: %s", stage, distributed.describe())
         yield logger, True
-    distributed.barrier()
+    distributed.barrier(end)
 
 
 @contextmanager

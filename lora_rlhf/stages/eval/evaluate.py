@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trl.trainer.utils import selective_log_softmax
 
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import is_finished, recipe_adapter
@@ -39,6 +38,7 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import check_text_or_messages, load_table, require_columns
 from lora_rlhf.core.generation import answer_text, generate_ids
 from lora_rlhf.core.loading import load_tokenizer
+from lora_rlhf.core.logprobs import token_logprobs
 from lora_rlhf.core.logs import METRICS_FILE
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.core.scoring import score_texts
@@ -232,7 +232,7 @@ def sequence_logprobs(shared: SharedBase, role: str | None, sequences: Sequence[
                     start, end = max(starts[i], 1), len(sequences[i])
                     # positions start-1 .. end-2 predict tokens start .. end-1: [n, V]
                     row = logits[r, start - 1:end - 1] if head is None else head(hidden[r, start - 1:end - 1]).float()
-                    out[i] = selective_log_softmax(row, ids[r, start:end], temperature).cpu()
+                    out[i] = token_logprobs(row / temperature, ids[r, start:end]).cpu()
         finally:
             model.train(was_training)
     return out
@@ -327,6 +327,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
              log: Callable[[str], None] = lambda _: None) -> tuple[EvalResult, Path]:
     """Evaluate `policies` (default: discovered from OUT) on data.eval; write OUT/eval; return (result, folder)."""
     cfg = recipe.eval
+    distributed.configure(recipe)
     # --- setup: every check that can fail on user input, before the model loads or anything is written
     prompts, kinds = load_eval_prompts(recipe.data.eval, recipe.seed)
     policies = policies if policies is not None else discover_policies(recipe)
@@ -451,5 +452,5 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
 
     if distributed.is_main():
         write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)
-    distributed.barrier()
+    distributed.barrier("the end of eval (rank 0 writes the report)")
     return result, out

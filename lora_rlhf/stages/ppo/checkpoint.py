@@ -3,7 +3,7 @@
     OUT/ppo/checkpoint/
       policy/            the policy adapter (a plain PEFT folder; usable on its own)
       value/             the value adapter + head.safetensors
-      optimizer.pt       optimizer, LR scheduler, and each rank's RNG states (torch.load(weights_only=True) reads it)
+      optimizer.pt       optimizer, LR scheduler, fp16's loss scaler, each rank's RNG states (torch.load(weights_only=True))
       trainer_state.json step, episode, data positions, KL controller, reward normaliser, where roles came from
 
 A checkpoint is written into `checkpoint.tmp/` and then swapped in by renames, so an interruption or a crash
@@ -65,9 +65,11 @@ def _as_tuple(x: Any) -> Any:
 
 
 def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], rng: list[dict[str, Any]] | None = None) -> Path:
+                    scheduler: Any, state: dict[str, Any], rng: list[dict[str, Any]] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write a complete checkpoint atomically; return its folder. `rng`: every rank's RNG state, in rank order
-    (default: this process's). Adapters and optimizer are the same on every rank, so rank 0's are saved."""
+    (default: this process's); `scaler`: fp16's loss scaler. Adapters, optimizer and scaler are the same on every
+    rank, so rank 0's are saved."""
     final, tmp, old = stage_dir / CHECKPOINT, stage_dir / (CHECKPOINT + ".tmp"), stage_dir / (CHECKPOINT + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -76,7 +78,8 @@ def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Opti
         sb.save_adapter(role, tmp / role, stage="ppo")
     with writing(tmp / OPTIMIZER_FILE):  # torch.save's full-disk error has no errno
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng if rng is not None else [rng_state()]},
+                    "rng": rng if rng is not None else [rng_state()],
+                    "scaler": scaler.state_dict() if scaler is not None else {}},
                    tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, state)
     if final.exists():
@@ -90,8 +93,9 @@ def save_checkpoint(stage_dir: Path, sb: SharedBase, optimizer: torch.optim.Opti
 
 
 def load_checkpoint(folder: Path, sb: SharedBase, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, rank: int = 0) -> dict[str, Any]:
-    """Restore adapters, head, optimizer, scheduler and `rank`'s RNG from `folder`; return the trainer state."""
+                    scheduler: Any, rank: int = 0, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Restore adapters, head, optimizer, scheduler, `rank`'s RNG and the loss scaler from `folder`; return the
+    trainer state."""
     from peft import set_peft_model_state_dict
 
     for role in trained_roles(sb):
@@ -109,6 +113,8 @@ def load_checkpoint(folder: Path, sb: SharedBase, optimizer: torch.optim.Optimiz
     extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None and scaler.is_enabled() and extra.get("scaler"):  # {} from a run without fp16
+        scaler.load_state_dict(extra["scaler"])
     rng = extra["rng"]
     set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: written before data parallelism
     return json.loads((folder / STATE_FILE).read_text())

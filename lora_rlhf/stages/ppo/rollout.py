@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from lora_rlhf.core import distributed
 from lora_rlhf.core.base import SharedBase
-from lora_rlhf.core.generation import dequantized_for_decoding
+from lora_rlhf.core.generation import dequantized_for_decoding, sampling_as_given
+from lora_rlhf.core.logprobs import entropy, token_logprobs
 from lora_rlhf.core.text import pad, prompt_ids
 from lora_rlhf.errors import DataError
 from lora_rlhf.recipe.ppo import PPOSection
@@ -162,34 +162,63 @@ def generation_config(cfg: PPOSection, stop_id: int | None, pad_id: int):
                             pad_token_id=pad_id, use_cache=True)
 
 
+def keeps_generation_logprobs(device: torch.device) -> bool:
+    """Whether the rollout's old log-probs are taken from the logits generation computed (True on the CPU), or
+    recomputed by scoring with the forward the policy loss runs (`response_logprobs`; on GPUs).
+
+    On the CPU decoding does the training forward's arithmetic (core.generation.dequantized_for_decoding: the same
+    `F.linear` on the same numbers), so generation's logits give the first step's ratio 1 to 1e-4 (tested) and save
+    a policy forward per chunk. On a GPU decoding runs bitsandbytes' inference kernels over a KV cache, in 16 bits
+    under autocast: the old log-probs would differ from the training forward's and the first ratio would not be
+    1, nor the first KL 0. One no-grad policy forward per chunk is cheap next to decoding there, and generation then
+    keeps no [R, B, V] logits (2 GB at 16 x 256 tokens of Llama 3's vocabulary). What remains is bitsandbytes'
+    kernel choice: forwards without gradient take its 4-bit GEMM for up to 1536 rows, the training forward
+    dequantizes; tests/test_gpu_paths.py measures that gap under LORA_RLHF_TEST_DEVICE=cuda.
+    """
+    return device.type == "cpu"
+
+
 @torch.no_grad()
 def generate(sb: SharedBase, prompts: list[Any], cfg: PPOSection) -> Batch:
-    """Step 1: sample one response per prompt from the policy, with the KV cache; keep the sampled tokens'
-    log-probs."""
+    """Step 1: sample one response per prompt from the policy, with the KV cache, in the compute dtype; on the CPU
+    keep the sampled tokens' log-probs (`keeps_generation_logprobs`; elsewhere scoring computes them)."""
     tokenizer, device = sb.tokenizer, sb.device
     pad_id = tokenizer.pad_token_id
     stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
     query, query_mask = pad([prompt_ids(tokenizer, p) for p in prompts], pad_id, "left", device)
     gen_cfg = generation_config(cfg, stop_id, pad_id)
+    keep = keeps_generation_logprobs(device)
     chunks, chunk_logprobs = [], []
-    with sb.use("policy") as model, dequantized_for_decoding(model):
+    with (sb.use("policy") as model, dequantized_for_decoding(model), sampling_as_given(model), sb.autocast()):
         for start in range(0, len(prompts), cfg.local_rollout_forward_batch_size):
             rows = slice(start, start + cfg.local_rollout_forward_batch_size)
-            out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=gen_cfg,
-                                 output_logits=True, return_dict_in_generate=True)
-            tokens = out.sequences[:, query.shape[1]:]
+            tokens, logprobs = _sample_chunk(model, query[rows], query_mask[rows], gen_cfg, cfg.temperature, keep)
             chunks.append(tokens)
-            chunk_logprobs.append(sampled_logprobs(out.logits, tokens, cfg.temperature))
+            chunk_logprobs.append(logprobs)
     width = max(c.shape[1] for c in chunks)
     raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
-    logprobs = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunk_logprobs])
     responses, lengths, ended = truncate_after_stop(raw, stop_id, pad_id)
     response_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    logprobs = None
+    if keep:
+        logprobs = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunk_logprobs])
+        logprobs = logprobs * response_mask
     texts = tokenizer.batch_decode([r[:n] for r, n in zip(responses.tolist(), lengths.tolist(), strict=True)],
                                    skip_special_tokens=True)
     return Batch(prompts=list(prompts), query_responses=torch.cat([query, responses], 1),
                  attention_mask=torch.cat([query_mask, response_mask], 1), context_length=query.shape[1],
-                 lengths=lengths, ended=ended, texts=texts, logprobs=logprobs * response_mask)
+                 lengths=lengths, ended=ended, texts=texts, logprobs=logprobs)
+
+
+def _sample_chunk(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_cfg: Any, temperature: float,
+                  keep_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: sampled tokens [b, R] and, with keep_logprobs, their log-probs [b, R]. A function of its own so
+    the generation output (R x [b, V] logits) is freed when it returns: held by the loop, it stayed alive while
+    the next chunk generated, two chunks' logits at once."""
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, output_logits=keep_logprobs,
+                         return_dict_in_generate=True)
+    tokens = out.sequences[:, ids.shape[1]:]
+    return tokens, sampled_logprobs(out.logits, tokens, temperature) if keep_logprobs else None
 
 
 def sampled_logprobs(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -200,7 +229,7 @@ def sampled_logprobs(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor
     a chunk's logits, as in TRL; `local_rollout_forward_batch_size` bounds it); the log-softmax then runs one
     step at a time, so no second copy of that size is made.
     """
-    return torch.stack([selective_log_softmax(logits.float() / temperature, tokens[:, t])
+    return torch.stack([token_logprobs(logits.float() / temperature, tokens[:, t])
                         for t, logits in enumerate(step_logits)], dim=1)
 
 
@@ -226,8 +255,8 @@ def response_logprobs(sb: SharedBase, batch: Batch, temperature: float,
     head = sb.lm_head()
     if head is None:  # logits transformed after the head: the model's own forward, whole batch at once
         logits = response_logits(sb.model, batch) / temperature
-        entropy = entropy_from_logits(logits.detach()) if with_entropy else None
-        return selective_log_softmax(logits, batch.responses) * batch.response_mask, entropy
+        ent = entropy(logits.detach()) if with_entropy else None
+        return token_logprobs(logits, batch.responses) * batch.response_mask, ent
     width = batch.responses.shape[1]
     hidden = sb.backbone()(input_ids=batch.query_responses, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).last_hidden_state[:, -width - 1:-1]
@@ -246,10 +275,10 @@ def _sequence_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torc
                        with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [R, H], tokens [R] -> (log-probs [R], entropy [R], or an empty tensor without with_entropy)."""
     logits = head(hidden).float() / temperature
-    logprobs = selective_log_softmax(logits, tokens)
+    logprobs = token_logprobs(logits, tokens)
     with torch.no_grad():
-        entropy = entropy_from_logits(logits) if with_entropy else logits.new_empty(0)
-    return logprobs, entropy
+        ent = entropy(logits) if with_entropy else logits.new_empty(0)
+    return logprobs, ent
 
 
 def hidden_states(sb: SharedBase, role: str, batch: Batch) -> torch.Tensor:
@@ -276,21 +305,23 @@ def reward_model_scores(sb: SharedBase, batch: Batch, offset: float) -> torch.Te
 
 @torch.no_grad()
 def score(sb: SharedBase, batch: Batch, reward: RewardSource, cfg: PPOSection) -> Batch:
-    """Step 2: reference log-probs, values and scores for every episode (chunked forwards); the policy's
-    log-probs too when the batch does not already carry them from generation."""
+    """Step 2: reference log-probs, values and scores for every episode (chunked forwards in the compute dtype);
+    the policy's log-probs too when the batch does not already carry them from generation."""
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     n = len(batch.prompts)
     for start in range(0, n, cfg.local_rollout_forward_batch_size):
         chunk = batch.select(slice(start, start + cfg.local_rollout_forward_batch_size))
-        if batch.logprobs is None:  # generation normally gave them (see `sampled_logprobs`)
-            with sb.use("policy"):
-                parts["logprobs"].append(response_logprobs(sb, chunk, cfg.temperature)[0])
-        with sb.use("reference"):
-            parts["ref_logprobs"].append(response_logprobs(sb, chunk, cfg.temperature)[0])
-        # No value role (rloo/grpo): zeros keep the batch's shape; nothing reads them.
-        parts["values"].append(response_values(sb, chunk) if sb.has("value") else torch.zeros_like(chunk.response_mask))
-        if reward.fn is None:
-            parts["scores"].append(reward_model_scores(sb, chunk, reward.offset))
+        with sb.autocast():
+            if batch.logprobs is None:  # on the CPU generation gave them (see `keeps_generation_logprobs`)
+                with sb.use("policy"):
+                    parts["logprobs"].append(response_logprobs(sb, chunk, cfg.temperature)[0])
+            with sb.use("reference"):
+                parts["ref_logprobs"].append(response_logprobs(sb, chunk, cfg.temperature)[0])
+            # No value role (rloo/grpo): zeros keep the batch's shape; nothing reads them.
+            parts["values"].append(response_values(sb, chunk) if sb.has("value")
+                                   else torch.zeros_like(chunk.response_mask))
+            if reward.fn is None:
+                parts["scores"].append(reward_model_scores(sb, chunk, reward.offset))
     if reward.fn is not None:
         parts["scores"].append(function_scores(reward, batch))
     return replace(batch, **{k: torch.cat(v).float() for k, v in parts.items() if v})

@@ -70,6 +70,7 @@ from lora_rlhf.stages.ppo.rollout import Batch, RewardSource
 from lora_rlhf.stages.ppo.tracking import check_trackers
 
 log = logging.getLogger("lora_rlhf.stages.ppo")
+SAVED = "the end of PPO (rank 0 saves the adapters)"
 
 
 class NonFiniteError(LoraRlhfError):
@@ -105,6 +106,10 @@ class PPOTrainer:
         for p in self.params:
             p.grad = torch.zeros_like(p)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        # fp16 forwards (autocast on a GPU without native bf16) give gradients that underflow fp16's range without
+        # loss scaling, as SFT and reward get it from the Trainer (fp16=True); bf16 has fp32's range and needs none.
+        # Disabled, the scaler passes the loss, the step and everything else through unchanged.
+        self.scaler = torch.amp.GradScaler(sb.device.type, enabled=sb.autocast_dtype == torch.float16)
         self.scheduler = get_scheduler(self.cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=self.num_steps)
 
@@ -171,6 +176,9 @@ class PPOTrainer:
             "time/step": t3 - t0, "tokens/s": n_tokens / (t3 - t0), "episodes/s": len(batch.prompts) / (t3 - t0),
             "memory/peak_gb": distributed.max_over_ranks(self._peak_gb(device)),
         }
+        if device.type == "cuda":  # every rank's device is of one type: all ranks take part or none
+            metrics["memory/peak_reserved_gb"] = distributed.max_over_ranks(
+                torch.cuda.max_memory_reserved(device) / 2**30)
         return metrics, batch
 
     def _next_prompts(self) -> list[Any]:
@@ -213,9 +221,11 @@ class PPOTrainer:
                     share = float(mask[own].sum() / mask[idx].sum().clamp(min=1))
                     self._backward(batch.select(own), advantages[own], returns[own], stats, share)
                 distributed.all_reduce_sum_(self._grads())
+                self.scaler.unscale_(self.optimizer)  # the same summed gradients on every rank: the same verdict
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 stats["policy/grad_norm"].append(float(grad_norm))
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # skipped (fp16 only) when a gradient overflowed
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=False)  # kept allocated: see __init__
         return distributed.mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
 
@@ -234,18 +244,19 @@ class PPOTrainer:
         mask, scale = mb.response_mask, share / cfg.gradient_accumulation_steps
         sb = self.sb
         with sb.use("policy") as model:
-            logprobs, entropy = rollout.response_logprobs(sb, mb, cfg.temperature, with_entropy=True)
-            pg_loss, pg_stats = losses.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
-            loss = pg_loss * scale
-            if self.ptx is not None:
-                ptx_batch = self.ptx.next_batch(cfg.ptx_batch_size, sb.tokenizer.pad_token_id, sb.device)
-                ptx_part, ptx_share = rank_share(ptx_batch, self.rank, self.world)
-                if ptx_share > 0:  # a rank whose rows hold no target token adds nothing
-                    lm_loss = ptx_loss(model, ptx_part)
-                    loss = loss + cfg.ptx_coef * lm_loss * ptx_share / cfg.gradient_accumulation_steps
-                    stats["loss/ptx"].append(lm_loss.item())
+            with sb.autocast():  # forwards in the compute dtype on a GPU; backward outside autocast
+                logprobs, entropy = rollout.response_logprobs(sb, mb, cfg.temperature, with_entropy=True)
+                pg_loss, pg_stats = losses.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
+                loss = pg_loss * scale
+                if self.ptx is not None:
+                    ptx_batch = self.ptx.next_batch(cfg.ptx_batch_size, sb.tokenizer.pad_token_id, sb.device)
+                    ptx_part, ptx_share = rank_share(ptx_batch, self.rank, self.world)
+                    if ptx_share > 0:  # a rank whose rows hold no target token adds nothing
+                        lm_loss = ptx_loss(model, ptx_part)
+                        loss = loss + cfg.ptx_coef * lm_loss * ptx_share / cfg.gradient_accumulation_steps
+                        stats["loss/ptx"].append(lm_loss.item())
             check_finite(loss, "policy loss", step)
-            loss.backward()
+            self.scaler.scale(loss).backward()
         stats["policy/entropy"].append(losses.masked_mean(entropy, mask).item())
         stats["loss/policy"].append(pg_loss.item())
         stats["policy/approxkl"].append(pg_stats["approxkl"].item())
@@ -254,10 +265,11 @@ class PPOTrainer:
         if not self.with_value:
             return
         with sb.use("value"):
-            values = rollout.response_values(sb, mb)
-            vf_loss, vf_stats = losses.value_loss(values, mb.values, returns, mask, cfg.cliprange_value)
+            with sb.autocast():
+                values = rollout.response_values(sb, mb)
+                vf_loss, vf_stats = losses.value_loss(values, mb.values, returns, mask, cfg.cliprange_value)
             check_finite(vf_loss, "value loss", step)
-            (cfg.vf_coef * vf_loss * scale).backward()
+            self.scaler.scale(cfg.vf_coef * vf_loss * scale).backward()
         stats["loss/value"].append(vf_loss.item())
         stats["val/clipfrac"].append(vf_stats["clipfrac"].item())
 
@@ -333,6 +345,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     # Setup. Everything the user gave is checked before anything is written or loaded (on every rank, so a bad
     # input stops all of them with the same message instead of leaving some waiting in a collective).
     distributed.refuse_sharded_engine(stage)
+    distributed.configure(recipe)
     sources = resolve_sources(recipe)
     check_bases(recipe, sources)
     prompts = load_prompts(recipe.data.prompts, recipe.seed)
@@ -378,7 +391,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     sb = trainer.sb
     if resume:
         trainer.load_state_dict(ckpt.load_checkpoint(existing, sb, trainer.optimizer, trainer.scheduler,
-                                                     trainer.rank))
+                                                     trainer.rank, trainer.scaler))
     roles = sources.describe(trainer.with_value)
     if main:
         write_run_info(out, {"base": sb.info, "device": str(sb.device), "world_size": world, "roles": roles,
@@ -397,7 +410,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
     finally:
         runlog.close()
     if not main:
-        distributed.barrier()  # return once rank 0 has written the adapters the next stage reads
+        distributed.barrier(SAVED)  # return once rank 0 has written the adapters the next stage reads
         return final
 
     # Save. policy/lora_rlhf.json marks the whole stage complete (pipeline, eval and push look for it), so it is
@@ -409,7 +422,7 @@ def train_ppo(recipe: Recipe, resume: bool | None = None, stage: str = "ppo", pr
         sb.save_adapter(role, out / role, stage="ppo")
     write_json_atomic(out / "metrics.json", final)
     sb.save_adapter("policy", out / "policy", stage="ppo")
-    distributed.barrier()
+    distributed.barrier(SAVED)
     return final
 
 
@@ -449,8 +462,8 @@ def fit(trainer: PPOTrainer, runlog: RunLog | QuietRunLog, out: Path, compat: di
                 rng = distributed.gather_objects(ckpt.rng_state())  # each rank samples with its own stream
                 if distributed.is_main():
                     ckpt.save_checkpoint(out, trainer.sb, trainer.optimizer, trainer.scheduler,
-                                         {**trainer.state_dict(), "compat": compat}, rng)
-                distributed.barrier()
+                                         {**trainer.state_dict(), "compat": compat}, rng, trainer.scaler)
+                distributed.barrier("a PPO checkpoint (rank 0 writes it)")
             if interrupt["requested"]:
                 log.warning("stopped after PPO step %d; the checkpoint is saved: continue with --resume", step)
                 raise KeyboardInterrupt
