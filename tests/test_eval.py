@@ -282,6 +282,9 @@ def test_report_from_plain_results_summarises_what_each_trained_policy_changed(t
     report = write_report(tmp_path, results, rows, num_samples=1).read_text()
     assert ("Reward model: `run/reward` (orders 62.5 % of 40 held-out pairs from 4 prompts correctly, 95 % "
             "interval [50.0, 75.0] %)") in report
+    # ... and right above the policies' table, with a verdict: this interval does not exclude chance
+    table = report.split("## Policies")[1].split("| policy |")[0]
+    assert "orders 62.5 % of 40 held-out pairs from 4 prompts correctly" in table and "NOT distinguishable" in table
     assert json.loads((tmp_path / "results.json").read_text())["policies"]["ppo"]["kl"] == 2.5
 
 
@@ -315,6 +318,30 @@ def test_a_rewrite_cut_short_leaves_no_earlier_results_beside_the_new_files(tmp_
     write_report(tmp_path, results, [{"prompt": "q"}], num_samples=0)  # over a finished one: kept as previous-2
     assert json.loads((tmp_path / "previous-2" / "responses.jsonl").read_text())["prompt"] == "p"
     assert (kept / "results.json").read_text() == '{"policies": {}}'
+
+
+def test_the_report_shows_the_rm_against_the_gold_score_during_ppo(tmp_path):
+    """With ppo.gold_fn logged, the report compares the first and last quarter of PPO's steps for the RM score, the
+    gold score, the KL and the length (a proxy that rises while the gold score falls is over-optimisation), and the
+    curves plot gains the RM-vs-gold panel (a wider figure)."""
+    from lora_rlhf.stages.eval.report import during_ppo
+
+    rows = [{"step": i + 1, "objective/scores": 0.1 * i, "objective/gold": 0.5 - 0.05 * i, "objective/kl": 0.2 * i,
+             "val/response_length": 20 + 2 * i} for i in range(8)]
+    metrics = write_jsonl(tmp_path / "m.jsonl", rows)
+    lines = during_ppo({"ppo": str(metrics)})
+    # quarters of 8 steps: steps 1-2 and 7-8
+    assert ("- **ppo**: RM score 0.050 -> 0.650; gold score 0.475 -> 0.175; KL 0.10 -> 1.30; length (tokens) "
+            "21.0 -> 33.0.") in lines
+    assert plot_training_curves({"ppo": str(metrics)}, tmp_path / "gold.png")
+    import matplotlib.image
+
+    plain = write_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in r.items() if k != "objective/gold"} for r in rows])
+    assert plot_training_curves({"ppo": str(plain)}, tmp_path / "plain.png")
+    assert matplotlib.image.imread(tmp_path / "gold.png").shape[1] > matplotlib.image.imread(
+        tmp_path / "plain.png").shape[1]
+    assert "gold score" not in " ".join(during_ppo({"ppo": str(plain)}))
+    assert during_ppo({}) == []
 
 
 def test_training_curve_and_win_rate_plots_are_pngs(tmp_path):

@@ -429,3 +429,33 @@ def test_scoring_reuses_the_log_probs_of_generation_on_the_cpu_only(tiny_recipe,
     else:
         assert batch.logprobs is None
         assert sorted(used) == ["policy", "reference", "reward", "value"]
+
+
+def test_a_gold_score_is_logged_beside_the_reward_and_never_trained_on(tiny_recipe, adapters, reward_file):
+    """ppo.gold_fn judges each step's rollouts (objective/gold) while the reward model drives the loss: the same
+    seed with and without the monitor trains bit-identical adapters."""
+    runs = {}
+    for gold in (None, f"{reward_file}:count_e"):
+        trainer = trainer_with_adapters(tiny_recipe, adapters, **({"gold_fn": gold} if gold else {}))
+        metrics, batch = trainer.step()
+        runs[gold] = (metrics, snapshot(trainer.sb))
+        if gold:
+            assert metrics["objective/gold"] == pytest.approx(sum(t.count("e") for t in batch.texts) / len(batch.texts))
+    assert "objective/gold" not in runs[None][0]
+    assert runs[None][0]["objective/scores"] == runs[f"{reward_file}:count_e"][0]["objective/scores"]
+    plain, monitored = runs[None][1], runs[f"{reward_file}:count_e"][1]
+    assert plain.keys() == monitored.keys()
+    for name in plain:
+        assert torch.equal(plain[name], monitored[name]), name
+
+
+def test_a_gold_function_that_cannot_be_loaded_stops_before_anything_is_written(tiny_recipe, adapters, prompts_file):
+    from lora_rlhf.errors import LoraRlhfError
+
+    sft, reward = adapters
+    recipe = recipe_from_dict(tiny_recipe(data={"prompts": {"path": str(prompts_file)}},
+                                          ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward),
+                                               "gold_fn": "no_such_module_xyz:gold"}))
+    with pytest.raises(LoraRlhfError, match="ppo.gold_fn"):
+        train_ppo(recipe, progress=False)
+    assert not recipe.stage_dir("ppo").exists()

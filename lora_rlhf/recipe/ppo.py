@@ -22,6 +22,10 @@ class PPOSection:
     """Reward adapter folder or Hub id (default: OUT/reward)."""
     reward_fn: str | None = None
     """Instead of a reward adapter, `module:function` (prompts, responses -> scores). Value starts fresh."""
+    gold_fn: str | None = None
+    """[ours] `module:function` (prompts, responses -> scores) logged beside the reward every step
+    (`objective/gold`) and never part of the loss: a gold standard to watch the policy over-optimise an imperfect
+    reward model (Gao et al. 2022), e.g. a checker, a larger judge, or the true metric the reward model stands for."""
 
     # --- rollout
     total_episodes: int = ranged(256, gt=0)

@@ -23,6 +23,7 @@ from lora_rlhf.core.io import (
 )
 
 REWARD_KEY, KL_KEY = "objective/scores", "objective/kl"  # PPO's metrics.jsonl fields (TRL's names)
+GOLD_KEY, LENGTH_KEY = "objective/gold", "val/response_length"  # ppo.gold_fn's score; mean response tokens
 RESULTS = "results.json"  # written last: its presence marks a finished evaluation
 PLOTS = ("scores.png", "win_rates.png", "ppo_curves.png")
 REPORT_FILES = ("responses.jsonl", "report.md", *PLOTS)  # what an evaluation writes besides RESULTS
@@ -114,27 +115,61 @@ def _pyplot():
 
 
 def plot_training_curves(curves: dict[str, str], path: Path) -> bool:
-    """Reward and KL over PPO steps, one line per run; False (no file) when no run logged them."""
+    """Reward and KL over PPO steps, one line per run, and, when a run logged a gold score (ppo.gold_fn), the
+    reward model's score against the gold one with the response length: the picture of over-optimisation (Gao et al.
+    2022), where the proxy keeps rising while the gold score stalls or falls. False (no file) when no run logged."""
     series = {name: read_metrics(p) for name, p in curves.items() if Path(p).is_file()}
     series = {n: rows for n, rows in series.items() if _series(rows, REWARD_KEY)[0] or _series(rows, KL_KEY)[0]}
     if not series:
         return False
+    gold = any(_series(rows, GOLD_KEY)[0] for rows in series.values())
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3 if gold else 2, figsize=(15 if gold else 10, 3.6))
     for name, rows in series.items():
-        for ax, key in zip(axes, (REWARD_KEY, KL_KEY), strict=True):
+        for ax, key in zip(axes, (REWARD_KEY, KL_KEY), strict=False):
             xs, ys = _series(rows, key)
             if xs:
                 ax.plot(xs, ys, marker=".", label=name)
     axes[0].set(title="reward during PPO", xlabel="PPO step", ylabel=REWARD_KEY)
     axes[1].set(title="KL to the reference during PPO", xlabel="PPO step", ylabel=KL_KEY + " (nats)")
+    if gold:
+        ax, length_ax = axes[2], axes[2].twinx()
+        for i, (name, rows) in enumerate(series.items()):
+            color = f"C{i}"
+            for key, style, target in ((REWARD_KEY, "-", ax), (GOLD_KEY, "--", ax), (LENGTH_KEY, ":", length_ax)):
+                xs, ys = _series(rows, key)
+                if xs:
+                    label = {REWARD_KEY: "RM", GOLD_KEY: "gold", LENGTH_KEY: "length"}[key]
+                    target.plot(xs, ys, style, color=color, marker="." if key != LENGTH_KEY else None,
+                                label=f"{name} {label}")
+        ax.set(title="reward model vs gold score (dotted: length)", xlabel="PPO step", ylabel="mean score")
+        length_ax.set_ylabel("response tokens")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def training_trends(curves: dict[str, str]) -> dict[str, dict[str, list[float]]]:
+    """Per PPO run: the mean of the first and of the last quarter of its steps for the reward, the gold score (when
+    logged), the KL and the response length: {run: {key: [first, last]}}."""
+    trends = {}
+    for name, path in curves.items():
+        if not Path(path).is_file():
+            continue
+        rows = read_metrics(path)
+        run = {}
+        for key in (REWARD_KEY, GOLD_KEY, KL_KEY, LENGTH_KEY):
+            ys = _series(rows, key)[1]
+            if ys:
+                q = max(1, len(ys) // 4)
+                run[key] = [sum(ys[:q]) / q, sum(ys[-q:]) / q]
+        if run:
+            trends[name] = run
+    return trends
 
 
 def plot_win_rates(win_rates: list[dict[str, Any]], path: Path) -> bool:
@@ -246,6 +281,36 @@ def _rm_accuracy(settings: dict[str, Any]) -> str:
             f"correctly, 95 % interval [{100 * acc['accuracy_low']:.1f}, {100 * acc['accuracy_high']:.1f}] %)")
 
 
+def _rm_line(settings: dict[str, Any]) -> list[str]:
+    """The reward model's own held-out accuracy above the policies' table: a policy that followed a reward model at
+    chance learned noise, whatever its row says."""
+    acc = settings.get("reward_model_accuracy")
+    if not acc:
+        return []
+    verdict = "better than chance" if acc["accuracy_low"] > 0.5 else "NOT distinguishable from chance (50 %)"
+    return [f"The reward model the RL policies followed orders {100 * acc['accuracy']:.1f} % of {acc['pairs']} "
+            f"held-out pairs from {acc['prompts']} prompts correctly (95 % interval [{100 * acc['accuracy_low']:.1f}, "
+            f"{100 * acc['accuracy_high']:.1f}] %): {verdict}.", ""]
+
+
+def during_ppo(curves: dict[str, str]) -> list[str]:
+    """Markdown lines: each PPO run's reward, gold score, KL and length, first quarter of its steps -> last."""
+    trends = training_trends(curves)
+    if not trends:
+        return []
+    names = {REWARD_KEY: ("RM score", "{:.3f}"), GOLD_KEY: ("gold score", "{:.3f}"), KL_KEY: ("KL", "{:.2f}"),
+             LENGTH_KEY: ("length (tokens)", "{:.1f}")}
+    intro = "Mean over the first quarter of the PPO steps -> the last quarter, on the policy's own rollouts."
+    if any(GOLD_KEY in keys for keys in trends.values()):
+        intro += (" The gold score (ppo.gold_fn) is never optimised: when the RM score rises and the gold score does "
+                  "not, the policy is exploiting the reward model.")
+    lines = ["## During PPO", "", intro, ""]
+    for run, keys in trends.items():
+        parts = [f"{names[k][0]} {names[k][1].format(a)} -> {names[k][1].format(b)}" for k, (a, b) in keys.items()]
+        lines.append(f"- **{run}**: " + "; ".join(parts) + ".")
+    return lines + [""]
+
+
 def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dict[str, Any]]) -> str:
     s = results["settings"]
     parts = [
@@ -255,13 +320,14 @@ def render_markdown(results: dict[str, Any], plots: list[str], samples: list[dic
         f"KL reference: `{s['reference']}`. Reward model: `{s['reward_adapter'] or 'none'}`{_rm_accuracy(s)}. "
         f"Task labeler: `{s['labeler'] or 'none'}`.", "",
         *(["## Summary", "", *summary(results), ""] if summary(results) else []),
-        "## Policies", "", policy_table(results), "",
+        "## Policies", "", *_rm_line(s), policy_table(results), "",
         *_metric_notes(results["policies"], s),
         "", "## Paired differences", "",
         "Each later policy against each earlier one on the same prompts: the mean per-prompt difference of the "
         "judge's score, with a bootstrap interval over prompts (above 0: better beyond sampling luck).", "",
         paired_table(results), "",
         "## Win rates", "", win_rate_table(results), "",
+        *during_ppo(results.get("curves") or {}),
     ]
     for png in plots:
         parts += [f"![{png}]({png})", ""]

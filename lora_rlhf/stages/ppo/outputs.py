@@ -24,8 +24,8 @@ from lora_rlhf.stages.ppo.tracking import Trackers
 log = logging.getLogger("lora_rlhf.stages.ppo")
 
 # Shown in the per-step log line, in this order.
-HEADLINE = (("objective/scores", "score"), ("objective/kl", "kl"), ("objective/entropy", "entropy"),
-            ("loss/policy", "pg"), ("loss/value", "vf"), ("policy/clipfrac", "clip"), ("kl_coef", "beta"),
+HEADLINE = (("objective/scores", "score"), ("objective/gold", "gold"), ("objective/kl", "kl"),
+            ("objective/entropy", "entropy"), ("loss/policy", "pg"), ("loss/value", "vf"), ("policy/clipfrac", "clip"), ("kl_coef", "beta"),
             ("tokens/s", "tok/s"))
 SAMPLES_SHOWN = 4
 
@@ -72,7 +72,8 @@ class RunLog:
             f.write(json.dumps(clean_json(metrics)) + "\n")
         self.trackers.log(metrics, step)
         self.bar.update(1)
-        self.bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        gold = {"gold": f"{metrics['objective/gold']:.3f}"} if "objective/gold" in metrics else {}
+        self.bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", **gold, kl=f"{metrics['objective/kl']:.3f}")
         if step % self.cfg.logging_steps == 0 or step == 1:
             parts = [f"{short} {metrics[key]:.4g}" for key, short in HEADLINE if key in metrics]
             log.info("step %d/%d | %s", step, self.bar.total, " | ".join(parts))

@@ -33,6 +33,8 @@ class Sources:
     reward_adapter: Path | None
     reward_fn: RewardFn | None = None
     reward_fn_spec: str | None = None
+    gold_fn: RewardFn | None = None
+    """ppo.gold_fn: scores logged beside the reward, never optimised."""
 
     def describe(self, with_value: bool = True) -> dict[str, str | None]:
         value = "fresh LoRA + head" if self.reward_fn else f"copy of {self.reward_adapter}"
@@ -47,8 +49,9 @@ def resolve_sources(recipe: Recipe) -> Sources:
     cfg = recipe.ppo
     sft_source = recipe_adapter(recipe, "sft", cfg.sft_adapter)
     sft = local_adapter(sft_source) if sft_source else None
+    gold = load_callable(cfg.gold_fn, "ppo.gold_fn") if cfg.gold_fn else None
     if cfg.reward_fn:
-        return Sources(sft, None, load_callable(cfg.reward_fn, "ppo.reward_fn"), cfg.reward_fn)
+        return Sources(sft, None, load_callable(cfg.reward_fn, "ppo.reward_fn"), cfg.reward_fn, gold)
     reward_dir = recipe.stage_dir("reward")
     reward_source = recipe_adapter(recipe, "reward", cfg.reward_adapter)
     if reward_source is None:
@@ -61,7 +64,7 @@ def resolve_sources(recipe: Recipe) -> Sources:
     if not (reward / HEAD_FILE).is_file():
         raise ModelError(f"reward adapter '{reward}' has no head.safetensors, so it cannot score responses",
                          fix="point ppo.reward_adapter at the output folder of `lora-rlhf reward`")
-    return Sources(sft, reward)
+    return Sources(sft, reward, gold_fn=gold)
 
 
 def check_bases(recipe: Recipe, sources: Sources) -> None:

@@ -66,7 +66,7 @@ from lora_rlhf.stages.ppo.kl import RunningMoments, make_kl_controller
 from lora_rlhf.stages.ppo.outputs import QuietRunLog, RunLog, write_run_info
 from lora_rlhf.stages.ppo.ptx import PtxData, epoch_order, load_ptx_rows, ptx_loss, rank_share
 from lora_rlhf.stages.ppo.roles import Sources, check_bases, resolve_sources, setup_roles
-from lora_rlhf.stages.ppo.rollout import Batch, RewardSource
+from lora_rlhf.stages.ppo.rollout import Batch, RewardFn, RewardSource
 from lora_rlhf.stages.ppo.tracking import check_trackers
 
 log = logging.getLogger("lora_rlhf.stages.ppo")
@@ -81,11 +81,13 @@ class PPOTrainer:
     """The PPO loop over one SharedBase whose role adapters are already set up (roles.setup_roles)."""
 
     def __init__(self, recipe: Recipe, sb: SharedBase, prompts: list[Any],
-                 reward: RewardSource, ptx: PtxData | None = None, memory: StageMemory | None = None):
+                 reward: RewardSource, ptx: PtxData | None = None, memory: StageMemory | None = None,
+                 gold: RewardFn | None = None):
         from transformers import get_scheduler
 
         self.recipe, self.cfg, self.sb, self.prompts = recipe, recipe.ppo, sb, prompts
         self.reward, self.ptx = reward, ptx
+        self.gold = RewardSource(f"ppo.gold_fn {self.cfg.gold_fn}", fn=gold) if gold is not None else None
         self.memory = memory
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.num_steps = self.cfg.num_steps
@@ -129,6 +131,8 @@ class PPOTrainer:
         batch = rollout.score(self.sb, batch, self.reward, cfg)
         batch = rollout.gather(batch, self.sb.tokenizer.pad_token_id)
         check_finite(batch.scores, "reward scores", self.step_index + 1)
+        # The gold monitor (ppo.gold_fn) judges the same global batch; it is logged, never optimised.
+        gold = rollout.function_scores(self.gold, batch) if self.gold is not None else None
         t2 = time.perf_counter()
 
         # 3. KL-shaped rewards: -beta * KL on every token, the normalised score on the last one.
@@ -164,6 +168,7 @@ class PPOTrainer:
         metrics = {
             "step": self.step_index, "episode": self.step_index * cfg.batch_size,
             "objective/scores": batch.scores.mean().item(),
+            **({"objective/gold": gold.mean().item()} if gold is not None else {}),
             "objective/kl": mean_kl,
             "objective/entropy": (-batch.logprobs).sum(1).mean().item(),
             "objective/non_score_reward": non_score.sum(1).mean().item(),
@@ -437,7 +442,7 @@ def build_trainer(recipe: Recipe, sources: Sources, prompts: list[Any], ptx: Ptx
     random.seed(recipe.seed)
     sb = SharedBase.load(recipe.model, recipe.quantization, tokenizer=tokenizer)
     reward = setup_roles(sb, recipe, sources)
-    return PPOTrainer(recipe, sb, prompts, reward, ptx, memory)
+    return PPOTrainer(recipe, sb, prompts, reward, ptx, memory, sources.gold_fn)
 
 
 def fit(trainer: PPOTrainer, runlog: RunLog | QuietRunLog, out: Path, compat: dict[str, Any]) -> dict[str, float]:
