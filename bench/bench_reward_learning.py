@@ -222,8 +222,11 @@ def run_setting(name: str, setting: Setting, seed: int, args: argparse.Namespace
                   if ' INFO {"step"' in line]
         curve = [(r["step"], r["loss"]) for r in losses if "loss" in r]
         by_type = accuracy_by_type(out / "eval_pairs.jsonl", heldout)
-    n_responses = sum(len(r["responses"]) for r in train)
-    return {"name": name, "seed": seed, "prompts": len(train), "k": setting.k, "overrides": setting.overrides,
+    # Every ranked prompt cost its generation, also those whose K responses all tied (no pair).
+    ranked = len([r for r in pool if setting.types is None or set(types_of(r)) <= set(setting.types)]
+                 [:setting.prompts])
+    n_responses = ranked * setting.k
+    return {"name": name, "seed": seed, "prompts": ranked, "prompts_with_pairs": len(train), "k": setting.k, "overrides": setting.overrides,
             "types": setting.types, "min_gap": setting.min_gap, "train_pairs": metrics["train_pairs"],
             "accuracy": metrics["eval_pairwise_accuracy"], "low": metrics["eval_pairwise_accuracy_low"],
             "high": metrics["eval_pairwise_accuracy_high"], "eval_pairs": metrics["eval_pairs"],
@@ -253,13 +256,14 @@ def child(overrides: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- report
 def table(results: list[dict], command: str) -> str:
     types = sorted({t for r in results for t in r["by_type"]})
-    head = (["setting", "seed", "prompts x K", "train pairs", "held-out accuracy [95 %]", "held-out loss",
+    head = (["setting", "seed", "ranked prompts x K (with a pair)", "train pairs", "held-out accuracy [95 %]", "held-out loss",
              "train loss (first -> last logged)"] + types + ["compare s", "reward s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         curve = r["curve"]
         loss = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else "-"
-        cells = [r["name"], str(r["seed"]), f"{r['prompts']} x {r['k']}", str(r["train_pairs"]),
+        cells = [r["name"], str(r["seed"]), f"{r['prompts']} x {r['k']} ({r['prompts_with_pairs']})",
+                 str(r["train_pairs"]),
                  f"{100 * r['accuracy']:.1f} [{100 * r['low']:.1f}, {100 * r['high']:.1f}]", f"{r['eval_loss']:.3f}",
                  loss] + [f"{100 * r['by_type'][t]:.0f}" if t in r["by_type"] else "-" for t in types] + [
                  f"{r['compare_seconds']:.0f}", f"{r['reward_seconds']:.0f}"]
