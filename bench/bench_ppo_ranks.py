@@ -36,7 +36,7 @@ def run(ranks: int, args: argparse.Namespace, work: Path) -> dict:
     threads = max(1, (os.cpu_count() or 2) // ranks)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "cli.main", "ppo", str(RECIPE)] + [a for o in overrides for a in ("--set", o)]
+           "-m", "lora_rlhf_cli.main", "ppo", str(RECIPE)] + [a for o in overrides for a in ("--set", o)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{ranks} rank(s) failed:\n{done.stderr[-3000:]}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli._common import RecipeArg, SetOpt, handle_errors
+from lora_rlhf_cli._common import RecipeArg, SetOpt, handle_errors
 
 
 @handle_errors

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
+from lora_rlhf_cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
 
 
 @handle_errors

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import RecipeArg, SetOpt, echo_err, handle_errors
+from lora_rlhf_cli._common import RecipeArg, SetOpt, echo_err, handle_errors
 
 PolicyOpt = Annotated[
     list[str] | None,

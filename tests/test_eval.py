@@ -334,7 +334,7 @@ def test_training_curve_and_win_rate_plots_are_pngs(tmp_path):
 
 
 def test_cli_prints_the_table_and_reports_errors(run_dir, tiny_model_dir, tmp_path):
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     recipe_path = tmp_path / "recipe.yaml"
     import yaml

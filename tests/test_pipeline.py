@@ -10,10 +10,10 @@ import yaml
 from conftest import TEST_DEVICE
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.errors import RecipeError
 from lora_rlhf.recipe.config import load_recipe, recipe_from_dict
 from lora_rlhf.stages.pipeline import is_complete, run_pipeline, with_pipeline_defaults
+from lora_rlhf_cli.main import app
 
 runner = CliRunner()
 

@@ -12,7 +12,6 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.plan import estimate
 from lora_rlhf.plan.estimate import Base, activation_bytes, quantized_linear_bytes, saved_per_token_layer
@@ -27,6 +26,7 @@ from lora_rlhf.recipe.config import (
     load_recipe,
     recipe_from_dict,
 )
+from lora_rlhf_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -11,8 +11,8 @@ from conftest import Stop
 from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.recipe.config import load_recipe
+from lora_rlhf_cli.main import app
 
 runner = CliRunner()
 
