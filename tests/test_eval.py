@@ -189,6 +189,9 @@ def test_perplexity_matches_the_models_own_loss(tiny_model_dir):
     with torch.no_grad():
         loss = shared.model(input_ids=ids, labels=ids).loss
     assert perplexity(shared, None, [text]) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    with torch.no_grad():  # eval.general_max_tokens cuts each text
+        cut = shared.model(input_ids=ids[:, :5], labels=ids[:, :5]).loss
+    assert perplexity(shared, None, [text], max_tokens=5) == pytest.approx(math.exp(float(cut)), rel=1e-4)
 
 
 def test_eval_preflight_is_sized_by_the_longest_prompt(run_dir, tiny_model_dir, monkeypatch):

@@ -63,20 +63,6 @@ from lora_rlhf.stages.trainer_setup import (
 )
 
 REFERENCE = "ref"  # the name TRL's DPOTrainer gives its frozen copy of the trained adapter
-# Our defaults where TRL's differ from what a LoRA run wants (on top of trainer_setup.COMMON_DEFAULTS); every one can
-# be set in `dpo:`. TRL's learning rate (1e-6) is for full fine-tuning: LoRA takes a larger one, as in SFT (5e-5 is
-# not tuned on a bench yet).
-DPO_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "per_device_eval_batch_size": 4,
-    "learning_rate": 5e-5,
-    # The reference's log-probs once, before the first step, instead of a reference forward in every step: measured
-    # on the CPU (tiny Llama, 4-bit, 32 pairs in batches of 4, fresh processes alternating on a shared 2-core
-    # machine), one epoch took as long either way (37-44 s), two epochs 30-38 % less wall time with it (21-55 s
-    # against 32-79 s): each epoch after the first skips the reference forwards. Set false to start steps at once.
-    "precompute_ref_log_probs": True,
-}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -154,7 +140,7 @@ def sft_adapter_for(recipe: Recipe) -> Path | None:
 def dpo_training_args(recipe: Recipe, out: Path, eval_present: bool):
     from trl import DPOConfig
 
-    return DPOConfig(**trainer_args(recipe, "dpo", DPO_DEFAULTS, out, eval_present))
+    return DPOConfig(**trainer_args(recipe, "dpo", out, eval_present))
 
 
 def _trainer_class():

@@ -56,16 +56,6 @@ NORMALIZE_MAX_DEMOS = 1000  # demonstrations scored for the offset (a seeded sam
 CHECK_ROWS = 8  # texts scored by both the trained model and the reloaded adapter
 EVAL_PAIRS = "eval_pairs.jsonl"  # every held-out comparison with both scores
 
-# Our defaults where TRL's differ from what a LoRA reward run on one GPU wants (on top of
-# trainer_setup.COMMON_DEFAULTS); every one can be set in `reward:`.
-# One epoch: the paper's RM overfits after one.
-REWARD_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 8,
-    "learning_rate": 1e-4,
-}
-
 
 # ---------------------------------------------------------------------------------------------------- data
 def load_reward_data(cfg: DatasetConfig | None, seed: int = 0, eval_cfg: DatasetConfig | None = None
@@ -313,7 +303,7 @@ def fix_dtypes(model: Any) -> None:
 def reward_training_args(recipe: Recipe, out: Path, eval_present: bool):
     from trl import RewardConfig
 
-    return RewardConfig(**trainer_args(recipe, "reward", REWARD_DEFAULTS, out, eval_present))
+    return RewardConfig(**trainer_args(recipe, "reward", out, eval_present))
 
 
 # ---------------------------------------------------------------------------------------------------- save

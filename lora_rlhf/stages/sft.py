@@ -44,22 +44,13 @@ from lora_rlhf.stages.trainer_setup import (
     trainer_args,
 )
 
-# Our defaults where TRL's differ from what a LoRA run on one GPU wants (on top of trainer_setup.COMMON_DEFAULTS);
-# every one can be set in `sft:`.
-SFT_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "learning_rate": 2e-4,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0,
-}
 log_console = logging.getLogger(__name__)
 
 
 def sft_training_args(recipe: Recipe, out: Path, eval_present: bool):
     from trl import SFTConfig
 
-    return SFTConfig(**trainer_args(recipe, "sft", SFT_DEFAULTS, out, eval_present))
+    return SFTConfig(**trainer_args(recipe, "sft", out, eval_present))
 
 
 @dataclass
@@ -131,7 +122,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     tokenizer = load_tokenizer(recipe.model)
     train = as_chat_turns(train, tokenizer)  # the context generation gives, not TRL's plain-text join
     held_out = as_chat_turns(held_out, tokenizer) if held_out is not None else None
-    args = trainer_args(recipe, "sft", SFT_DEFAULTS, out, held_out is not None)
+    args = trainer_args(recipe, "sft", out, held_out is not None)
     train, long_rows = fit_rows(train, tokenizer, args, recipe.sft.long_rows, "SFT")
     held_long = None
     if held_out is not None:

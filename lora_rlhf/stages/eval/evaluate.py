@@ -53,7 +53,6 @@ from lora_rlhf.stages.memory import check_memory
 EVAL_DIR = "eval"
 RESULTS_FILE = RESULTS  # written last: its presence marks a finished evaluation
 BARE_BASE = ("base", "none")  # --policy NAME=base: the base model without any adapter
-PERPLEXITY_MAX_TOKENS = 256
 
 
 @dataclass
@@ -250,13 +249,14 @@ def kl_to_reference(shared: SharedBase, role: str | None, ref_role: str | None, 
 
 
 def perplexity(shared: SharedBase, role: str | None, texts: Sequence[str], batch_size: int = 8,
-               max_tokens: int = PERPLEXITY_MAX_TOKENS) -> float:
-    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens).
+               max_tokens: int | None = None) -> float:
+    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens when given).
 
     Under a launcher each rank scores its share of the texts and every rank returns the perplexity of all.
     """
     mine = [texts[i] for i in distributed.shard(len(texts))]
-    sequences = [shared.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in mine]
+    sequences = [shared.tokenizer(t, truncation=max_tokens is not None, max_length=max_tokens)["input_ids"]
+                 for t in mine]
     logp = sequence_logprobs(shared, role, sequences, [1] * len(sequences), 1.0, batch_size)
     parts = distributed.gather_objects((float(sum(x.sum() for x in logp)), sum(len(x) for x in logp)))
     total, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
@@ -403,7 +403,7 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
             res["rm_score"] = _mean(res["_rm"])
             clock.lap("rm")
         if general is not None:
-            res["perplexity"] = perplexity(shared, role, general, cfg.batch_size)
+            res["perplexity"] = perplexity(shared, role, general, cfg.batch_size, cfg.general_max_tokens)
             clock.lap("perplexity")
         timings[p.name] = clock.laps
         results[p.name] = res
