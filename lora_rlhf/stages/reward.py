@@ -37,6 +37,7 @@ from lora_rlhf.core.io import write_jsonl_atomic
 from lora_rlhf.core.loading import load_config, load_pretrained, load_tokenizer, lora_config
 from lora_rlhf.core.logs import LogCallback, write_metrics
 from lora_rlhf.core.scoring import score_texts
+from lora_rlhf.core.stats import bootstrap_interval
 from lora_rlhf.core.text import batches, encode
 from lora_rlhf.errors import DataError, ModelError
 from lora_rlhf.hub.client import local_adapter
@@ -373,22 +374,17 @@ def heldout_pairs(shared: SharedBase, held_out: Sequence[Comparison], path: Path
 
 def accuracy_interval(wins: Sequence[bool], groups: Sequence[int], n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> tuple[float, float, float]:
-    """(accuracy, low, high): share of wins with a percentile bootstrap interval that resamples *prompts*.
-
-    The pairs of one prompt share its responses, so they are not independent: resampling single pairs would
-    give too narrow an interval. wins, groups: [P] (groups: the prompt each pair came from).
+    """(accuracy, low, high): share of wins with a percentile bootstrap interval that resamples *prompts*
+    (core.stats.bootstrap_interval): the pairs of one prompt share its responses, so they are not independent.
+    wins, groups: [P] (groups: the prompt each pair came from).
     """
     if len(wins) != len(groups) or not wins:
         raise ValueError(f"need one group per win and at least one pair, got {len(wins)} and {len(groups)}")
     _, group_of = torch.unique(torch.tensor(groups), return_inverse=True)  # [P] -> 0..G-1
-    pair = torch.stack([torch.tensor(wins, dtype=torch.float64), torch.ones(len(wins), dtype=torch.float64)], 1)
-    per_group = torch.zeros(int(group_of.max()) + 1, 2, dtype=torch.float64).index_add_(0, group_of, pair)  # [G, 2]
-    generator = torch.Generator().manual_seed(seed)
-    n = len(per_group)
-    draws = per_group[torch.randint(n, (n_boot, n), generator=generator)].sum(1)  # [n_boot, 2]
-    tail = (1 - level) / 2
-    low, high = torch.quantile(draws[:, 0] / draws[:, 1], torch.tensor([tail, 1 - tail], dtype=torch.float64))
-    return sum(wins) / len(wins), float(low), float(high)
+    size = int(group_of.max()) + 1
+    won = torch.zeros(size, dtype=torch.float64).index_add_(0, group_of, torch.tensor(wins, dtype=torch.float64))
+    low, high = bootstrap_interval(won, torch.bincount(group_of, minlength=size), n_boot, seed, level)  # [G], [G]
+    return sum(wins) / len(wins), low, high
 
 
 # ---------------------------------------------------------------------------------------------------- run

@@ -42,6 +42,7 @@ from lora_rlhf.core.logprobs import token_logprobs
 from lora_rlhf.core.logs import METRICS_FILE
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.core.scoring import score_texts
+from lora_rlhf.core.stats import bootstrap_interval
 from lora_rlhf.core.text import batches, longest_prompt
 from lora_rlhf.errors import DataError, ModelError, RecipeError
 from lora_rlhf.hub.client import local_adapter
@@ -105,20 +106,17 @@ def win_rate(policy_scores: Sequence[float], baseline_scores: Sequence[float], p
 def paired_difference(policy_scores: Sequence[float], baseline_scores: Sequence[float], policy: str = "a",
                       baseline: str = "b", judge: str = "labeler", n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> dict[str, Any]:
-    """Mean over prompts of (policy - baseline) score, with a percentile bootstrap interval.
+    """Mean over prompts of (policy - baseline) score, with a percentile bootstrap interval over prompts.
 
     The two policies answered the same prompts, so the prompt-to-prompt spread cancels in the difference; the
-    bootstrap resamples prompts with replacement (n_boot times, seeded) and reads the interval's ends from the
-    resampled means. An interval above 0 says the policy is better on prompts like these, beyond sampling luck.
+    bootstrap (core.stats.bootstrap_interval) resamples prompts with replacement (n_boot times, seeded). An interval
+    above 0 says the policy is better on prompts like these, beyond sampling luck.
     """
     diffs = torch.tensor([a - b for a, b in zip(policy_scores, baseline_scores, strict=True)], dtype=torch.float64)
     if len(diffs) == 0:
         return {"policy": policy, "baseline": baseline, "judge": judge, "n": 0, "mean": None, "low": None,
                 "high": None, "level": level}
-    generator = torch.Generator().manual_seed(seed)
-    resampled = diffs[torch.randint(len(diffs), (n_boot, len(diffs)), generator=generator)].mean(1)
-    tail = (1 - level) / 2
-    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = bootstrap_interval(diffs, n_boot=n_boot, seed=seed, level=level)  # [P]: one group per prompt
     return {"policy": policy, "baseline": baseline, "judge": judge, "n": len(diffs), "mean": float(diffs.mean()),
             "low": low, "high": high, "level": level}
 

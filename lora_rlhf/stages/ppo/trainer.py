@@ -54,7 +54,7 @@ from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import META_FILE
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_prompts
-from lora_rlhf.core.io import write_json_atomic
+from lora_rlhf.core.io import read_jsonl, write_json_atomic
 from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.text import fit_prompts
 from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
@@ -526,5 +526,5 @@ def _kl_note(key: str, before: Any, after: Any) -> str:
 
 
 def _last_metrics(out: Path) -> dict[str, float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    rows = read_jsonl(out / "metrics.jsonl", "PPO log", cut_short_tail=True) if (out / "metrics.jsonl").is_file() else []
+    return rows[-1][1] if rows else {}
