@@ -18,6 +18,8 @@ from lora_rlhf.core.text import prompt_ids, response_ids
 from lora_rlhf.errors import DataError, RecipeError
 from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
 from lora_rlhf.stages.eval.evaluate import (
+    PolicyResult,
+    compare_policies,
     discover_policies,
     kl_to_reference,
     paired_difference,
@@ -108,6 +110,18 @@ def test_paired_difference_interval_covers_the_mean_and_excludes_zero_only_for_a
     noise = paired_difference([1.0, 0.0] * 16, [0.0, 1.0] * 16)  # as many wins as losses: 0 inside the interval
     assert noise["mean"] == 0 and noise["low"] < 0 < noise["high"]
     assert paired_difference([0.5, 0.2], [0.1, 0.1], seed=3) == paired_difference([0.5, 0.2], [0.1, 0.1], seed=3)
+
+
+def test_a_policys_results_summarise_what_was_measured_and_are_compared_by_each_judge():
+    """The phases after sampling work on PolicyResult alone: no model needed."""
+    sft = PolicyResult("sft", Path("run/sft"), ["a", "bb"], [1, 2], [0.0, 0.0], task_scores=[0.0, 1.0])
+    ppo = PolicyResult("ppo", None, ["c", "dd"], [3, 5], [1.0, 2.0], task_scores=[1.0, 1.0], perplexity=9.0)
+    assert sft.summary() == {"adapter": "run/sft", "length": 1.5, "kl": 0.0, "task_score": 0.5}
+    assert ppo.summary() == {"adapter": None, "length": 4.0, "kl": 1.5, "perplexity": 9.0, "task_score": 1.0}
+    assert ppo.row(1) == {"response": "dd", "kl": 2.0, "task_score": 1.0}  # no reward model: no rm_score
+    wins, paired = compare_policies([sft, ppo], seed=0)
+    assert [(w.policy, w.baseline, w.judge, w.wins, w.ties) for w in wins] == [("ppo", "sft", "labeler", 1, 1)]
+    assert paired[0]["mean"] == 0.5 and paired[0]["n"] == 2
 
 
 def test_discovers_base_sft_and_every_stage_policy(run_dir, tiny_model_dir):
