@@ -29,7 +29,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 from lora_rlhf.core import distributed
-from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, recipe_adapter, write_adapter_meta
+from lora_rlhf.core.adapters import (
+    base_fingerprint,
+    check_adapter_base,
+    is_finished,
+    recipe_adapter,
+    write_adapter_meta,
+)
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
@@ -44,6 +50,7 @@ from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe, save_recipe
 from lora_rlhf.stages.memory import check_memory
 from lora_rlhf.stages.rankings import Comparison, load_comparisons
+from lora_rlhf.stages.stage import StageResult
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     RecipeStepsOnResume,
@@ -401,7 +408,16 @@ def init_adapter_for(recipe: Recipe) -> Path | None:
 
 def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     """Train the reward adapter described by `recipe`; return its output folder (OUT/reward)."""
-    out = recipe.stage_dir("reward")
+    return run(recipe, resume=resume).output
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return is_finished(recipe.stage_dir("reward"), "reward")
+
+
+def run(recipe: Recipe, *, resume: bool | None = None) -> StageResult:
+    """The stage (stages/stage.py): train the reward adapter described by `recipe` into OUT/reward."""
+    out, resume = recipe.stage_dir("reward"), bool(resume)
     distributed.configure(recipe)
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_reward_data(recipe.data.reward, recipe.seed, recipe.data.reward_eval)
@@ -433,7 +449,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
         checked = _train_and_check(recipe, model, dtype, tokenizer, args, (train, held_out),
                                    (train_ds, eval_ds, dropped), demos, init_adapter, out, checkpoint, log)
         if checked is None:  # not rank 0: it trained its share; rank 0 saves and checks
-            return out
+            return StageResult("reward", out)
         metrics, offset, head, base_info = checked
         metrics.update(memory.metrics())
         warn_if_at_chance(metrics, log)
@@ -442,7 +458,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
         log.info("reward done: %s", {k: metrics.get(k) for k in (
             "train_loss", "eval_pairwise_accuracy", "eval_pairwise_accuracy_low", "eval_pairwise_accuracy_high",
             "reward_offset", "reload_max_abs_diff", "memory/peak_gb", "memory/predicted_gb")})
-    return out
+    return StageResult("reward", out, metrics)
 
 
 def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: Any, args: Any,

@@ -50,6 +50,7 @@ from lora_rlhf.recipe.config import DatasetConfig, EvalSection, Recipe
 from lora_rlhf.stages.eval.report import RESULTS, write_report
 from lora_rlhf.stages.labelers import function_labeler
 from lora_rlhf.stages.memory import check_memory
+from lora_rlhf.stages.stage import StageResult
 
 EVAL_DIR = "eval"
 RESULTS_FILE = RESULTS  # written last: its presence marks a finished evaluation
@@ -474,6 +475,17 @@ def response_rows(inputs: EvalInputs, results: list[PolicyResult]) -> list[dict[
 
 
 # ---------------------------------------------------------------------------------------------- run
+def run(recipe: Recipe, *, resume: bool | None = None, policies: list[Policy] | None = None,
+        out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> StageResult:
+    """The stage (stages/stage.py): `run_eval`; metrics: results.json's content."""
+    result, out = run_eval(recipe, policies, out_dir, log)
+    return StageResult("eval", out, result.as_dict())
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return (recipe.stage_dir(EVAL_DIR) / RESULTS_FILE).is_file()
+
+
 def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str | Path | None = None,
              log: Callable[[str], None] = lambda _: None) -> tuple[EvalResult, Path]:
     """Evaluate `policies` (default: discovered from OUT) on data.eval; write OUT/eval; return (result, folder)."""
