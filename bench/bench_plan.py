@@ -183,7 +183,7 @@ def child(name: str, work: Path, model: str, device_type: str = "cpu") -> dict:
     raw["data"] = {"sft": {"path": str(work / "sft.jsonl")}, "reward": {"path": str(work / "pairs.jsonl")},
                    "prompts": {"path": str(work / "prompts.jsonl")}, "eval": {"path": str(work / "eval_prompts.jsonl")},
                    "ptx": {"path": str(work / "ptx.jsonl")}}
-    raw["eval"] = {"general_text": str(work / "sft.jsonl")}  # texts longer than EVAL_TEXT_TOKENS: scored at 256
+    raw["eval"] = {"general_text": str(work / "sft.jsonl")}  # texts longer than eval.general_max_tokens: scored at 256
     recipe = recipe_from_dict(raw, overrides)
     tokenizer = load_tokenizer(recipe.model)
     prompts = bench_prompts(name, tokenizer)

@@ -36,12 +36,14 @@ def run(ranks: int, args: argparse.Namespace, work: Path) -> dict:
     threads = max(1, (os.cpu_count() or 2) // ranks)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "cli.main", "ppo", str(RECIPE)] + [a for o in overrides for a in ("--set", o)]
+           "-m", "lora_rlhf_cli.main", "ppo", str(RECIPE)] + [a for o in overrides for a in ("--set", o)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{ranks} rank(s) failed:\n{done.stderr[-3000:]}")
     world = json.loads((out / "ppo" / "run.json").read_text())["world_size"]
-    steps = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()][1:]
+    from lora_rlhf.core.io import read_jsonl
+
+    steps = [row for _, row in read_jsonl(out / "ppo" / "metrics.jsonl", "PPO log")][1:]
     mean = lambda key: statistics.mean(s[key] for s in steps)  # noqa: E731
     return {"ranks": world, "threads": threads, "episodes/s": mean("episodes/s"), "step_s": mean("time/step"),
             "gen_s": mean("time/generation"), "score_s": mean("time/scoring"), "opt_s": mean("time/optimisation"),

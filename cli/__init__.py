@@ -1,4 +1,8 @@
-"""The `lora-rlhf` command line: one thin module per command, calling the library."""
+"""The `lora-rlhf` command line: one thin module per command, calling the library.
+
+The folder is cli/; it installs as the package `lora_rlhf_cli` (pyproject.toml), a name no other project's
+`cli` collides with in site-packages.
+"""
 
 import logging
 import warnings

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
-from cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
+from lora_rlhf_cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
 
 
 @handle_errors
@@ -14,13 +12,12 @@ def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -
     """Train a policy adapter by DPO (TRL's DPOTrainer) on rankings or chosen/rejected pairs (data.dpo, else
     data.reward), starting from and referenced to the SFT adapter on the same base."""
     from lora_rlhf.recipe.config import load_recipe
-    from lora_rlhf.stages.dpo import run_dpo
+    from lora_rlhf.stages.registry import run_stage
 
-    cfg = load_recipe(recipe, set_ or [])
-    out = run_dpo(cfg, resume=resume)
-    metrics = json.loads((out / "metrics.json").read_text())
+    result = run_stage("dpo", load_recipe(recipe, set_ or []), resume=resume)
+    metrics = result.metrics
     summary = f"{metrics['train_pairs']} pairs, reference {metrics['reference']}"
     if metrics.get("eval_rewards/accuracies") is not None:
         summary = (f"held-out implicit-reward accuracy {metrics['eval_rewards/accuracies']:.3f} over "
                    f"{metrics['eval_pairs']} pairs, {summary}")
-    typer.echo(f"DPO adapter written to {out} ({summary})")
+    typer.echo(f"DPO adapter written to {result.output} ({summary})")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import RecipeArg, SetOpt, echo_err, handle_errors
+from lora_rlhf_cli._common import RecipeArg, SetOpt, echo_err, handle_errors
 
 PolicyOpt = Annotated[
     list[str] | None,
@@ -23,14 +23,14 @@ def command(recipe: RecipeArg, policy: PolicyOpt = None, set_: SetOpt = None, ou
     """Task score, reward-model score, KL to the reference, length, win rates and the alignment tax of each
     policy on data.eval; writes OUT/eval/report.md (+ results.json, responses.jsonl, plots)."""
     from lora_rlhf.recipe.config import load_recipe
-    from lora_rlhf.stages.eval.evaluate import parse_policy_args, run_eval
+    from lora_rlhf.stages.eval.evaluate import parse_policy_args
     from lora_rlhf.stages.eval.report import policy_table, win_rate_table
+    from lora_rlhf.stages.registry import run_stage
 
     cfg = load_recipe(recipe, set_ or [])
     policies = parse_policy_args(policy) if policy else None
-    result, folder = run_eval(cfg, policies, out, log=echo_err)
-    data = result.as_dict()
-    typer.echo(policy_table(data))
+    result = run_stage("eval", cfg, policies=policies, out_dir=out, log=echo_err)
+    typer.echo(policy_table(result.metrics))
     typer.echo("")
-    typer.echo(win_rate_table(data))
-    typer.echo(f"\nReport written to {folder / 'report.md'}")
+    typer.echo(win_rate_table(result.metrics))
+    typer.echo(f"\nReport written to {result.output / 'report.md'}")

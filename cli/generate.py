@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import SetOpt, handle_errors
+from lora_rlhf_cli._common import SetOpt, handle_errors
 
 AdapterOpt = Annotated[
     str | None, typer.Option("--adapter", "-a", help="Adapter folder or Hub id (user/name[@rev]); none = bare base.")

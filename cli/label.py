@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from cli._common import echo_err, handle_errors
 from lora_rlhf.errors import DataError
+from lora_rlhf_cli._common import echo_err, handle_errors
 
 
 @handle_errors
@@ -105,5 +105,5 @@ def _serve(session, labeler: str | None, host: str, port: int) -> None:
     typer.echo(f"\nStopped; {server.session.store.lines_written} judgement(s) written this run.")
 
 
-if __name__ == "__main__":  # `python -m cli.label ...`: the same command without importing the other commands
+if __name__ == "__main__":  # `python -m lora_rlhf_cli.label ...`: the same command without importing the other commands
     typer.run(command)

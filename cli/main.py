@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import (
+from lora_rlhf_cli import (
     compare,
     dpo,
     eval,

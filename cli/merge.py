@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import handle_errors
+from lora_rlhf_cli._common import handle_errors
 
 
 @handle_errors

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import RecipeArg, SetOpt, handle_errors
+from lora_rlhf_cli._common import RecipeArg, SetOpt, handle_errors
 
 ForceOpt = Annotated[
     list[str] | None,

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import RecipeArg, SetOpt, handle_errors
+from lora_rlhf_cli._common import RecipeArg, SetOpt, handle_errors
 
 _UNITS = {"": None, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
           "tb": 2**40, "tib": 2**40}

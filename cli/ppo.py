@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
+from lora_rlhf_cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
 
 
 @handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
     """Optimise the policy adapter against the reward model (or ppo.reward_fn) with PPO; Ctrl-C saves a checkpoint."""
     from lora_rlhf.recipe.config import load_recipe
-    from lora_rlhf.stages.ppo.trainer import train_ppo
+    from lora_rlhf.stages.registry import run_stage
 
-    cfg = load_recipe(recipe, set_ or [])
-    metrics = train_ppo(cfg, resume=resume)
-    out = cfg.stage_dir("ppo")
+    result = run_stage("ppo", load_recipe(recipe, set_ or []), resume=resume)
+    metrics, out = result.metrics, result.output
     summary = ", ".join(f"{name} {metrics[key]:.3f}" for key, name in
                         (("objective/scores", "score"), ("objective/kl", "KL")) if key in metrics)
     typer.echo(f"PPO policy written to {out / 'policy'}, value to {out / 'value'}" + (f" ({summary})" if summary else ""))

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from cli._common import handle_errors
 from lora_rlhf.hub import WHAT_CHOICES
+from lora_rlhf_cli._common import handle_errors
 
 What = Enum("What", {name: name for name in WHAT_CHOICES}, type=str)
 

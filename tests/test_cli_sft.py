@@ -8,7 +8,7 @@ import yaml
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from cli.main import app
+from lora_rlhf_cli.main import app
 
 runner = CliRunner()
 

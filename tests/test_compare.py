@@ -183,7 +183,7 @@ def test_reward_adapter_of_another_base_is_refused(setup, tiny_model_dir, other_
 
 
 def test_cli_compare(setup, caplog):
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     make, tmp = setup
     raw = {"output_dir": str(tmp / "run"), "model": {"name": make().model.name, "device": "cpu"},

@@ -6,7 +6,13 @@ import pytest
 import yaml
 
 from lora_rlhf.errors import RecipeError
-from lora_rlhf.recipe.config import load_recipe, recipe_from_dict, recipe_to_dict, save_recipe
+from lora_rlhf.recipe.config import (
+    TRAINER_DEFAULTS,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+    save_recipe,
+)
 
 
 def test_defaults_use_the_embedded_model_in_4bit():
@@ -44,7 +50,9 @@ def test_every_problem_is_reported_at_once():
 
 def test_trainer_arguments_pass_through_and_are_type_checked():
     recipe = recipe_from_dict({"sft": {"learning_rate": 1e-4, "num_train_epochs": 3, "max_length": 256}})
-    assert recipe.trainer_args["sft"] == {"learning_rate": 1e-4, "num_train_epochs": 3.0, "max_length": 256}
+    # resolved at load: the recipe's values over our defaults
+    assert recipe.trainer_args["sft"] == {**TRAINER_DEFAULTS["sft"], "learning_rate": 1e-4, "num_train_epochs": 3.0,
+                                          "max_length": 256}
     with pytest.raises(RecipeError, match=r"'sft.num_train_epochs' must be a number, got 'three'"):
         recipe_from_dict({"sft": {"num_train_epochs": "three"}})
     with pytest.raises(RecipeError, match=r"unknown key 'sft.output_dir'"):
@@ -56,7 +64,7 @@ def test_dpo_section_passes_dpo_config_arguments_through_and_checks_ours():
                                        "loss_type": "ipo", "precompute_ref_log_probs": True}})
     assert (recipe.dpo.pairs, recipe.dpo.sft_adapter) == ("best_vs_rest", "runs/x/sft")
     # one loss name, as TRL's DPOConfig takes it, becomes its list form
-    assert recipe.trainer_args["dpo"] == {"beta": 0.2, "loss_type": ["ipo"], "precompute_ref_log_probs": True}
+    assert recipe.trainer_args["dpo"] == {**TRAINER_DEFAULTS["dpo"], "beta": 0.2, "loss_type": ["ipo"]}
     assert recipe_to_dict(recipe)["dpo"]["loss_type"] == ["ipo"]
     with pytest.raises(RecipeError) as info:
         recipe_from_dict({"dpo": {"pairs": "best", "beta": 0, "loss_type": ["sigmoid", "ipoo"], "betta": 1}})
@@ -110,6 +118,22 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert recipe_to_dict(again) == recipe_to_dict(recipe)
     saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
     assert saved["sft"]["learning_rate"] == 1e-4 and saved["lora"]["r"] == 4 and saved["seed"] == 7
+
+
+def test_the_saved_recipe_holds_every_default_and_derives_what_follows_from_other_settings(tmp_path):
+    recipe = recipe_from_dict({"sft": {"num_train_epochs": 2}})
+    save_recipe(recipe, tmp_path / "resolved.yaml")
+    saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    # defaults the recipe did not name are written out: a later reader sees the run's learning rate
+    assert saved["sft"]["learning_rate"] == TRAINER_DEFAULTS["sft"]["learning_rate"] == 2e-4
+    assert saved["sft"]["num_train_epochs"] == 2 and saved["reward"]["learning_rate"] == 1e-4
+    assert saved["dpo"]["precompute_ref_log_probs"] is True and saved["eval"]["general_max_tokens"] == 256
+    again = load_recipe(tmp_path / "resolved.yaml", ["model.gradient_checkpointing=true"])
+    assert again.trainer_args == recipe.trainer_args
+    # gradient checkpointing is derived, not stored in the sections: --set on a saved recipe still reaches them
+    assert "gradient_checkpointing" not in saved["sft"] and again.gradient_checkpointing("sft")
+    assert not recipe_from_dict({"model": {"gradient_checkpointing": True}, "sft": {"gradient_checkpointing": False}}
+                                ).gradient_checkpointing("sft")
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

@@ -155,6 +155,39 @@ def test_io_atomic_writes_and_line_numbered_jsonl(tmp_path):
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_our_logs_are_read_past_a_last_line_that_a_kill_cut_short(tmp_path):
+    """PPO appends metrics.jsonl line by line: a kill mid-line leaves a tail that the resumed run's truncation, the
+    finished run's last metrics and eval's curves all read past (the truncation crashed on it)."""
+    from lora_rlhf.stages.eval.report import read_metrics
+    from lora_rlhf.stages.ppo.outputs import truncate_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "kl": 0.5}\n{"step": 2, "kl": 0.7}\n{"step": 3, "k')
+    with pytest.raises(DataError, match="line 3: bad JSON"):
+        read_jsonl(log)  # a user's file: every line counts
+    assert read_jsonl(log, cut_short_tail=True) == [(1, {"step": 1, "kl": 0.5}), (2, {"step": 2, "kl": 0.7})]
+    assert [row["step"] for row in read_metrics(log)] == [1, 2]
+    truncate_jsonl(log, last_step=1)
+    assert log.read_text() == '{"step": 1, "kl": 0.5}\n'
+    log.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')  # a bad line with a newline is no cut-short tail
+    with pytest.raises(DataError, match="line 2: bad JSON"):
+        read_jsonl(log, cut_short_tail=True)
+
+
+def test_the_bootstrap_resamples_whole_groups():
+    from lora_rlhf.core.stats import bootstrap_interval
+
+    # mean over groups: one item each, the same as counting each group once
+    totals = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5])
+    assert bootstrap_interval(totals) == bootstrap_interval(totals, torch.ones(5))
+    assert bootstrap_interval(torch.full((4,), 0.25)) == pytest.approx((0.25, 0.25))
+    # 2 groups: 10 of 10 items right and 0 of 10: every draw is 0, 1/2 or 1 (whole groups), never 9 of 20
+    low, high = bootstrap_interval(torch.tensor([10.0, 0.0]), torch.tensor([10, 10]), seed=1)
+    assert (low, high) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="at least one group"):
+        bootstrap_interval(torch.zeros(0))
+
+
 def test_an_adapter_is_used_on_the_base_and_quantization_it_records(tmp_path):
     """generate/chat and score share one rule: the recorded base AND quantization (generate used to load an
     adapter trained on an unquantized base in 4-bit); a recipe, --model or --set overrides it."""

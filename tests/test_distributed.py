@@ -42,7 +42,7 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = TIMEOUT, **env: str) -> 
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=launch_env(**env),
+    return subprocess.run([sys.executable, "-m", "lora_rlhf_cli.main", *args], cwd=REPO, env=launch_env(**env),
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -124,7 +124,7 @@ def test_a_hung_rank_is_named_after_the_recipes_timeout_not_gloos_30_minutes(tmp
 
 def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe, tmp_path):
     straight, recipe = ppo_recipe("straight")
-    run = torchrun("-m", "cli.main", "ppo", str(straight))
+    run = torchrun("-m", "lora_rlhf_cli.main", "ppo", str(straight))
     assert run.returncode == 0, run.stderr[-3000:]
     out = Path(recipe["output_dir"]) / "ppo"
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
@@ -137,11 +137,11 @@ def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe,
 
     # Ctrl-C during step 2 on both ranks: they finish the step, save one checkpoint, stop; --resume continues.
     interrupted, recipe2 = ppo_recipe("interrupted")
-    stopped = torchrun("-m", "cli.main", "ppo", str(interrupted), PPO_TEST_INTERRUPT_AT="2")
+    stopped = torchrun("-m", "lora_rlhf_cli.main", "ppo", str(interrupted), PPO_TEST_INTERRUPT_AT="2")
     assert stopped.returncode != 0
     out2 = Path(recipe2["output_dir"]) / "ppo"
     assert json.loads((out2 / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
-    resumed_run = torchrun("-m", "cli.main", "ppo", str(interrupted), "--resume")
+    resumed_run = torchrun("-m", "lora_rlhf_cli.main", "ppo", str(interrupted), "--resume")
     assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
     resumed = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed] == [1, 2, 3]
@@ -167,7 +167,7 @@ def test_two_nodes_on_one_machine_run_a_ppo_step_together(ppo_recipe):
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=lora-rlhf-test",
-         "-m", "cli.main", "ppo", str(path)],
+         "-m", "lora_rlhf_cli.main", "ppo", str(path)],
         cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:
         results = [(n.wait(timeout=TIMEOUT), n.stderr.read()) for n in nodes]
@@ -185,10 +185,10 @@ def test_two_nodes_on_one_machine_run_a_ppo_step_together(ppo_recipe):
 def test_bad_distributed_input_stops_every_rank_with_one_message(ppo_recipe, case):
     if case == "batch does not split":
         path, recipe = ppo_recipe(batch_size=3, num_mini_batches=1, local_rollout_forward_batch_size=3)
-        run, message = torchrun("-m", "cli.main", "ppo", str(path)), "do not split over 2 ranks"
+        run, message = torchrun("-m", "lora_rlhf_cli.main", "ppo", str(path)), "do not split over 2 ranks"
     else:
         path, recipe = ppo_recipe()
-        run, message = torchrun("-m", "cli.main", "ppo", str(path), ACCELERATE_USE_FSDP="true"), "does not run under FSDP"
+        run, message = torchrun("-m", "lora_rlhf_cli.main", "ppo", str(path), ACCELERATE_USE_FSDP="true"), "does not run under FSDP"
     assert run.returncode != 0
     # Every rank raises it before any collective; torchrun stops the other ranks as soon as the first one exits,
     # sometimes before they print, so at least one copy and at most one per rank.
@@ -205,7 +205,7 @@ def _run_twice(tiny_recipe, tmp_path, stage: str, data: dict, one: dict, two: di
         recipe = tiny_recipe(output_dir=str(tmp_path / name), data=data, **{stage: settings})
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        run = torchrun("-m", "cli.main", stage, str(path), nproc=nproc)
+        run = torchrun("-m", "lora_rlhf_cli.main", stage, str(path), nproc=nproc)
         assert run.returncode == 0, run.stderr[-3000:]
         out = tmp_path / name / stage
         assert json.loads((out / "metrics.json").read_text())["world_size"] == nproc
@@ -258,7 +258,7 @@ def test_two_process_pipeline_quick_variant_completes_and_writes_once(tmp_path):
 
     out = tmp_path / "demo"
     args = [a for o in quick_overrides(out) for a in ("--set", o)]
-    run = torchrun("-m", "cli.main", "pipeline", "recipes/demo_smollm2_cpu.yaml", *args, timeout=1200)
+    run = torchrun("-m", "lora_rlhf_cli.main", "pipeline", "recipes/demo_smollm2_cpu.yaml", *args, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("pipeline done") == 1
     assert json.loads((out / "sft" / "metrics.json").read_text())["world_size"] == 2
@@ -279,7 +279,7 @@ def test_two_process_pipeline_quick_variant_completes_and_writes_once(tmp_path):
 def test_accelerate_launch_runs_ppo_on_two_processes(ppo_recipe):
     path, recipe = ppo_recipe("accelerate", total_episodes=4)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-           "--mixed_precision=no", "--dynamo_backend=no", "-m", "cli.main", "ppo", str(path)]
+           "--mixed_precision=no", "--dynamo_backend=no", "-m", "lora_rlhf_cli.main", "ppo", str(path)]
     run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
     out = Path(recipe["output_dir"]) / "ppo"
@@ -355,7 +355,7 @@ def test_one_dpo_step_on_two_ranks_equals_one_process_accumulating_both_batches(
         else:
             path = tmp_path / "two.yaml"
             path.write_text(yaml.safe_dump(raw))
-            run = torchrun("-m", "cli.main", "dpo", str(path))
+            run = torchrun("-m", "lora_rlhf_cli.main", "dpo", str(path))
             assert run.returncode == 0, run.stderr[-3000:]
             out = tmp_path / name / "dpo"
         metrics = json.loads((out / "metrics.json").read_text())

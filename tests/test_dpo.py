@@ -16,7 +16,6 @@ from test_reward import banana_rankings
 from test_sft import base_weights
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.core.adapters import META_FILE
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.loading import load_tokenizer
@@ -32,6 +31,7 @@ from lora_rlhf.stages.dpo import (
     train_dpo,
 )
 from lora_rlhf.stages.eval.evaluate import sequence_logprobs
+from lora_rlhf_cli.main import app
 
 FAST = {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "learning_rate": 1e-2}
 

@@ -18,6 +18,8 @@ from lora_rlhf.core.text import prompt_ids, response_ids
 from lora_rlhf.errors import DataError, RecipeError
 from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
 from lora_rlhf.stages.eval.evaluate import (
+    PolicyResult,
+    compare_policies,
     discover_policies,
     kl_to_reference,
     paired_difference,
@@ -110,6 +112,18 @@ def test_paired_difference_interval_covers_the_mean_and_excludes_zero_only_for_a
     assert paired_difference([0.5, 0.2], [0.1, 0.1], seed=3) == paired_difference([0.5, 0.2], [0.1, 0.1], seed=3)
 
 
+def test_a_policys_results_summarise_what_was_measured_and_are_compared_by_each_judge():
+    """The phases after sampling work on PolicyResult alone: no model needed."""
+    sft = PolicyResult("sft", Path("run/sft"), ["a", "bb"], [1, 2], [0.0, 0.0], task_scores=[0.0, 1.0])
+    ppo = PolicyResult("ppo", None, ["c", "dd"], [3, 5], [1.0, 2.0], task_scores=[1.0, 1.0], perplexity=9.0)
+    assert sft.summary() == {"adapter": "run/sft", "length": 1.5, "kl": 0.0, "task_score": 0.5}
+    assert ppo.summary() == {"adapter": None, "length": 4.0, "kl": 1.5, "perplexity": 9.0, "task_score": 1.0}
+    assert ppo.row(1) == {"response": "dd", "kl": 2.0, "task_score": 1.0}  # no reward model: no rm_score
+    wins, paired = compare_policies([sft, ppo], seed=0)
+    assert [(w.policy, w.baseline, w.judge, w.wins, w.ties) for w in wins] == [("ppo", "sft", "labeler", 1, 1)]
+    assert paired[0]["mean"] == 0.5 and paired[0]["n"] == 2
+
+
 def test_discovers_base_sft_and_every_stage_policy(run_dir, tiny_model_dir):
     policies = discover_policies(_recipe(run_dir, tiny_model_dir))
     assert [p.name for p in policies] == ["base", "sft", "ppo", "ppo-ptx"]
@@ -189,6 +203,9 @@ def test_perplexity_matches_the_models_own_loss(tiny_model_dir):
     with torch.no_grad():
         loss = shared.model(input_ids=ids, labels=ids).loss
     assert perplexity(shared, None, [text]) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    with torch.no_grad():  # eval.general_max_tokens cuts each text
+        cut = shared.model(input_ids=ids[:, :5], labels=ids[:, :5]).loss
+    assert perplexity(shared, None, [text], max_tokens=5) == pytest.approx(math.exp(float(cut)), rel=1e-4)
 
 
 def test_eval_preflight_is_sized_by_the_longest_prompt(run_dir, tiny_model_dir, monkeypatch):
@@ -361,7 +378,7 @@ def test_training_curve_and_win_rate_plots_are_pngs(tmp_path):
 
 
 def test_cli_prints_the_table_and_reports_errors(run_dir, tiny_model_dir, tmp_path):
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     recipe_path = tmp_path / "recipe.yaml"
     import yaml

@@ -17,9 +17,9 @@ from conftest import write_jsonl
 from safetensors import SafetensorError
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.core import io
 from lora_rlhf.core.adapters import META_FILE, is_finished
+from lora_rlhf_cli.main import app
 
 # What each library raised on a full tmpfs (safetensors 0.8, torch 2.13, tokenizers via transformers 5.23).
 SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"

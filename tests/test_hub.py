@@ -185,7 +185,7 @@ def test_revision_with_a_slash_is_a_hub_reference(tmp_path, monkeypatch):
 def test_dry_run_refuses_a_token_like_the_real_push_and_never_prints_it(run_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     leaky = tmp_path / "sft"
     shutil.copytree(run_dir / "sft", leaky)
@@ -204,7 +204,7 @@ def test_the_secret_scan_reads_tokenizer_files_and_safetensors_headers(run_dir, 
     from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     secret = "hf_" + "Q7xZ" * 8
     leaky = tmp_path / "reward"

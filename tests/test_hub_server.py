@@ -14,12 +14,12 @@ from fake_hub import FakeHubServer, make_run_folder
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.errors import ModelError
 from lora_rlhf.hub import client as hub
 from lora_rlhf.hub.card import read_front_matter
 from lora_rlhf.recipe.config import ModelConfig, QuantizationConfig
+from lora_rlhf_cli.main import app
 
 TOKEN = "hf_" + "FakeToken42" * 3
 runner = CliRunner()

@@ -399,7 +399,7 @@ def test_a_full_disk_in_any_command_is_one_line_and_exit_2(faults, tiny_model_di
     import yaml
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     (tmp_path / "labeler.py").write_text(LABELER)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi there"}, {"prompt": "Why?"}])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from lora_rlhf_cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = '{"id": "a", "prompt": "p", "responses": ["x", "y"]}'
@@ -94,7 +94,7 @@ def _ignore_sigint() -> None:
 ])
 def test_serve_prints_url_binds_loopback_and_stops_on_ctrl_c(tmp_path, sig, background):
     (tmp_path / "c.jsonl").write_text(GOOD + "\n")
-    proc = subprocess.Popen([sys.executable, "-m", "cli.label", str(tmp_path / "c.jsonl"), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "lora_rlhf_cli.label", str(tmp_path / "c.jsonl"), "--out",
                              str(tmp_path / "r.jsonl"), "--labeler", "dana"], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
                             preexec_fn=_ignore_sigint if background else None)

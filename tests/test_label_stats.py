@@ -53,7 +53,7 @@ def test_stats_arithmetic(rankings):
 
 
 def test_stats_cli(rankings):
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     res = CliRunner().invoke(app, ["label", "--stats", str(rankings)])
     assert res.exit_code == 0, res.output

@@ -20,8 +20,8 @@ def test_terminal_ranks_flags_skips_and_resumes(tmp_path):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "r.jsonl"
     env = {**os.environ, "NO_COLOR": "1", "TERM": "xterm", "PYTHONPATH": str(REPO)}
-    # cli.label directly: the same command, without importing every other command (torch) at start-up.
-    cmd = [sys.executable, "-m", "cli.label", str(tmp_path / "c.jsonl"), "--out", str(out),
+    # lora_rlhf_cli.label directly: the same command, without importing every other command (torch) at start-up.
+    cmd = [sys.executable, "-m", "lora_rlhf_cli.label", str(tmp_path / "c.jsonl"), "--out", str(out),
            "--terminal", "--labeler", "tess"]
 
     child = pexpect.spawn(cmd[0], cmd[1:], env=env, cwd=str(REPO), encoding="utf-8", timeout=30,

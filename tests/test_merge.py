@@ -11,12 +11,12 @@ from conftest import randomize_adapter
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.heads import gather_last
 from lora_rlhf.errors import ModelError
 from lora_rlhf.hub.merge import merge_adapter
 from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig
+from lora_rlhf_cli.main import app
 
 runner = CliRunner()
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000], [8, 9, 10, 11, 12, 13, 14]])

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import TEST_DEVICE
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.errors import RecipeError
-from lora_rlhf.recipe.config import load_recipe, recipe_from_dict
+from lora_rlhf.recipe.config import STAGES, load_recipe, recipe_from_dict
 from lora_rlhf.stages.pipeline import is_complete, run_pipeline, with_pipeline_defaults
+from lora_rlhf.stages.registry import REGISTRY
+from lora_rlhf.stages.stage import StageResult
+from lora_rlhf_cli.main import app
 
 runner = CliRunner()
 
@@ -49,25 +53,29 @@ def test_unknown_force_stage(tmp_path):
 
 def test_complete_stages_are_skipped_and_force_reruns(tmp_path, monkeypatch):
     """Completion is the stage's own marker; the pipeline runs exactly the incomplete or forced stages."""
-    from lora_rlhf.stages import pipeline
-
     ran = []
 
-    def fake_stage(recipe, stage):
-        ran.append(stage)
-        folder = recipe.stage_dir(stage)
-        folder.mkdir(parents=True, exist_ok=True)
-        adapter = ["adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json"]
-        names = {"sft": adapter, "dpo": adapter, "reward": [*adapter, "head.safetensors"],
-                 "eval": ["results.json"]}[stage]
-        for name in names:
-            (folder / name).write_text("{}")
+    def fake_run(stage):
+        def run(recipe, *, resume=None):
+            ran.append(stage)
+            folder = recipe.stage_dir(stage)
+            folder.mkdir(parents=True, exist_ok=True)
+            adapter = ["adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json"]
+            names = {"sft": adapter, "dpo": adapter, "reward": [*adapter, "head.safetensors"],
+                     "eval": ["results.json"]}[stage]
+            for name in names:
+                (folder / name).write_text("{}")
+            return StageResult(stage, folder)
 
-    monkeypatch.setattr(pipeline, "_run_stage", fake_stage)
+        return run
+
+    for stage in ("sft", "reward", "dpo", "eval"):
+        monkeypatch.setitem(REGISTRY, stage, dataclasses.replace(REGISTRY[stage], run=fake_run(stage)))
     recipe = recipe_from_dict({"output_dir": str(tmp_path),
                                "pipeline": {"stages": ["sft", "reward", "dpo", "eval"]}})
-    run_pipeline(recipe)
-    assert ran == ["sft", "reward", "dpo", "eval"]
+    results = run_pipeline(recipe)
+    assert ran == ["sft", "reward", "dpo", "eval"] and [r.output for r in results] == [
+        tmp_path / s for s in ran]
     ran.clear()
     results = run_pipeline(recipe)
     assert ran == [] and all(r.skipped for r in results)
@@ -76,6 +84,32 @@ def test_complete_stages_are_skipped_and_force_reruns(tmp_path, monkeypatch):
     run_pipeline(recipe, force=["eval"])
     assert ran == ["reward", "dpo", "eval"]
     assert is_complete(recipe, "reward") and is_complete(recipe, "dpo")
+
+
+def test_every_stage_is_registered_once_and_the_pipeline_names_none():
+    """The pipeline runs stages only through the registry: it imports no stage module."""
+    import ast
+
+    from lora_rlhf.stages import pipeline
+
+    assert list(REGISTRY) == list(STAGES)
+    tree = ast.parse(Path(pipeline.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {m for m in imported if m.startswith("lora_rlhf.stages")} == {"lora_rlhf.stages.registry",
+                                                                          "lora_rlhf.stages.stage"}
+
+
+def test_a_compare_stage_without_a_labeler_fails_before_any_stage_runs_unless_it_is_complete(tmp_path):
+    recipe = recipe_from_dict({"output_dir": str(tmp_path / "run"), "pipeline": {"stages": ["sft", "compare"]}})
+    with pytest.raises(RecipeError, match="'compare' needs compare.labeler"):
+        run_pipeline(recipe)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run" / "compare").mkdir(parents=True)
+    (tmp_path / "run" / "compare" / "rankings.jsonl").write_text("{}\n")  # ranked by hand: nothing to check
+    (tmp_path / "run" / "sft").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json"):
+        (tmp_path / "run" / "sft" / name).write_text("{}")
+    assert all(r.skipped for r in run_pipeline(recipe))
 
 
 def quick_overrides(out) -> list[str]:

@@ -12,13 +12,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.plan import estimate
 from lora_rlhf.plan.estimate import Base, activation_bytes, quantized_linear_bytes, saved_per_token_layer
 from lora_rlhf.plan.model_shape import load_shape, shipped_configs
 from lora_rlhf.plan.preflight import OutOfMemoryPlan, _status, peak_bytes, preflight, reset_peak
-from lora_rlhf.plan.recipe_plan import TRAINER_DEFAULTS, PlanContext, ranked_responses, stage_estimate
+from lora_rlhf.plan.recipe_plan import PlanContext, ranked_responses, stage_estimate
 from lora_rlhf.recipe.config import (
     DatasetConfig,
     LoraSettings,
@@ -27,6 +26,7 @@ from lora_rlhf.recipe.config import (
     load_recipe,
     recipe_from_dict,
 )
+from lora_rlhf_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -119,24 +119,6 @@ def test_saved_activations_match_autograd(tiny_model_dir, dropout, checkpointing
     assert sum(saved.values()) == pytest.approx(expected, rel=0.25 if checkpointing else 0.05)
 
 
-def test_trainer_defaults_are_the_stages_own():
-    from lora_rlhf.stages.dpo import DPO_DEFAULTS
-    from lora_rlhf.stages.reward import REWARD_DEFAULTS
-    from lora_rlhf.stages.sft import SFT_DEFAULTS
-    from lora_rlhf.stages.trainer_setup import COMMON_DEFAULTS
-
-    for section, defaults in (("sft", SFT_DEFAULTS), ("reward", REWARD_DEFAULTS), ("dpo", DPO_DEFAULTS)):
-        merged = {**COMMON_DEFAULTS, **defaults}
-        assert {k: merged[k] for k in TRAINER_DEFAULTS[section]} == TRAINER_DEFAULTS[section]
-
-
-def test_eval_text_length_is_the_eval_stages_own():
-    from lora_rlhf.plan.recipe_plan import EVAL_TEXT_TOKENS
-    from lora_rlhf.stages.eval.evaluate import PERPLEXITY_MAX_TOKENS
-
-    assert EVAL_TEXT_TOKENS == PERPLEXITY_MAX_TOKENS
-
-
 def test_eval_plan_sizes_scoring_by_the_general_texts_when_there_are_some():
     recipe = load_recipe(ROOT / "recipes/demo_smollm2_cpu.yaml")
     shape = load_shape(recipe.model.name)
@@ -150,6 +132,8 @@ def test_eval_plan_sizes_scoring_by_the_general_texts_when_there_are_some():
     assert "[16, 256, 576]" in with_texts["hidden states"].note  # general texts (256) outrun 128 + 48 sampled
     # the LM head runs per sequence (evaluate.sequence_logprobs): logits of one sequence, not of the batch
     assert with_texts["sequence logits"].bytes == 2 * 256 * shape.vocab_size * 4
+    recipe.eval.general_max_tokens = 320  # the recipe's own length, the one eval cuts the texts to
+    assert "[16, 320, 576]" in score_parts(recipe)["hidden states"].note
     recipe.eval.general_text = None
     assert "[16, 176, 576]" in score_parts(recipe)["hidden states"].note
     assert score_parts(recipe)["hidden states"].bytes * 256 == with_texts["hidden states"].bytes * 176

@@ -11,8 +11,8 @@ from conftest import Stop
 from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.recipe.config import load_recipe
+from lora_rlhf_cli.main import app
 
 runner = CliRunner()
 
@@ -76,6 +76,14 @@ def test_cli_ppo_writes_every_output(run_dir, tiny_model_dir):
     # and a checkpoint only continues with the settings it was written with
     result = runner.invoke(app, ["ppo", str(recipe), "--resume", "--set", "lora.r=4"])
     assert result.exit_code == 2 and "lora.r was 8" in result.output
+    # a KL setting too: the checkpoint's KL controller would silently replace a new kl_coef
+    result = runner.invoke(app, ["ppo", str(recipe), "--resume", "--set", "ppo.kl_coef=0.1", "--set", "ppo.kl_coef=0.2",
+                                 "--set", "ppo.adaptive_kl=true"])
+    assert result.exit_code == 2 and "ppo.kl_coef was 0.1 when the checkpoint was written, now 0.2" in result.output
+    assert "continue this run with --set ppo.kl_coef=0.1, or start a new run" in result.output
+    assert "ppo.adaptive_kl was False" in result.output and "--set ppo.adaptive_kl=false" in result.output
+    result = runner.invoke(app, ["ppo", str(recipe), "--resume", "--set", "ppo.kl_coef=0.1"])  # as it was: resumes
+    assert result.exit_code == 0 and "PPO policy written to" in result.output, result.output
 
 
 def test_cli_ppo_without_a_reward_exits_2(run_dir, tiny_model_dir):

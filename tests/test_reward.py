@@ -388,7 +388,7 @@ def test_bad_reward_data_is_refused_before_anything_is_written(tiny_recipe, tmp_
 def test_cli_exit_codes(tiny_recipe, tmp_path):
     import yaml
 
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranks": [2, 2]}])
     recipe = tmp_path / "r.yaml"
@@ -405,9 +405,9 @@ def test_a_full_disk_while_saving_exits_2_and_leaves_the_stage_unfinished(tiny_r
 
     import yaml
 
-    from cli.main import app
     from lora_rlhf.core.adapters import is_finished
     from lora_rlhf.stages import reward as reward_module
+    from lora_rlhf_cli.main import app
 
     recipe = make_recipe(tiny_recipe, tmp_path, rows=banana_rankings(4), max_steps=1, normalize=False)
     path = tmp_path / "r.yaml"

@@ -9,9 +9,9 @@ from conftest import write_jsonl
 from test_compare import make_reward_adapter
 from typer.testing import CliRunner
 
-from cli.main import app
 from lora_rlhf.core.scoring import score_texts
 from lora_rlhf.stages.inference import open_adapter
+from lora_rlhf_cli.main import app
 
 
 @pytest.fixture(scope="module")

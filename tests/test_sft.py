@@ -160,7 +160,7 @@ def test_a_new_run_that_fails_leaves_the_finished_run_intact(sft_run, tmp_path, 
 def test_a_bad_trainer_value_is_refused_before_the_output_folder_is_touched(sft_run, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from lora_rlhf_cli.main import app
 
     recipe, out, _, _ = sft_run
     run = tmp_path / "run"
@@ -179,8 +179,8 @@ def test_a_full_disk_is_one_error_exit_2_and_the_finished_run_is_back(sft_run, t
 
     from typer.testing import CliRunner
 
-    from cli.main import app
     from lora_rlhf.core.adapters import is_finished
+    from lora_rlhf_cli.main import app
 
     recipe, out, _, _ = sft_run
     run = tmp_path / "run"

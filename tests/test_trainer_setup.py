@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from lora_rlhf.stages.trainer_setup import last_checkpoint, output_folder
+from lora_rlhf.recipe.config import TRAINER_DEFAULTS, recipe_from_dict
+from lora_rlhf.stages.trainer_setup import last_checkpoint, output_folder, trainer_args
 
 
 def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path, caplog):
@@ -154,3 +155,14 @@ def test_saving_an_adapter_clears_what_a_killed_save_left_in_its_folder(tmp_path
     shared.save_adapter("policy", folder, stage="ppo")
     assert not list(folder.glob(".tmp*")) and not list(folder.glob("*.tmp"))
     assert (folder / "adapter_model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_trainer_arguments_are_the_resolved_recipes_and_what_the_run_derives(tmp_path):
+    recipe = recipe_from_dict({"model": {"device": "cpu", "gradient_checkpointing": True},
+                               "reward": {"learning_rate": 3e-4}})
+    args = trainer_args(recipe, "reward", tmp_path, eval_present=True)
+    assert {k: args[k] for k in TRAINER_DEFAULTS["reward"]} == {**TRAINER_DEFAULTS["reward"], "learning_rate": 3e-4}
+    # derived when the stage runs: held-out data, the model's checkpointing, precision on this device
+    assert args["eval_strategy"] == "epoch" and args["gradient_checkpointing"] is True
+    assert (args["bf16"], args["fp16"], args["use_cpu"]) == (False, False, True)
+    assert "eval_strategy" not in trainer_args(recipe, "sft", tmp_path, eval_present=False)

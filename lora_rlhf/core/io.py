@@ -161,13 +161,16 @@ def require_file(path: str | Path, what: str = "file", fix: str = "check the pat
 
 
 def read_jsonl(path: str | Path, what: str = "file", problems: list[str] | None = None,
-               fix: str = "check the path") -> list[tuple[int, Any]]:
+               fix: str = "check the path", cut_short_tail: bool = False) -> list[tuple[int, Any]]:
     """(line number, parsed value) for every non-blank line, numbered from 1 as an editor shows them.
 
     A line that is not JSON is one DataError naming the file and the line, or, given `problems`, is appended
     there ("line N: bad JSON (...)") and skipped, for callers that report every problem of a file at once.
-    Every JSONL reader of user files goes through here (stats, score's pairs, candidates, and the stages' data
-    when `datasets` cannot parse a .jsonl file).
+    `cut_short_tail`: for our own appended logs (PPO's metrics.jsonl and samples.jsonl), whose writer ends every
+    whole line with a newline: a last line without one that is not JSON was cut short by a killed run and is
+    left out. Every JSONL file is read here: user files (stats, score's pairs, candidates, and the stages' data when
+    `datasets` cannot parse a .jsonl file) and our logs; only the labelling store reads its own way (it follows
+    a file other processes append to, from a byte offset, under a lock).
     """
     path = require_file(path, what, fix)
     rows = []
@@ -179,6 +182,8 @@ def read_jsonl(path: str | Path, what: str = "file", problems: list[str] | None 
                 try:
                     rows.append((lineno, json.loads(text)))
                 except json.JSONDecodeError as e:
+                    if cut_short_tail and not text.endswith("\n"):
+                        continue  # the last line, cut short
                     problem = f"line {lineno}: bad JSON ({e.msg} at column {e.colno})"
                     if problems is None:
                         raise DataError(f"{what} '{path}' {problem}",

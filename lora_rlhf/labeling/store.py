@@ -59,6 +59,9 @@ class RankingStore:
     def _catch_up(self, hold_shared_lock: bool = True) -> None:
         """Parse complete lines appended since the last look (by anyone). Caller holds self._mutex.
 
+        Not core.io.read_jsonl, which reads a whole file once: this follows a file other processes append to, from
+        the byte offset it reached, and here a torn last line is an error rather than a killed log's tail.
+
         Readers take a shared flock so they never see a line half-written; append() already holds the
         exclusive one (a second flock on another descriptor of this process would wait for itself).
         """

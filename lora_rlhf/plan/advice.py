@@ -39,14 +39,14 @@ def _candidates(recipe: Recipe, stage: str) -> list[tuple[tuple[str, ...], str, 
         out.append((("model.gradient_checkpointing=true",), "~30 % slower steps, same results", True))
     if stage in ("sft", "reward", "dpo"):
         batch = trainer_value(recipe, stage, "per_device_train_batch_size")
-        accum = int(recipe.trainer_args.get(stage, {}).get("gradient_accumulation_steps", 1))
+        accum = trainer_value(recipe, stage, "gradient_accumulation_steps")
         length = trainer_value(recipe, stage, "max_length")
         if batch > 1:
             half = max(1, batch // 2)
             out.append(((f"{stage}.per_device_train_batch_size={half}",
                          f"{stage}.gradient_accumulation_steps={accum * batch // half}"),
                         "same effective batch, more, smaller steps", True))
-        if "8bit" not in str(recipe.trainer_args.get(stage, {}).get("optim", "")):
+        if "8bit" not in str(recipe.trainer_args[stage].get("optim", "")):
             out.append(((f"{stage}.optim=paged_adamw_8bit",), "8-bit AdamW states (small for LoRA)", True))
         if length > 64:
             out.append(((f"{stage}.max_length={length // 2}",),

@@ -1,13 +1,12 @@
 """A recipe -> the predicted peak memory of each of its stages (lora_rlhf.plan.estimate), from the model's config.
 
-The planner reads the same recipe the stages run (after `--set` overrides) and resolves every default the
-stages would apply, so its numbers are for the run that recipe starts. Nothing is loaded but a config.json.
+The planner reads the same resolved recipe the stages run (after `--set` overrides, every default filled in at
+load: recipe/config.TRAINER_DEFAULTS), so its numbers are for the run that recipe starts. Nothing is loaded but a config.json.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from lora_rlhf.errors import LoraRlhfError
 from lora_rlhf.plan.estimate import (
@@ -27,17 +26,6 @@ from lora_rlhf.plan.estimate import (
 from lora_rlhf.plan.model_shape import ModelShape, load_shape
 from lora_rlhf.recipe.config import Recipe
 
-# The TRL-trained stages' defaults (stages/trainer_setup.COMMON_DEFAULTS, stages/sft.SFT_DEFAULTS,
-# stages/reward.REWARD_DEFAULTS, stages/dpo.DPO_DEFAULTS). The planner sits below the stages (they call its
-# preflight), so it cannot import them; tests/test_plan.py checks these copies against the originals.
-TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"per_device_train_batch_size": 4, "max_length": 512},
-    "reward": {"per_device_train_batch_size": 8, "max_length": 512},
-    "dpo": {"per_device_train_batch_size": 4, "max_length": 512},
-}
-# stages/eval/evaluate.PERPLEXITY_MAX_TOKENS, copied for the same reason (tests/test_plan.py checks it): eval
-# scores each general text up to this many tokens, in batches of eval.batch_size.
-EVAL_TEXT_TOKENS = 256
 DEFAULT_PROMPT_LENGTH = 128  # tokens the plan assumes (--prompt-length): only PPO bounds prompts (ppo.max_prompt_length)
 PLANNED_STAGES = ("sft", "compare", "reward", "dpo", "ppo", "ppo-ptx", "eval")
 
@@ -65,24 +53,23 @@ def planning_dtype_bytes(recipe: Recipe, device: Device) -> int:
 
 def base_settings(recipe: Recipe, device: Device, section: str | None = None) -> Base:
     """The shared base's settings for a stage; `section` (sft / reward / dpo) adds its trainer's optimizer."""
-    optim = str(recipe.trainer_args.get(section, {}).get("optim", "")) if section else ""
+    optim = str(recipe.trainer_args[section].get("optim", "")) if section else ""
     lora = recipe.lora
     return Base(device=device, dtype_bytes=planning_dtype_bytes(recipe, device), quant=recipe.quantization.mode,
                 double_quant=recipe.quantization.double_quant, lora_r=lora.r, lora_targets=lora.target_modules,
-                lora_dropout=lora.dropout, gradient_checkpointing=recipe.trainer_args.get(section or "", {}).get(
-                    "gradient_checkpointing", recipe.model.gradient_checkpointing),
+                lora_dropout=lora.dropout, gradient_checkpointing=recipe.gradient_checkpointing(section),
                 optim_state_bytes=ADAM_8BIT_BYTES if "8bit" in optim else ADAM_BYTES)
 
 
 def trainer_value(recipe: Recipe, section: str, key: str) -> int:
-    return int(recipe.trainer_args.get(section, {}).get(key, TRAINER_DEFAULTS[section][key]))
+    return int(recipe.trainer_args[section][key])
 
 
 def trained_length(recipe: Recipe, section: str, ctx: PlanContext) -> int:
     """Tokens per row of an sft / reward / dpo batch: max_length, or the data's longest row when shorter (packed
     SFT rows are always max_length long)."""
     cap = trainer_value(recipe, section, "max_length")
-    if not ctx.sequence_length or recipe.trainer_args.get(section, {}).get("packing"):
+    if not ctx.sequence_length or recipe.trainer_args[section].get("packing"):
         return cap
     return min(cap, ctx.sequence_length)
 
@@ -124,7 +111,7 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
                                trained_length(recipe, "reward", ctx), ranked_responses(recipe))
     if stage == "dpo":
         base = base_settings(recipe, ctx.device, "dpo")
-        if recipe.trainer_args.get("dpo", {}).get("disable_dropout", True):
+        if recipe.trainer_args["dpo"]["disable_dropout"]:
             base = replace(base, lora_dropout=0.0)  # TRL sets every dropout to p=0: no dropped-out copies
         return dpo_estimate(shape, base, trainer_value(recipe, "dpo", "per_device_train_batch_size"),
                             trained_length(recipe, "dpo", ctx))
@@ -141,7 +128,7 @@ def stage_estimate(recipe: Recipe, stage: str, shape: ModelShape, ctx: PlanConte
     if stage == "eval":
         e = recipe.eval
         # the general texts (when eval.general_text is set) are scored longer than the sampled sequences
-        length = max(q + e.max_new_tokens, EVAL_TEXT_TOKENS if e.general_text else 0)
+        length = max(q + e.max_new_tokens, e.general_max_tokens if e.general_text else 0)
         return eval_estimate(shape, base, e.batch_size, q, e.max_new_tokens, length)
     raise LoraRlhfError(f"no memory plan for stage '{stage}'", fix=f"plan one of: {', '.join(PLANNED_STAGES)}")
 

@@ -224,7 +224,9 @@ class EvalSection:
     general_text: str | None = None
     """A .jsonl file with a `text` column held out from training: perplexity on it measures the alignment tax."""
     general_max_texts: int = ranged(64, gt=0)
-    """Use at most this many rows of general_text (each cut to 256 tokens)."""
+    """Use at most this many rows of general_text (each cut to general_max_tokens)."""
+    general_max_tokens: int = ranged(256, gt=0)
+    """Tokens of each general text that are scored (longer texts are cut): the perplexity's cost and memory."""
 
 
 @dataclass
@@ -236,6 +238,61 @@ class DistributedConfig:
     Long enough for the longest time rank 0 works alone (the reward stage reloads and checks the reward model and
     scores the demonstrations: minutes at 8B); lower it to notice a hung rank sooner. The process group (NCCL, gloo)
     gets the same timeout: NCCL's own default of 10 minutes would kill that reward check on a large model."""
+
+
+# lora-rlhf's values of TRL trainer arguments (SFTConfig / RewardConfig / DPOConfig), by section, where TRL's own do
+# not suit a LoRA run on one GPU, plus the TRL values the planner reads. Loading lays the recipe's section over them
+# (`recipe_from_dict`), so `recipe.trainer_args[section]` holds every value a stage passes, the planner reads the same
+# object and recipe.yaml shows them all. What follows from other settings, the data or the machine is derived when a
+# stage runs and never stored here (stages/trainer_setup.trainer_args): bf16/fp16 from the compute dtype on the
+# device, gradient checkpointing from model.gradient_checkpointing (`Recipe.gradient_checkpointing`), and
+# eval_strategy when the stage has held-out data.
+_COMMON_TRAINER_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 5,
+    "max_length": 512,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 1,  # one rolling checkpoint
+    "report_to": "none",
+    # LoRA under DDP: every trainable parameter is used in each step. Looking for unused ones costs a graph walk
+    # and breaks with gradient checkpointing; transformers turns the search on for any model that is not a
+    # PreTrainedModel, and a PEFT model is not one.
+    "ddp_find_unused_parameters": False,
+    "gradient_accumulation_steps": 1,  # TRL's own
+}
+TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {
+        **_COMMON_TRAINER_DEFAULTS,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 2e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0,
+    },
+    "reward": {
+        **_COMMON_TRAINER_DEFAULTS,
+        "num_train_epochs": 1,  # the paper's RM overfits after one epoch
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 1e-4,
+    },
+    "dpo": {
+        **_COMMON_TRAINER_DEFAULTS,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        # TRL's learning rate (1e-6) is for full fine-tuning: LoRA takes a larger one, as in SFT (5e-5 is not tuned
+        # on a bench yet).
+        "learning_rate": 5e-5,
+        # The reference's log-probs once, before the first step, instead of a reference forward in every step:
+        # measured on the CPU (tiny Llama, 4-bit, 32 pairs in batches of 4, fresh processes alternating on a shared
+        # 2-core machine), one epoch took as long either way (37-44 s), two epochs 30-38 % less wall time with it
+        # (21-55 s against 32-79 s): each epoch after the first skips the reference forwards. Set false to start
+        # steps at once.
+        "precompute_ref_log_probs": True,
+        "disable_dropout": True,  # TRL's own: the planner leaves the adapters' dropout out of DPO's memory then
+    },
+}
 
 
 StageName = Literal["data", "sft", "compare", "reward", "dpo", "ppo", "ppo-ptx", "eval"]
@@ -275,12 +332,20 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    trainer_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"internal": True})
+    trainer_args: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(TRAINER_DEFAULTS),
+                                                    metadata={"internal": True})
     """Pass-through trainer arguments by section (`sft` -> SFTConfig kwargs, `reward` -> RewardConfig, `dpo` ->
-    DPOConfig)."""
+    DPOConfig), resolved: TRAINER_DEFAULTS with the recipe's own values laid over them."""
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / stage
+
+    def gradient_checkpointing(self, section: str | None = None) -> bool:
+        """Whether a stage checkpoints activations: its section's `gradient_checkpointing` (sft, reward, dpo) when
+        the recipe sets one, else model.gradient_checkpointing. Derived rather than stored in the section, so that
+        `--set model.gradient_checkpointing=true` on a saved recipe still reaches every stage."""
+        own = self.trainer_args.get(section or "", {}).get("gradient_checkpointing")
+        return self.model.gradient_checkpointing if own is None else bool(own)
 
 
 # Sections whose unknown keys are passed to a TRL config class instead of being rejected.
@@ -411,12 +476,13 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, so
     if not isinstance(raw, dict):
         raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source)
     raw, problems = apply_overrides(raw, overrides or [])
-    trainer_args: dict[str, dict[str, Any]] = {}
+    trainer_args = copy.deepcopy(TRAINER_DEFAULTS)  # resolved: the recipe's values over our defaults
     body = dict(raw)
     for section, ours in (("sft", SFTSection), ("reward", RewardSection), ("dpo", DPOSection)):
         value = body.get(section)
         if isinstance(value, dict):
-            body[section], trainer_args[section] = _split_trainer_args(section, ours, value, problems)
+            body[section], given = _split_trainer_args(section, ours, value, problems)
+            trainer_args[section].update(given)
     recipe = build(Recipe, body, "", problems)
     if problems:
         raise RecipeError(problems, source)
@@ -470,7 +536,8 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The fully resolved recipe, in the same shape a user writes (trainer args back in their sections)."""
+    """The fully resolved recipe (every default filled in), in the same shape a user writes (trainer args back in
+    their sections)."""
     out = dataclasses.asdict(recipe)
     extra = out.pop("trainer_args")
     for section, args in extra.items():

@@ -34,6 +34,7 @@ from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
 from lora_rlhf.stages.labelers import load_labeler
 from lora_rlhf.stages.memory import check_memory
+from lora_rlhf.stages.stage import StageResult
 
 CANDIDATES = "candidates.jsonl"
 RANKINGS = "rankings.jsonl"
@@ -65,6 +66,25 @@ def load_prompt_rows(recipe: Recipe) -> list[dict[str, Any]]:
 
 def run_compare(recipe: Recipe, progress: bool = True) -> Path:
     """Sample recipe.compare.k responses per prompt; write OUT/compare/candidates.jsonl (+ rankings.jsonl)."""
+    return run(recipe, progress=progress).output
+
+
+def is_complete(recipe: Recipe) -> bool:
+    """Rankings are what the next stage (reward) learns from: candidates alone are not complete."""
+    return (recipe.stage_dir("compare") / RANKINGS).is_file()
+
+
+def pipeline_problems(recipe: Recipe) -> list[str]:
+    """In a pipeline nobody ranks the candidates by hand: compare needs a labeler."""
+    if recipe.compare.labeler:
+        return []
+    return ["pipeline stage 'compare' needs compare.labeler to rank the samples without people (fix: set it to a "
+            "`module:function` or a reward adapter, or label OUT/compare/candidates.jsonl with `lora-rlhf label` "
+            "and set data.reward)"]
+
+
+def run(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) -> StageResult:
+    """The stage (stages/stage.py): `run_compare`; metrics: how many prompts were sampled and ranked."""
     cfg = recipe.compare
     out = recipe.stage_dir("compare")
     distributed.configure(recipe)
@@ -112,7 +132,8 @@ def run_compare(recipe: Recipe, progress: bool = True) -> Path:
         if judge is not None:
             write_jsonl_atomic(out / RANKINGS, rankings)
     distributed.barrier("the end of compare (rank 0 writes the candidates and rankings)")
-    return out
+    return StageResult("compare", out, {"prompts": len(candidates), "responses_per_prompt": cfg.k,
+                                        "ranked_prompts": len(rankings), "labeler": cfg.labeler})
 
 
 class _progress:

@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lora_rlhf.core import distributed
-from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, recipe_adapter
+from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, is_finished, recipe_adapter
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.loading import load_config, load_tokenizer
 from lora_rlhf.core.logs import LogCallback, write_metrics
@@ -53,6 +53,7 @@ from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe, save_recipe
 from lora_rlhf.stages.memory import check_memory
 from lora_rlhf.stages.rankings import Comparison, load_comparisons
+from lora_rlhf.stages.stage import StageResult
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     RecipeStepsOnResume,
@@ -63,20 +64,6 @@ from lora_rlhf.stages.trainer_setup import (
 )
 
 REFERENCE = "ref"  # the name TRL's DPOTrainer gives its frozen copy of the trained adapter
-# Our defaults where TRL's differ from what a LoRA run wants (on top of trainer_setup.COMMON_DEFAULTS); every one can
-# be set in `dpo:`. TRL's learning rate (1e-6) is for full fine-tuning: LoRA takes a larger one, as in SFT (5e-5 is
-# not tuned on a bench yet).
-DPO_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "per_device_eval_batch_size": 4,
-    "learning_rate": 5e-5,
-    # The reference's log-probs once, before the first step, instead of a reference forward in every step: measured
-    # on the CPU (tiny Llama, 4-bit, 32 pairs in batches of 4, fresh processes alternating on a shared 2-core
-    # machine), one epoch took as long either way (37-44 s), two epochs 30-38 % less wall time with it (21-55 s
-    # against 32-79 s): each epoch after the first skips the reference forwards. Set false to start steps at once.
-    "precompute_ref_log_probs": True,
-}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -154,7 +141,7 @@ def sft_adapter_for(recipe: Recipe) -> Path | None:
 def dpo_training_args(recipe: Recipe, out: Path, eval_present: bool):
     from trl import DPOConfig
 
-    return DPOConfig(**trainer_args(recipe, "dpo", DPO_DEFAULTS, out, eval_present))
+    return DPOConfig(**trainer_args(recipe, "dpo", out, eval_present))
 
 
 def _trainer_class():
@@ -218,13 +205,27 @@ def copy_reference_into_policy(model: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- run
+def run(recipe: Recipe, *, resume: bool | None = None) -> StageResult:
+    """The stage (stages/stage.py): train the DPO policy described by `recipe` into OUT/dpo."""
+    return _train_dpo(recipe, bool(resume))[0]
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return is_finished(recipe.stage_dir("dpo"))
+
+
 def run_dpo(recipe: Recipe, resume: bool = False) -> Path:
     """Train the DPO policy described by `recipe`; return its output folder (OUT/dpo)."""
-    return train_dpo(recipe, resume)[0]
+    return run(recipe, resume=resume).output
 
 
 def train_dpo(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     """`run_dpo`, also returning the shared base (policy `default` and reference `ref`) for callers that inspect it."""
+    result, shared = _train_dpo(recipe, resume)
+    return result.output, shared
+
+
+def _train_dpo(recipe: Recipe, resume: bool) -> tuple[StageResult, SharedBase]:
     out = recipe.stage_dir("dpo")
     distributed.configure(recipe)
     # --- setup: everything that can fail on user input fails here, before anything is written
@@ -269,7 +270,7 @@ def train_dpo(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
         log.info("DPO done: %s", {k: metrics.get(k) for k in (
             "train_loss", "eval_rewards/accuracies", "eval_rewards/margins", "wall_seconds", "memory/peak_gb",
             "memory/predicted_gb")})
-    return out, shared
+    return StageResult("dpo", out, metrics), shared
 
 
 def _train(shared: SharedBase, args: Any, train_ds: Any, eval_ds: Any, checkpoint: str | None,

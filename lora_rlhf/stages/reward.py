@@ -29,7 +29,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 from lora_rlhf.core import distributed
-from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, recipe_adapter, write_adapter_meta
+from lora_rlhf.core.adapters import (
+    base_fingerprint,
+    check_adapter_base,
+    is_finished,
+    recipe_adapter,
+    write_adapter_meta,
+)
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
@@ -37,12 +43,14 @@ from lora_rlhf.core.io import write_jsonl_atomic
 from lora_rlhf.core.loading import load_config, load_pretrained, load_tokenizer, lora_config
 from lora_rlhf.core.logs import LogCallback, write_metrics
 from lora_rlhf.core.scoring import score_texts
+from lora_rlhf.core.stats import bootstrap_interval
 from lora_rlhf.core.text import batches, encode
 from lora_rlhf.errors import DataError, ModelError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import DatasetConfig, Recipe, save_recipe
 from lora_rlhf.stages.memory import check_memory
 from lora_rlhf.stages.rankings import Comparison, load_comparisons
+from lora_rlhf.stages.stage import StageResult
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     RecipeStepsOnResume,
@@ -55,16 +63,6 @@ from lora_rlhf.stages.trainer_setup import (
 NORMALIZE_MAX_DEMOS = 1000  # demonstrations scored for the offset (a seeded sample beyond that)
 CHECK_ROWS = 8  # texts scored by both the trained model and the reloaded adapter
 EVAL_PAIRS = "eval_pairs.jsonl"  # every held-out comparison with both scores
-
-# Our defaults where TRL's differ from what a LoRA reward run on one GPU wants (on top of
-# trainer_setup.COMMON_DEFAULTS); every one can be set in `reward:`.
-# One epoch: the paper's RM overfits after one.
-REWARD_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 8,
-    "learning_rate": 1e-4,
-}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -313,7 +311,7 @@ def fix_dtypes(model: Any) -> None:
 def reward_training_args(recipe: Recipe, out: Path, eval_present: bool):
     from trl import RewardConfig
 
-    return RewardConfig(**trainer_args(recipe, "reward", REWARD_DEFAULTS, out, eval_present))
+    return RewardConfig(**trainer_args(recipe, "reward", out, eval_present))
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -383,22 +381,17 @@ def heldout_pairs(shared: SharedBase, held_out: Sequence[Comparison], path: Path
 
 def accuracy_interval(wins: Sequence[bool], groups: Sequence[int], n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> tuple[float, float, float]:
-    """(accuracy, low, high): share of wins with a percentile bootstrap interval that resamples *prompts*.
-
-    The pairs of one prompt share its responses, so they are not independent: resampling single pairs would
-    give too narrow an interval. wins, groups: [P] (groups: the prompt each pair came from).
+    """(accuracy, low, high): share of wins with a percentile bootstrap interval that resamples *prompts*
+    (core.stats.bootstrap_interval): the pairs of one prompt share its responses, so they are not independent.
+    wins, groups: [P] (groups: the prompt each pair came from).
     """
     if len(wins) != len(groups) or not wins:
         raise ValueError(f"need one group per win and at least one pair, got {len(wins)} and {len(groups)}")
     _, group_of = torch.unique(torch.tensor(groups), return_inverse=True)  # [P] -> 0..G-1
-    pair = torch.stack([torch.tensor(wins, dtype=torch.float64), torch.ones(len(wins), dtype=torch.float64)], 1)
-    per_group = torch.zeros(int(group_of.max()) + 1, 2, dtype=torch.float64).index_add_(0, group_of, pair)  # [G, 2]
-    generator = torch.Generator().manual_seed(seed)
-    n = len(per_group)
-    draws = per_group[torch.randint(n, (n_boot, n), generator=generator)].sum(1)  # [n_boot, 2]
-    tail = (1 - level) / 2
-    low, high = torch.quantile(draws[:, 0] / draws[:, 1], torch.tensor([tail, 1 - tail], dtype=torch.float64))
-    return sum(wins) / len(wins), float(low), float(high)
+    size = int(group_of.max()) + 1
+    won = torch.zeros(size, dtype=torch.float64).index_add_(0, group_of, torch.tensor(wins, dtype=torch.float64))
+    low, high = bootstrap_interval(won, torch.bincount(group_of, minlength=size), n_boot, seed, level)  # [G], [G]
+    return sum(wins) / len(wins), low, high
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -415,7 +408,16 @@ def init_adapter_for(recipe: Recipe) -> Path | None:
 
 def run_reward(recipe: Recipe, resume: bool = False) -> Path:
     """Train the reward adapter described by `recipe`; return its output folder (OUT/reward)."""
-    out = recipe.stage_dir("reward")
+    return run(recipe, resume=resume).output
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return is_finished(recipe.stage_dir("reward"), "reward")
+
+
+def run(recipe: Recipe, *, resume: bool | None = None) -> StageResult:
+    """The stage (stages/stage.py): train the reward adapter described by `recipe` into OUT/reward."""
+    out, resume = recipe.stage_dir("reward"), bool(resume)
     distributed.configure(recipe)
     # --- setup: everything that can fail on user input fails here, before anything is written
     train, held_out = load_reward_data(recipe.data.reward, recipe.seed, recipe.data.reward_eval)
@@ -447,7 +449,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
         checked = _train_and_check(recipe, model, dtype, tokenizer, args, (train, held_out),
                                    (train_ds, eval_ds, dropped), demos, init_adapter, out, checkpoint, log)
         if checked is None:  # not rank 0: it trained its share; rank 0 saves and checks
-            return out
+            return StageResult("reward", out)
         metrics, offset, head, base_info = checked
         metrics.update(memory.metrics())
         warn_if_at_chance(metrics, log)
@@ -456,7 +458,7 @@ def run_reward(recipe: Recipe, resume: bool = False) -> Path:
         log.info("reward done: %s", {k: metrics.get(k) for k in (
             "train_loss", "eval_pairwise_accuracy", "eval_pairwise_accuracy_low", "eval_pairwise_accuracy_high",
             "reward_offset", "reload_max_abs_diff", "memory/peak_gb", "memory/predicted_gb")})
-    return out
+    return StageResult("reward", out, metrics)
 
 
 def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: Any, args: Any,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lora_rlhf.core import distributed
+from lora_rlhf.core.adapters import is_finished
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.io import writing
@@ -34,6 +35,7 @@ from lora_rlhf.errors import DataError
 from lora_rlhf.hub.client import local_adapter
 from lora_rlhf.recipe.config import Recipe, save_recipe
 from lora_rlhf.stages.memory import check_memory
+from lora_rlhf.stages.stage import StageResult
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
     CHECKPOINTS,
@@ -44,22 +46,13 @@ from lora_rlhf.stages.trainer_setup import (
     trainer_args,
 )
 
-# Our defaults where TRL's differ from what a LoRA run on one GPU wants (on top of trainer_setup.COMMON_DEFAULTS);
-# every one can be set in `sft:`.
-SFT_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "learning_rate": 2e-4,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0,
-}
 log_console = logging.getLogger(__name__)
 
 
 def sft_training_args(recipe: Recipe, out: Path, eval_present: bool):
     from trl import SFTConfig
 
-    return SFTConfig(**trainer_args(recipe, "sft", SFT_DEFAULTS, out, eval_present))
+    return SFTConfig(**trainer_args(recipe, "sft", out, eval_present))
 
 
 @dataclass
@@ -117,13 +110,27 @@ def fit_rows(rows: Any, tokenizer: Any, args: dict[str, Any], mode: str, what: s
     return (rows.select(keep) if len(keep) < len(rows) else rows), stats
 
 
+def run(recipe: Recipe, *, resume: bool | None = None) -> StageResult:
+    """The stage (stages/stage.py): train the SFT adapter described by `recipe` into OUT/sft."""
+    return _train_sft(recipe, bool(resume))[0]
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return is_finished(recipe.stage_dir("sft"))
+
+
 def run_sft(recipe: Recipe, resume: bool = False) -> Path:
     """Train the SFT adapter described by `recipe`; return its output folder."""
-    return train_sft(recipe, resume)[0]
+    return run(recipe, resume=resume).output
 
 
 def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     """`run_sft`, also returning the shared base with the trained adapter (for callers that keep going)."""
+    result, shared = _train_sft(recipe, resume)
+    return result.output, shared
+
+
+def _train_sft(recipe: Recipe, resume: bool) -> tuple[StageResult, SharedBase]:
     out = recipe.stage_dir("sft")
     distributed.configure(recipe)
     # --- setup: everything that can fail on user input fails here, before anything is written
@@ -131,7 +138,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
     tokenizer = load_tokenizer(recipe.model)
     train = as_chat_turns(train, tokenizer)  # the context generation gives, not TRL's plain-text join
     held_out = as_chat_turns(held_out, tokenizer) if held_out is not None else None
-    args = trainer_args(recipe, "sft", SFT_DEFAULTS, out, held_out is not None)
+    args = trainer_args(recipe, "sft", out, held_out is not None)
     train, long_rows = fit_rows(train, tokenizer, args, recipe.sft.long_rows, "SFT")
     held_long = None
     if held_out is not None:
@@ -167,7 +174,7 @@ def train_sft(recipe: Recipe, resume: bool = False) -> tuple[Path, SharedBase]:
             shared.save_adapter(ADAPTER, out, stage="sft")
         log.info("SFT done: %s", {k: metrics[k] for k in ("train_loss", "wall_seconds", "memory/peak_gb",
                                                            "memory/predicted_gb") if k in metrics})
-    return out, shared
+    return StageResult("sft", out, metrics), shared
 
 
 def _train(recipe: Recipe, shared: SharedBase, train: Any, held_out: Any, out: Path, checkpoint: str | None,

@@ -29,32 +29,18 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
 WHAT_RANK_0_DOES = {"reward": ", reloads the reward model on the causal base, checks it, scores the demonstrations"}
 STEP_KINDS = ("logging", "eval", "save")  # the Trainer's *_steps that a checkpoint's state overrides on resume
-# Defaults both TRL-trained stages share (logging, length, one rolling checkpoint, no tracker); each stage adds its
-# own, and the recipe's section overrides any of them.
-COMMON_DEFAULTS: dict[str, Any] = {
-    "logging_steps": 5,
-    "max_length": 512,
-    "save_strategy": "steps",
-    "save_steps": 50,
-    "save_total_limit": 1,
-    "report_to": "none",
-    # LoRA under DDP: every trainable parameter is used in each step. Looking for unused ones costs a graph walk
-    # and breaks with gradient checkpointing; transformers turns the search on for any model that is not a
-    # PreTrainedModel, and a PEFT model is not one.
-    "ddp_find_unused_parameters": False,
-}
 
 
-def trainer_args(recipe: Recipe, section: str, defaults: dict[str, Any], out: Path,
-                 eval_present: bool) -> dict[str, Any]:
-    """Keyword arguments for TRL's SFTConfig / RewardConfig: our defaults, then the recipe's `section`, then what
-    follows from the recipe (precision from the compute dtype, gradient checkpointing, output folder, seed)."""
+def trainer_args(recipe: Recipe, section: str, out: Path, eval_present: bool) -> dict[str, Any]:
+    """Keyword arguments for TRL's SFTConfig / RewardConfig / DPOConfig: the recipe's resolved `section` (our
+    defaults under the user's values: recipe/config.TRAINER_DEFAULTS), then what is derived when the stage runs."""
     device = resolve_device(recipe.model)
     dtype = compute_dtype(recipe.model, device)
-    args = {**COMMON_DEFAULTS, **defaults, **recipe.trainer_args.get(section, {})}
+    args = dict(recipe.trainer_args[section])
+    # Derived here, not stored in the recipe: these follow from the data, from other settings or from the machine.
     if eval_present:
         args.setdefault("eval_strategy", "epoch")
-    args.setdefault("gradient_checkpointing", recipe.model.gradient_checkpointing)
+    args["gradient_checkpointing"] = recipe.gradient_checkpointing(section)
     if args["gradient_checkpointing"]:
         # Reentrant checkpointing re-runs the forward outside autograd: under DDP it marks parameters ready twice.
         args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})

@@ -42,18 +42,19 @@ from lora_rlhf.core.logprobs import token_logprobs
 from lora_rlhf.core.logs import METRICS_FILE
 from lora_rlhf.core.plugins import load_callable
 from lora_rlhf.core.scoring import score_texts
+from lora_rlhf.core.stats import bootstrap_interval
 from lora_rlhf.core.text import batches, longest_prompt
 from lora_rlhf.errors import DataError, ModelError, RecipeError
 from lora_rlhf.hub.client import local_adapter
-from lora_rlhf.recipe.config import DatasetConfig, Recipe
+from lora_rlhf.recipe.config import DatasetConfig, EvalSection, Recipe
 from lora_rlhf.stages.eval.report import RESULTS, write_report
 from lora_rlhf.stages.labelers import function_labeler
 from lora_rlhf.stages.memory import check_memory
+from lora_rlhf.stages.stage import StageResult
 
 EVAL_DIR = "eval"
 RESULTS_FILE = RESULTS  # written last: its presence marks a finished evaluation
 BARE_BASE = ("base", "none")  # --policy NAME=base: the base model without any adapter
-PERPLEXITY_MAX_TOKENS = 256
 
 
 @dataclass
@@ -106,20 +107,17 @@ def win_rate(policy_scores: Sequence[float], baseline_scores: Sequence[float], p
 def paired_difference(policy_scores: Sequence[float], baseline_scores: Sequence[float], policy: str = "a",
                       baseline: str = "b", judge: str = "labeler", n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> dict[str, Any]:
-    """Mean over prompts of (policy - baseline) score, with a percentile bootstrap interval.
+    """Mean over prompts of (policy - baseline) score, with a percentile bootstrap interval over prompts.
 
     The two policies answered the same prompts, so the prompt-to-prompt spread cancels in the difference; the
-    bootstrap resamples prompts with replacement (n_boot times, seeded) and reads the interval's ends from the
-    resampled means. An interval above 0 says the policy is better on prompts like these, beyond sampling luck.
+    bootstrap (core.stats.bootstrap_interval) resamples prompts with replacement (n_boot times, seeded). An interval
+    above 0 says the policy is better on prompts like these, beyond sampling luck.
     """
     diffs = torch.tensor([a - b for a, b in zip(policy_scores, baseline_scores, strict=True)], dtype=torch.float64)
     if len(diffs) == 0:
         return {"policy": policy, "baseline": baseline, "judge": judge, "n": 0, "mean": None, "low": None,
                 "high": None, "level": level}
-    generator = torch.Generator().manual_seed(seed)
-    resampled = diffs[torch.randint(len(diffs), (n_boot, len(diffs)), generator=generator)].mean(1)
-    tail = (1 - level) / 2
-    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = bootstrap_interval(diffs, n_boot=n_boot, seed=seed, level=level)  # [P]: one group per prompt
     return {"policy": policy, "baseline": baseline, "judge": judge, "n": len(diffs), "mean": float(diffs.mean()),
             "low": low, "high": high, "level": level}
 
@@ -250,13 +248,14 @@ def kl_to_reference(shared: SharedBase, role: str | None, ref_role: str | None, 
 
 
 def perplexity(shared: SharedBase, role: str | None, texts: Sequence[str], batch_size: int = 8,
-               max_tokens: int = PERPLEXITY_MAX_TOKENS) -> float:
-    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens).
+               max_tokens: int | None = None) -> float:
+    """exp(mean negative log-likelihood per predicted token) over `texts` (each cut to max_tokens when given).
 
     Under a launcher each rank scores its share of the texts and every rank returns the perplexity of all.
     """
     mine = [texts[i] for i in distributed.shard(len(texts))]
-    sequences = [shared.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in mine]
+    sequences = [shared.tokenizer(t, truncation=max_tokens is not None, max_length=max_tokens)["input_ids"]
+                 for t in mine]
     logp = sequence_logprobs(shared, role, sequences, [1] * len(sequences), 1.0, batch_size)
     parts = distributed.gather_objects((float(sum(x.sum() for x in logp)), sum(len(x) for x in logp)))
     total, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
@@ -284,7 +283,49 @@ def labeler_scores(spec: str, prompts: Sequence[Any], responses_by_policy: dict[
     return scores
 
 
-# ---------------------------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class PolicyResult:
+    """One policy's measurements on the held-out prompts, per prompt in prompt order (every rank holds them all)."""
+
+    name: str
+    adapter: Path | None
+    responses: list[str]
+    lengths: list[int]  # response tokens
+    kl: list[float]  # sum over the response's tokens of log pi(y|x) - log pi_ref(y|x)
+    rm_scores: list[float] | None = None  # the reward model's, its offset taken off
+    task_scores: list[float] | None = None  # eval.labeler's
+    task_by_split: dict[str, float | None] | None = None  # mean task score per split_kind of the prompts
+    perplexity: float | None = None  # on eval.general_text
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase
+
+    def scores(self, judge: str) -> list[float] | None:
+        """The per-prompt scores `judge` ("labeler" or "reward model") gave, or None when it did not judge."""
+        return self.task_scores if judge == "labeler" else self.rm_scores
+
+    def summary(self) -> dict[str, Any]:
+        """results.json's entry: the means of what was measured (nothing for what was not)."""
+        out: dict[str, Any] = {"adapter": str(self.adapter) if self.adapter else None, "length": _mean(self.lengths),
+                               "kl": _mean(self.kl)}
+        if self.rm_scores is not None:
+            out["rm_score"] = _mean(self.rm_scores)
+        if self.perplexity is not None:
+            out["perplexity"] = self.perplexity
+        if self.task_scores is not None:
+            out["task_score"] = _mean(self.task_scores)
+            if self.task_by_split is not None:
+                out["task_score_by_split"] = self.task_by_split
+        return out
+
+    def row(self, i: int) -> dict[str, Any]:
+        """responses.jsonl's entry for prompt `i`."""
+        entry: dict[str, Any] = {"response": self.responses[i], "kl": self.kl[i]}
+        for label, values in (("task_score", self.task_scores), ("rm_score", self.rm_scores)):
+            if values is not None:
+                entry[label] = values[i]
+        return entry
+
+
 @dataclass
 class EvalResult:
     policies: dict[str, dict[str, Any]]
@@ -303,7 +344,7 @@ class _Clock:
     """Seconds spent per phase, for the log and results.json (where does evaluation time go)."""
 
     def __init__(self) -> None:
-        self.start = self.last = time.time()
+        self.last = time.time()
         self.laps: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
@@ -311,24 +352,28 @@ class _Clock:
         self.laps[name] = round(now - self.last, 1)
         self.last = now
 
-    @property
-    def total(self) -> float:
-        return self.last - self.start
-
-    def __str__(self) -> str:
-        return ", ".join(f"{k} {v:.0f}s" for k, v in self.laps.items())
-
 
 def _mean(values: Sequence[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str | Path | None = None,
-             log: Callable[[str], None] = lambda _: None) -> tuple[EvalResult, Path]:
-    """Evaluate `policies` (default: discovered from OUT) on data.eval; write OUT/eval; return (result, folder)."""
+# ---------------------------------------------------------------------------------------------- phases
+@dataclass
+class EvalInputs:
+    """What an evaluation reads, checked before a model loads: the prompts (and their split kinds), the policies,
+    the KL reference and the reward model (folders, None: the bare base / no reward model), the general texts."""
+
+    prompts: list[Any]
+    kinds: list[str] | None
+    policies: list[Policy]
+    reference: Path | None
+    reward: Path | None
+    general: list[str] | None
+
+
+def eval_inputs(recipe: Recipe, policies: list[Policy] | None) -> EvalInputs:
+    """Every check that can fail on user input, before the model loads or anything is written."""
     cfg = recipe.eval
-    distributed.configure(recipe)
-    # --- setup: every check that can fail on user input, before the model loads or anything is written
     prompts, kinds = load_eval_prompts(recipe.data.eval, recipe.seed)
     policies = policies if policies is not None else discover_policies(recipe)
     if not policies:
@@ -337,19 +382,17 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
         if p.adapter is not None:
             p.adapter = local_adapter(p.adapter)
     ref_source = recipe_adapter(recipe, "sft", recipe.ppo.sft_adapter)
-    ref_folder = local_adapter(ref_source) if ref_source else None
     rm_source = recipe_adapter(recipe, "reward", recipe.ppo.reward_adapter)
-    rm_folder = local_adapter(rm_source) if rm_source else None
     general = load_general_text(cfg.general_text, cfg.general_max_texts) if cfg.general_text else None
     if cfg.labeler:
         load_callable(cfg.labeler, what="eval.labeler")
-    out = Path(out_dir) if out_dir is not None else recipe.stage_dir(EVAL_DIR)
+    return EvalInputs(prompts, kinds, policies, local_adapter(ref_source) if ref_source else None,
+                      local_adapter(rm_source) if rm_source else None, general)
 
-    # --- load the base once, each adapter once (a folder used twice, e.g. sft as policy and reference, is shared)
-    tokenizer = load_tokenizer(recipe.model)
-    memory = check_memory(recipe, "eval", prompt_length=longest_prompt(tokenizer, prompts))
-    t0 = time.time()
-    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False, tokenizer=tokenizer)
+
+def load_roles(shared: SharedBase, inputs: EvalInputs) -> tuple[dict[str, str | None], str | None]:
+    """Each adapter once on the base (a folder used twice, e.g. sft as policy and reference, is shared), and the
+    reward model as role `reward`. -> (role of each policy, role of the reference); None is the bare base."""
     roles: dict[Path, str] = {}
 
     def role_for(folder: Path | None) -> str | None:
@@ -364,92 +407,124 @@ def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str 
                                  fix="give policy adapters (OUT/sft, OUT/ppo/policy) to --policy")
         return roles[key]
 
-    policy_roles = {p.name: role_for(p.adapter) for p in policies}
-    ref_role = role_for(ref_folder)
-    has_rm = rm_folder is not None
-    if has_rm:
-        shared.load_adapter("reward", rm_folder, trainable=False)
+    policy_roles = {p.name: role_for(p.adapter) for p in inputs.policies}
+    reference = role_for(inputs.reference)
+    if inputs.reward is not None:
+        shared.load_adapter("reward", inputs.reward, trainable=False)
         if "reward" not in shared.heads:
-            raise ModelError(f"reward adapter '{rm_folder}' has no scalar head (head.safetensors)",
+            raise ModelError(f"reward adapter '{inputs.reward}' has no scalar head (head.safetensors)",
                              fix="point ppo.reward_adapter at the output folder of `lora-rlhf reward`")
-    log(f"loaded the base and {len(roles) + has_rm} adapter(s) in {time.time() - t0:.0f}s")
+    return policy_roles, reference
 
-    # 1. sample, 3. RM, 4. KL, 5. length, 7. perplexity. Under a launcher each rank takes its contiguous share
-    #    of the prompts; the per-prompt results are gathered in prompt order and every rank holds them all.
-    mine = [prompts[i] for i in distributed.shard(len(prompts))]
-    responses: dict[str, list[str]] = {}
-    results: dict[str, dict[str, Any]] = {}
-    timings: dict[str, dict[str, float]] = {}
-    for p in policies:
-        role = policy_roles[p.name]
-        clock = _Clock()
-        torch.manual_seed(recipe.seed)
-        samples = [per_prompt[0] for per_prompt in generate_ids(
-            shared, mine, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
-        my_responses = [answer_text(shared.tokenizer, answer) for _, answer in samples]
-        responses[p.name] = distributed.gather_shards(my_responses)
-        clock.lap("generate")
-        res: dict[str, Any] = {"adapter": str(p.adapter) if p.adapter else None}
-        # KL and length on the ids that were sampled, never on re-tokenised text.
-        sequences, starts = [q + a for q, a in samples], [len(q) for q, _ in samples]
-        res["length"] = _mean(distributed.gather_shards([len(a) for _, a in samples]))
-        res["_kl"] = distributed.gather_shards(
-            kl_to_reference(shared, role, ref_role, sequences, starts, cfg.temperature, cfg.batch_size))
-        res["kl"] = _mean(res["_kl"])
-        clock.lap("kl")
-        if has_rm:
-            res["_rm"] = distributed.gather_shards(
-                score_texts(shared, mine, my_responses, batch_size=cfg.batch_size).cpu().tolist())
-            res["rm_score"] = _mean(res["_rm"])
-            clock.lap("rm")
-        if general is not None:
-            res["perplexity"] = perplexity(shared, role, general, cfg.batch_size)
-            clock.lap("perplexity")
-        timings[p.name] = clock.laps
-        results[p.name] = res
-        log(f"{p.name}: {len(prompts)} responses scored in {clock.total:.0f}s ({clock})")
 
-    # 2. task score
+def measure_policy(shared: SharedBase, policy: Policy, role: str | None, ref_role: str | None, inputs: EvalInputs,
+                   cfg: EvalSection, seed: int) -> PolicyResult:
+    """Steps 1, 3, 4, 5 and 7 for one policy. Under a launcher each rank takes its contiguous share of the prompts;
+    the per-prompt results are gathered in prompt order, so every rank holds them all."""
+    clock = _Clock()
+    mine = [inputs.prompts[i] for i in distributed.shard(len(inputs.prompts))]
+    torch.manual_seed(seed)  # the same seed for every policy
+    samples = [per_prompt[0] for per_prompt in generate_ids(
+        shared, mine, role, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 1, batch_size=cfg.batch_size)]
+    my_responses = [answer_text(shared.tokenizer, answer) for _, answer in samples]
+    result = PolicyResult(policy.name, policy.adapter, distributed.gather_shards(my_responses),
+                          distributed.gather_shards([len(a) for _, a in samples]), [])
+    clock.lap("generate")
+    # KL and length on the ids that were sampled, never on re-tokenised text.
+    sequences, starts = [q + a for q, a in samples], [len(q) for q, _ in samples]
+    result.kl = distributed.gather_shards(
+        kl_to_reference(shared, role, ref_role, sequences, starts, cfg.temperature, cfg.batch_size))
+    clock.lap("kl")
+    if inputs.reward is not None:
+        result.rm_scores = distributed.gather_shards(
+            score_texts(shared, mine, my_responses, batch_size=cfg.batch_size).cpu().tolist())
+        clock.lap("rm")
+    if inputs.general is not None:
+        result.perplexity = perplexity(shared, role, inputs.general, cfg.batch_size, cfg.general_max_tokens)
+        clock.lap("perplexity")
+    result.seconds = clock.laps
+    return result
+
+
+def judge_tasks(spec: str, prompts: Sequence[Any], kinds: Sequence[str] | None, results: list[PolicyResult]) -> None:
+    """Step 2: the labeler's task scores of every policy's responses (all policies' answers to a prompt in one
+    call), and their mean per split kind."""
+    scores = labeler_scores(spec, prompts, {r.name: r.responses for r in results})
+    for r in results:
+        r.task_scores = scores[r.name]
+        if kinds is not None:
+            r.task_by_split = {k: _mean([v for v, kk in zip(r.task_scores, kinds, strict=True) if kk == k])
+                               for k in sorted(set(kinds))}
+
+
+def compare_policies(results: list[PolicyResult], seed: int) -> tuple[list[WinRate], list[dict[str, Any]]]:
+    """Step 6: each later policy against each earlier one, by every judge that scored them (labeler, reward model):
+    win rates and paired differences."""
+    judges = [j for j in ("labeler", "reward model") if results[0].scores(j) is not None]
+    pairs = [(judge, a, b) for judge in judges for i, a in enumerate(results) for b in results[:i]]
+    wins = [win_rate(a.scores(judge), b.scores(judge), a.name, b.name, judge) for judge, a, b in pairs]
+    paired = [paired_difference(a.scores(judge), b.scores(judge), a.name, b.name, judge, seed=seed)
+              for judge, a, b in pairs]
+    return wins, paired
+
+
+def response_rows(inputs: EvalInputs, results: list[PolicyResult]) -> list[dict[str, Any]]:
+    """responses.jsonl: per prompt, every policy's response with its scores."""
+    return [{"prompt": prompt, **({"split_kind": inputs.kinds[i]} if inputs.kinds else {}),
+             **{r.name: r.row(i) for r in results}} for i, prompt in enumerate(inputs.prompts)]
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(recipe: Recipe, *, resume: bool | None = None, policies: list[Policy] | None = None,
+        out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> StageResult:
+    """The stage (stages/stage.py): `run_eval`; metrics: results.json's content."""
+    result, out = run_eval(recipe, policies, out_dir, log)
+    return StageResult("eval", out, result.as_dict())
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return (recipe.stage_dir(EVAL_DIR) / RESULTS_FILE).is_file()
+
+
+def run_eval(recipe: Recipe, policies: list[Policy] | None = None, out_dir: str | Path | None = None,
+             log: Callable[[str], None] = lambda _: None) -> tuple[EvalResult, Path]:
+    """Evaluate `policies` (default: discovered from OUT) on data.eval; write OUT/eval; return (result, folder)."""
+    cfg = recipe.eval
+    distributed.configure(recipe)
+    inputs = eval_inputs(recipe, policies)
+    out = Path(out_dir) if out_dir is not None else recipe.stage_dir(EVAL_DIR)
+
+    # --- load the base once, each adapter once
+    tokenizer = load_tokenizer(recipe.model)
+    memory = check_memory(recipe, "eval", prompt_length=longest_prompt(tokenizer, inputs.prompts))
+    t0 = time.time()
+    shared = SharedBase.load(recipe.model, recipe.quantization, for_training=False, tokenizer=tokenizer)
+    policy_roles, ref_role = load_roles(shared, inputs)
+    adapters = len((set(policy_roles.values()) | {ref_role}) - {None}) + (inputs.reward is not None)
+    log(f"loaded the base and {adapters} adapter(s) in {time.time() - t0:.0f}s")
+
+    # --- measure each policy, judge, compare
+    results = []
+    for p in inputs.policies:
+        results.append(measure_policy(shared, p, policy_roles[p.name], ref_role, inputs, cfg, recipe.seed))
+        laps = results[-1].seconds
+        log(f"{p.name}: {len(inputs.prompts)} responses scored in {sum(laps.values()):.0f}s "
+            f"({', '.join(f'{k} {v:.0f}s' for k, v in laps.items())})")
     if cfg.labeler:
-        for name, values in labeler_scores(cfg.labeler, prompts, responses).items():
-            results[name]["_task"] = values
-            results[name]["task_score"] = _mean(values)
-            if kinds is not None:
-                results[name]["task_score_by_split"] = {
-                    k: _mean([v for v, kk in zip(values, kinds, strict=True) if kk == k]) for k in sorted(set(kinds))}
+        judge_tasks(cfg.labeler, inputs.prompts, inputs.kinds, results)
+    wins, paired = compare_policies(results, recipe.seed)
 
-    # 6. win rates: each later policy against each earlier one, by every judge we have
-    judges = [("labeler", "_task")] if cfg.labeler else []
-    judges += [("reward model", "_rm")] if has_rm else []
-    names = [p.name for p in policies]
-    wins = [win_rate(results[a][key], results[b][key], a, b, judge)
-            for judge, key in judges for i, a in enumerate(names) for b in names[:i]]
-    paired = [paired_difference(results[a][key], results[b][key], a, b, judge, seed=recipe.seed)
-              for judge, key in judges for i, a in enumerate(names) for b in names[:i]]
-
-    rows = []
-    for i, prompt in enumerate(prompts):
-        row: dict[str, Any] = {"prompt": prompt, **({"split_kind": kinds[i]} if kinds else {})}
-        for name in names:
-            entry = {"response": responses[name][i], "kl": results[name]["_kl"][i]}
-            for key, label in (("_task", "task_score"), ("_rm", "rm_score")):
-                if key in results[name]:
-                    entry[label] = results[name][key][i]
-            row[name] = entry
-        rows.append(row)
-    for res in results.values():
-        for key in [k for k in res if k.startswith("_")]:
-            del res[key]
-    settings = {"eval_prompts": len(prompts), "reference": str(ref_folder) if ref_folder else "base",
-                "reward_adapter": str(rm_folder) if rm_folder else None,
-                "reward_model_accuracy": reward_model_accuracy(rm_folder), "labeler": cfg.labeler,
-                "general_text": cfg.general_text, "general_texts": len(general) if general else 0,
+    # --- write (rank 0)
+    settings = {"eval_prompts": len(inputs.prompts), "reference": str(inputs.reference or "base"),
+                "reward_adapter": str(inputs.reward) if inputs.reward else None,
+                "reward_model_accuracy": reward_model_accuracy(inputs.reward), "labeler": cfg.labeler,
+                "general_text": cfg.general_text, "general_texts": len(inputs.general) if inputs.general else 0,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "seed": recipe.seed, "world_size": distributed.world_size(), "seconds_per_policy": timings,
+                "seed": recipe.seed, "world_size": distributed.world_size(),
+                "seconds_per_policy": {r.name: r.seconds for r in results},
                 "seconds_total": round(time.time() - t0, 1), **memory.metrics()}
-    result = EvalResult(results, wins, settings, paired, rows,
-                        {p.name: str(p.metrics) for p in policies if p.metrics is not None})
-
+    result = EvalResult({r.name: r.summary() for r in results}, wins, settings, paired, response_rows(inputs, results),
+                        {p.name: str(p.metrics) for p in inputs.policies if p.metrics is not None})
     if distributed.is_main():
         write_report(out, result.as_dict(), result.responses, num_samples=cfg.num_samples)
     distributed.barrier("the end of eval (rank 0 writes the report)")

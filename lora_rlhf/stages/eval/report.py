@@ -7,7 +7,6 @@ move to OUT/eval/previous-N/ first.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,11 +15,13 @@ from typing import Any
 from lora_rlhf.core.io import (
     clean_json,
     keep_previous,
+    read_jsonl,
     write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
     writing,
 )
+from lora_rlhf.errors import DataError
 
 REWARD_KEY, KL_KEY = "objective/scores", "objective/kl"  # PPO's metrics.jsonl fields (TRL's names)
 GOLD_KEY, LENGTH_KEY = "objective/gold", "val/response_length"  # ppo.gold_fn's score; mean response tokens
@@ -84,15 +85,13 @@ def win_rate_table(results: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- plots
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run
-    return rows
+    """A training run's metrics.jsonl (a last line cut short by a killed run left out). One that cannot be read is
+    left out of the plots with a warning: the evaluation it ends is worth more than one curve."""
+    try:
+        return [row for _, row in read_jsonl(path, "metrics log", cut_short_tail=True) if isinstance(row, dict)]
+    except DataError as e:
+        log.warning("eval: %s: left out of the training curves", e.what)
+        return []
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

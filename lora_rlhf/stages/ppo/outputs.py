@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_rlhf import __version__
-from lora_rlhf.core.io import clean_json, write_json_atomic, writing
+from lora_rlhf.core.io import clean_json, read_jsonl, write_json_atomic, writing
 from lora_rlhf.stages.ppo.tracking import Trackers
 
 log = logging.getLogger("lora_rlhf.stages.ppo")
@@ -31,11 +31,11 @@ SAMPLES_SHOWN = 4
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines logged after `last_step` (a resumed run re-does those steps)."""
+    """Drop lines logged after `last_step` (a resumed run re-does those steps), and a last line a kill cut short."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for _, row in read_jsonl(path, "PPO log", cut_short_tail=True) if row["step"] <= last_step]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in keep), encoding="utf-8")
 
 
 def prompt_text(prompt: Any) -> str:

@@ -54,7 +54,7 @@ from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import META_FILE
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_prompts
-from lora_rlhf.core.io import write_json_atomic
+from lora_rlhf.core.io import read_jsonl, write_json_atomic
 from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.text import fit_prompts
 from lora_rlhf.errors import DataError, LoraRlhfError, RecipeError
@@ -487,17 +487,25 @@ def _ptx_rows(recipe: Recipe) -> list[dict[str, Any]] | None:
     return load_ptx_rows(recipe.data.ptx, recipe.seed)
 
 
+# The KL settings a resumed run must share with its checkpoint: the checkpoint restores the KL controller (beta, and
+# the adaptive controller's target and horizon), which would silently replace a changed kl_coef, target_kl or
+# kl_horizon, and a changed estimator or adaptive_kl would change what the run's penalty means half-way.
+KL_SETTINGS = ("kl_coef", "kl_estimator", "adaptive_kl", "target_kl", "kl_horizon")
+
+
 def _resume_fields(recipe: Recipe, sources: Sources) -> dict[str, Any]:
-    """Settings a checkpoint only fits when unchanged."""
+    """Settings a checkpoint only fits when unchanged. A checkpoint written before a field was added here lacks it
+    and is not checked for it."""
     lora = recipe.lora
     return {"model.name": recipe.model.name, "quantization.mode": recipe.quantization.mode,
             "ppo.advantage_estimator": recipe.ppo.advantage_estimator, "ppo.num_generations": recipe.ppo.num_generations,
             "lora.r": lora.r, "lora.alpha": lora.alpha, "lora.target_modules": lora.target_modules,
-            "ppo.sft_adapter": str(sources.sft), "ppo.reward": sources.describe()["reward"]}
+            "ppo.sft_adapter": str(sources.sft), "ppo.reward": sources.describe()["reward"],
+            **{f"ppo.{name}": getattr(recipe.ppo, name) for name in KL_SETTINGS}}
 
 
 def _check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    changed = [f"{k} was {saved[k]!r} when the checkpoint was written, now {now.get(k)!r}"
+    changed = [f"{k} was {saved[k]!r} when the checkpoint was written, now {now.get(k)!r}" + _kl_note(k, saved[k], now.get(k))
                for k in saved if saved[k] != now.get(k) and k != "world_size"]
     if saved.get("world_size", now["world_size"]) != now["world_size"]:
         # Each rank's sampling stream and share of the prompts are part of the state: they only continue exactly
@@ -510,6 +518,18 @@ def _check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
                                           "recipe the run started with, saved as OUT/ppo/recipe.yaml)")
 
 
+def _kl_note(key: str, before: Any, after: Any) -> str:
+    """Why a changed KL setting is refused and the two ways on, for `_check_resumable`'s message."""
+    name = key.removeprefix("ppo.")
+    if name not in KL_SETTINGS:
+        return ""
+    why = ("the KL penalty would change its meaning half-way through the run" if name in ("kl_estimator", "adaptive_kl")
+           else "the KL controller restored from the checkpoint would silently replace it")
+    old = str(before).lower() if isinstance(before, bool) else before
+    return (f": {why} (fix: continue this run with --set {key}={old}, or start a new run in another output_dir to "
+            f"train with {after!r})")
+
+
 def _last_metrics(out: Path) -> dict[str, float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    rows = read_jsonl(out / "metrics.jsonl", "PPO log", cut_short_tail=True) if (out / "metrics.jsonl").is_file() else []
+    return rows[-1][1] if rows else {}
