@@ -5,7 +5,7 @@ parameters of each kind exactly as a decoder-only transformer of the Llama famil
 layers bitsandbytes quantizes, and what stays in the compute dtype (embeddings, LM head, norms).
 
 Where a shape comes from, in order: a config shipped with the package (`lora_rlhf/plan/configs/*.json`, the
-models the recipes and README name, by file name or by Hub id), a local folder's `config.json`, or the Hub
+models the recipes and docs name, by file name or by Hub id), a local folder's `config.json`, or the Hub
 through `lora_rlhf.core.loading.load_config` (config only; it is cached after the first read).
 """
 

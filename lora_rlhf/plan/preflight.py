@@ -70,7 +70,8 @@ def preflight(recipe: Recipe, stage: str, device: torch.device, prompt_length: i
         return 0
     # Prompts longer than 128 tokens are planned at their length (the 128 assumption would under-predict them),
     # shorter ones at 128, a margin: before estimate.CPU_PPO_LONG_ROWS, the CPU formula under-predicted PPO at the
-    # data's own short length by ~10 % (README, "Predicted vs measured"); with it, -2 to -12 % in four probes.
+    # data's own short length by ~10 % (docs/planner.md, "Predicted vs measured"); with it, -2 to -12 % in four
+    # probes.
     ctx = PlanContext(device="cuda" if device.type == "cuda" else "cpu",
                       prompt_length=max(DEFAULT_PROMPT_LENGTH, prompt_length or 0), sequence_length=sequence_length)
     estimate = stage_estimate(recipe, stage, shape, ctx)

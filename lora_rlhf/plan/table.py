@@ -1,4 +1,4 @@
-"""The README's planner tables: the shipped recipes, and 1B / 3B / 7-8B / 70B bases on 16 / 24 / 48 / 80 GB GPUs.
+"""docs/planner.md's tables: the shipped recipes, and 1B / 3B / 7-8B / 70B bases on 16 / 24 / 48 / 80 GB GPUs.
 
     python -m lora_rlhf.plan.table            # prints Markdown
 
