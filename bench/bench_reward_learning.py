@@ -80,6 +80,8 @@ def parse_args() -> argparse.Namespace:
                         help="an extra setting, e.g. 'lr5e-4-e2:128:6:reward.learning_rate=5e-4,"
                              "reward.num_train_epochs=2' (also types=a+b and gap=0.5 as overrides)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="keep each trained reward model as DIR/<setting>-seed<N> (e.g. for bench_rl_learning)")
     return parser.parse_args()
 
 
@@ -222,6 +224,12 @@ def run_setting(name: str, setting: Setting, seed: int, args: argparse.Namespace
                   if ' INFO {"step"' in line]
         curve = [(r["step"], r["loss"]) for r in losses if "loss" in r]
         by_type = accuracy_by_type(out / "eval_pairs.jsonl", heldout)
+        if args.keep is not None:
+            import shutil
+
+            kept = args.keep / f"{name}-seed{seed}"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(out, kept, ignore=shutil.ignore_patterns("checkpoints"))
     # Every ranked prompt cost its generation, also those whose K responses all tied (no pair).
     ranked = len([r for r in pool if setting.types is None or set(types_of(r)) <= set(setting.types)]
                  [:setting.prompts])
