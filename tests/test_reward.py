@@ -425,3 +425,19 @@ def test_a_full_disk_while_saving_exits_2_and_leaves_the_stage_unfinished(tiny_r
     assert f"no space left on the device while writing {out}" in result.output
     assert "nothing was marked complete" in result.output and "Traceback" not in result.output
     assert not is_finished(out, "reward") and not (out / META_FILE).exists()
+
+
+def test_a_new_head_starts_at_zero_when_asked_and_a_continued_one_keeps_its_weights(tiny_recipe, tmp_path, trained):
+    from lora_rlhf.stages.reward import _score_layer
+
+    _, reward_out = trained
+    tokenizer = load_tokenizer(tiny_recipe()["model"]["name"])
+    for head_init in ("normal", "zeros"):
+        recipe = make_recipe(tiny_recipe, tmp_path, head_init=head_init)
+        model, _ = load_seqcls_model(recipe, tokenizer, None)
+        weight = _score_layer(model).weight
+        assert (weight.abs().sum() == 0) == (head_init == "zeros"), head_init
+        # continuing a reward adapter: its own head, whatever head_init says
+        model, _ = load_seqcls_model(recipe, tokenizer, reward_out)
+        saved = load_file(str(reward_out / "head.safetensors"))["weight"]
+        torch.testing.assert_close(_score_layer(model).weight.detach(), saved.reshape(1, -1))

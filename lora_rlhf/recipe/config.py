@@ -168,6 +168,10 @@ class RewardSection:
     """Start the reward LoRA from this adapter (default: the SFT stage's output when it exists)."""
     normalize: bool = True
     """Set an offset so that the SFT demonstrations score 0 on average (the paper's bias)."""
+    head_init: Literal["zeros", "normal"] = "normal"
+    """A new scalar head's weights: `normal` (transformers' init, std = the model's initializer_range) or `zeros`
+    (every score starts at 0, so the first steps fit the head to the frozen features before the LoRA moves: the
+    LoRA's first gradients then point somewhere useful instead of along a random head)."""
     head_learning_rate: float | None = ranged(None, gt=0)
     """Learning rate of the scalar head (null: the LoRA weights' learning_rate). The head starts from random
     numbers while the LoRA starts from the SFT adapter: on few comparisons it wants a higher rate."""

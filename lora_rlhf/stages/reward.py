@@ -266,6 +266,10 @@ def load_seqcls_model(recipe: Recipe, tokenizer: Any, init_adapter: Path | None)
     cfg = LoraConfig.from_pretrained(str(init_adapter)) if init_adapter is not None else lora_config(recipe.lora)
     cfg.task_type, cfg.modules_to_save, cfg.inference_mode = "SEQ_CLS", ["score"], False
     model = get_peft_model(model, cfg, adapter_name=ADAPTER)
+    continues_reward = init_adapter is not None and (init_adapter / HEAD_FILE).is_file()
+    if recipe.reward.head_init == "zeros" and not continues_reward:
+        with torch.no_grad():
+            _score_layer(model).weight.zero_()
     if init_adapter is not None:
         _load_init_weights(model, init_adapter)
     return model, dtype
