@@ -214,7 +214,9 @@ def make_recipe(model_dir: Path, out: Path, **sections):
                              **sections})
 
 
-EVERY_WRITE = [pytest.param(False, id="sampled"), pytest.param(True, id="every-write", marks=pytest.mark.slow)]
+# `make test` runs the sampled sweeps; `make test-all` (and CI) the sweeps at every write too, ~9 min on 2 cores.
+EVERY_WRITE = [pytest.param(False, id="sampled"),
+               pytest.param(True, id="every-write", marks=pytest.mark.exhaustive)]
 
 
 # ---------------------------------------------------------------------------------------------------- sft
