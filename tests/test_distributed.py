@@ -20,8 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TEST_DEVICE, TEST_MODEL
-from test_ppo_trainer import REWARD_MODULE
+from helpers import (
+    DEMOS,
+    REWARD_MODULE,
+    TEST_DEVICE,
+    TEST_MODEL,
+    banana_rankings,
+    demos,
+    quick_overrides,
+    save_sft_adapter,
+    write_jsonl,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # a hang (a rank waiting in a collective forever) fails instead of blocking the suite
@@ -255,9 +264,6 @@ def _assert_same_trained_tensors(one: Path, two: Path, *files: str) -> None:
 
 @pytest.mark.distributed
 def test_one_sft_step_on_two_ranks_equals_one_process_accumulating_both_batches(tiny_recipe, tmp_path):
-    from conftest import write_jsonl
-    from test_sft import DEMOS
-
     data = {"sft": {"path": str(write_jsonl(tmp_path / "demos.jsonl", DEMOS)), "eval_fraction": 0}}
     common = {"max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "save_strategy": "no",
               "logging_steps": 1}
@@ -267,9 +273,6 @@ def test_one_sft_step_on_two_ranks_equals_one_process_accumulating_both_batches(
 
 @pytest.mark.distributed
 def test_one_reward_step_on_two_ranks_equals_one_process_and_keeps_prompt_groups(tiny_recipe, tmp_path):
-    from conftest import write_jsonl
-    from test_reward import banana_rankings, demos
-
     data = {"reward": {"path": str(write_jsonl(tmp_path / "rank.jsonl", banana_rankings(8))), "eval_fraction": 0.25},
             "sft": {"path": str(write_jsonl(tmp_path / "demos.jsonl", demos()))}}
     # 4 pairs per prompt and 4 pairs per batch: each rank's batch is one whole prompt.
@@ -286,8 +289,6 @@ def test_two_process_pipeline_quick_variant_completes_and_writes_once(tiny_model
     """The demo recipe's every stage on 2 ranks, on the tiny model: what is proven here is the ranks' part (each
     stage on 2 ranks, each output written once, prompts sharded and gathered back in order), not the 135M model
     (tests/test_pipeline.py runs the demo recipe on it)."""
-    from test_pipeline import quick_overrides
-
     out = tmp_path / "demo"
     overrides = [*quick_overrides(out), *(f"model.{key}={value}" for key, value in TEST_MODEL.items()),
                  f"model.name={tiny_model_dir}"]
@@ -370,10 +371,6 @@ def test_one_dpo_step_on_two_ranks_equals_one_process_accumulating_both_batches(
     """TRL's DPOTrainer under DDP, the reference adapter and the (default) precomputed reference log-probs included:
     2 ranks of 2 pairs give the adapter of one process accumulating two batches of 2 (run in this process, so that
     the test launches torchrun once)."""
-    from conftest import write_jsonl
-    from test_dpo import save_sft_adapter
-    from test_reward import banana_rankings
-
     from lora_rlhf.recipe.config import recipe_from_dict
     from lora_rlhf.stages.dpo import run_dpo
 

@@ -1,5 +1,5 @@
 """What runs differently on a GPU (issue 25), checked on the CPU where it can be, and on CUDA under the device
-switch (LORA_RLHF_TEST_DEVICE=cuda, tests/conftest.py). Tiny Llama, PPO roles from tests/test_ppo_trainer.py."""
+switch (LORA_RLHF_TEST_DEVICE=cuda, tests/helpers.py). Tiny Llama, PPO roles from tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import TEST_DEVICE
-from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters, trainer_with_adapters
+from helpers import FAST_PPO, PROMPTS, TEST_DEVICE, make_adapters, trainer_with_adapters
 
 from lora_rlhf.core import loading
 from lora_rlhf.core.base import SharedBase

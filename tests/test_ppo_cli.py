@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Stop
-from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters
+from helpers import FAST_PPO, PROMPTS, Stop, make_adapters, recipe_dict
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -27,10 +26,9 @@ def run_dir(tiny_model_dir, tmp_path) -> Path:
 
 
 def write_recipe(folder: Path, model_dir: Path, **ppo) -> Path:
-    recipe = {"output_dir": str(folder / "run"), "seed": 0, "model": {"name": str(model_dir), "device": "cpu"},
-              "quantization": {"mode": "4bit"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-              "data": {"prompts": {"path": "prompts.jsonl"}, "ptx": {"path": "ptx.jsonl"}},
-              "ppo": {**FAST_PPO, **ppo}}
+    recipe = recipe_dict(model_dir, folder / "run", cpu=True,
+                         data={"prompts": {"path": "prompts.jsonl"}, "ptx": {"path": "ptx.jsonl"}},
+                         ppo={**FAST_PPO, **ppo})
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -1,6 +1,6 @@
 """PPO on one shared 4-bit base: what trains, what stays frozen, alignment of every per-token quantity,
 learning, exact resume, one copy of the base, and failure modes. Tiny Llama on the CPU (or, device-switched, on a
-GPU: tests/conftest.py)."""
+GPU: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -11,53 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, TEST_MODEL, randomize_adapter
+from helpers import (
+    FAST_PPO,
+    PROMPTS,
+    REWARD_MODULE,
+    REWARD_OFFSET,
+    TEST_DEVICE,
+    TEST_MODEL,
+    make_adapters,
+    trainer_with_adapters,
+)
 
 from lora_rlhf.core import text
 from lora_rlhf.core.base import SharedBase, _adapter_of
-from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.recipe.config import recipe_from_dict
 from lora_rlhf.stages.ppo import rollout
 from lora_rlhf.stages.ppo.checkpoint import STATE_FILE
 from lora_rlhf.stages.ppo.ptx import IGNORE, tokenize_row
 from lora_rlhf.stages.ppo.roles import resolve_sources
 from lora_rlhf.stages.ppo.trainer import NonFiniteError, build_trainer, train_ppo
-
-PROMPTS = ["Say something.", "Tell me a story about a cat.", [{"role": "user", "content": "Hi!"}], "2+2?"]
-REWARD_OFFSET = 0.25
-# Small enough for seconds per step on two CPU cores.
-FAST_PPO = {"total_episodes": 8, "batch_size": 4, "local_rollout_forward_batch_size": 4, "response_length": 6,
-            "num_ppo_epochs": 1, "num_mini_batches": 2, "learning_rate": 1e-3, "temperature": 1.0,
-            "save_steps": 1, "sample_every": 1}
-
-# A reward function in a file, as a user would write it; env vars make it interrupt or fail on the N-th call.
-REWARD_MODULE = '''
-import os, signal
-CALLS = 0
-
-def count_e(prompts, responses):
-    global CALLS
-    CALLS += 1
-    if os.environ.get("PPO_TEST_INTERRUPT_AT") == str(CALLS):
-        os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during this step
-    if os.environ.get("PPO_TEST_NAN_AT") == str(CALLS):
-        return [float("nan")] * len(responses)
-    return [float(r.count("e")) for r in responses]
-'''
-
-
-def make_adapters(model_dir: Path, out: Path) -> tuple[Path, Path]:
-    """An SFT adapter and a reward adapter (+ head, offset) as steps 1 and 2 would leave them."""
-    sb = SharedBase.load(ModelConfig(name=str(model_dir), **TEST_MODEL), QuantizationConfig(mode="4bit"))
-    lora = LoraSettings(r=8, alpha=16, dropout=0.0)
-    sb.add_adapter("policy", lora)
-    sb.add_adapter("reward", lora)
-    sb.add_head("reward")
-    # non-zero B: the SFT policy differs from the base, the reward model from both
-    randomize_adapter(sb, "policy", seed=1)
-    randomize_adapter(sb, "reward", seed=2)
-    sb.save_adapter("policy", out / "sft", stage="sft")
-    sb.save_adapter("reward", out / "reward", stage="reward", reward_offset=REWARD_OFFSET)
-    return out / "sft", out / "reward"
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +49,6 @@ def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return path
-
-
-def trainer_with_adapters(tiny_recipe, adapters, **ppo):
-    sft, reward = adapters
-    recipe = recipe_from_dict(tiny_recipe(ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward),
-                                               **ppo}))
-    return build_trainer(recipe, resolve_sources(recipe), PROMPTS)
 
 
 def snapshot(sb: SharedBase) -> dict[str, torch.Tensor]:
@@ -292,7 +257,7 @@ def test_ptx_rows_target_only_the_completion(tiny_model_dir):
 def test_build_trainer_without_a_preflight_plans_ppo_ptx_when_given_ptx_rows(tiny_recipe, adapters, monkeypatch):
     """Callers that pass no `memory` (the benches) get the preflight of what they run: PPO-ptx at the longest ptx
     row when ptx rows are given, plain PPO otherwise."""
-    from conftest import Stop
+    from helpers import Stop
 
     from lora_rlhf.core.loading import load_tokenizer
     from lora_rlhf.stages.ppo import trainer as ppo_trainer
@@ -322,7 +287,7 @@ def build_banana_model(folder: Path, p_target: float = 0.1) -> Path:
     all contexts, so no LoRA update makes one token likelier everywhere. Here biases give the final hidden states
     a shared direction, and the lm_head row of " banana" points along it, tuned so that p(banana) is ~10 %.
     """
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = build_tiny_model(folder.with_name(folder.name + "-src"), tie_word_embeddings=False, mlp_bias=True,
