@@ -1,4 +1,4 @@
-"""Fixtures: the tiny models and the recipe on them. What tests import
+"""Fixtures: the tiny models, the recipe on them, and adapters standing in for finished stages. What tests import
 (the recipe builder, datasets, helpers) is in tests/helpers.py, with what LORA_RLHF_TEST_DEVICE switches."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TEST_DEVICE, build_tiny_model, recipe_dict
+from helpers import TEST_DEVICE, build_tiny_model, make_adapters, recipe_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,6 +25,12 @@ def other_tiny_model_dir(tmp_path_factory) -> Path:
     """A base of another shape: adapters trained on `tiny_model_dir` must be refused on it."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-wide"), hidden_size=96, intermediate_size=192,
                             num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def stage_adapters(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """OUT/sft and OUT/reward as steps 1 and 2 leave them (helpers.make_adapters), for the tests that only read them."""
+    return make_adapters(tiny_model_dir, tmp_path_factory.mktemp("stages"))
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from helpers import (
     REWARD_OFFSET,
     TEST_DEVICE,
     TEST_MODEL,
-    make_adapters,
     trainer_with_adapters,
 )
 
@@ -30,11 +29,6 @@ from lora_rlhf.stages.ppo.checkpoint import STATE_FILE
 from lora_rlhf.stages.ppo.ptx import IGNORE, tokenize_row
 from lora_rlhf.stages.ppo.roles import resolve_sources
 from lora_rlhf.stages.ppo.trainer import NonFiniteError, build_trainer, train_ppo
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
-    return make_adapters(tiny_model_dir, tmp_path_factory.mktemp("stages"))
 
 
 @pytest.fixture
@@ -77,11 +71,11 @@ def base_weight_census() -> tuple[set[int], set[int]]:
     return quantized, embeddings
 
 
-def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_recipe, adapters):
+def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_recipe, stage_adapters):
     import bitsandbytes as bnb
 
     quantized_before, embeddings_before = base_weight_census()
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb = trainer.sb
     assert set(sb.roles) == {"reference", "policy", "reward", "value"}  # one base, four roles
     before = snapshot(sb)
@@ -113,10 +107,10 @@ def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_reci
     assert len(embeddings_after - embeddings_before) == 1
 
 
-def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters):
+def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, stage_adapters):
     """Left-padded queries, right-padded responses: every per-token number equals a plain forward of that one
     sequence without padding, and the score is the reward head at its last token minus the offset."""
-    trainer = trainer_with_adapters(tiny_recipe, adapters, temperature=0.7)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters, temperature=0.7)
     sb, cfg = trainer.sb, trainer.cfg
     trainer._train_mode(False)
     batch = rollout.score(trainer.sb, rollout.generate(trainer.sb, PROMPTS, cfg), trainer.reward, cfg)
@@ -141,11 +135,12 @@ def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters
     assert (batch.values * (1 - batch.response_mask)).abs().sum() == 0
 
 
-def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_their_gradients(tiny_recipe, adapters,
+def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_their_gradients(tiny_recipe,
+                                                                                            stage_adapters,
                                                                                             monkeypatch):
     """The policy's training log-probs run the LM head per sequence under checkpointing (no [B, R, V] logits):
     log-probs, entropy and the gradients they give the policy adapter equal the model's own forward's."""
-    trainer = trainer_with_adapters(tiny_recipe, adapters, temperature=0.7)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters, temperature=0.7)
     sb, cfg = trainer.sb, trainer.cfg
     trainer._train_mode(False)
     torch.manual_seed(0)
@@ -178,8 +173,8 @@ def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_thei
     logp = torch.log_softmax(logits.float(), -1)
     torch.testing.assert_close(mine[1], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
 
-def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, adapters):
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, stage_adapters):
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb = trainer.sb
     eos = sb.tokenizer.eos_token_id
     bias = torch.zeros(sb.model.config.vocab_size, device=sb.device)
@@ -254,7 +249,8 @@ def test_ptx_rows_target_only_the_completion(tiny_model_dir):
     assert len(tokenize_row(tok, {"text": "word " * 100}, 16)[0]) == 16
 
 
-def test_build_trainer_without_a_preflight_plans_ppo_ptx_when_given_ptx_rows(tiny_recipe, adapters, monkeypatch):
+def test_build_trainer_without_a_preflight_plans_ppo_ptx_when_given_ptx_rows(tiny_recipe, stage_adapters,
+                                                                             monkeypatch):
     """Callers that pass no `memory` (the benches) get the preflight of what they run: PPO-ptx at the longest ptx
     row when ptx rows are given, plain PPO otherwise."""
     from helpers import Stop
@@ -263,7 +259,7 @@ def test_build_trainer_without_a_preflight_plans_ppo_ptx_when_given_ptx_rows(tin
     from lora_rlhf.stages.ppo import trainer as ppo_trainer
     from lora_rlhf.stages.ppo.ptx import PtxData
 
-    sft, reward = adapters
+    sft, reward = stage_adapters
     recipe = recipe_from_dict(tiny_recipe(ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward)}))
     rows = [{"text": "short"}, {"text": "a longer general text " * 5}]
     ptx = PtxData.build(rows, load_tokenizer(recipe.model), 64, seed=0)
@@ -350,13 +346,14 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path,
     assert max(kls[-5:]) < 10.0, kls  # nats per 8-token response: the penalty holds the policy near the reference
 
 
-def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zero(tiny_recipe, adapters, monkeypatch):
+def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zero(tiny_recipe, stage_adapters,
+                                                                                   monkeypatch):
     """Before any update the policy IS the SFT reference: the sampled tokens' log-probs under both agree (KL 0
     up to the rounding of a cached vs a full forward), and the first mini-batch's ratio is 1. The SFT adapter
     is non-zero, so this holds because policy = copy of reference, not because both are the bare base."""
     from lora_rlhf.stages.ppo import losses
 
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb, cfg = trainer.sb, trainer.cfg
     torch.manual_seed(0)
     sb.train(False)
@@ -375,11 +372,11 @@ def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zer
     assert abs(metrics["objective/kl"]) < 1e-3
 
 
-def test_scoring_reuses_the_log_probs_of_generation_on_the_cpu_only(tiny_recipe, adapters, monkeypatch):
+def test_scoring_reuses_the_log_probs_of_generation_on_the_cpu_only(tiny_recipe, stage_adapters, monkeypatch):
     """On the CPU scoring runs the reference, value and reward adapters once per chunk and never the policy: its
     log-probs come from the logits generation computed (checked against plain forwards in the test above). On a
     GPU generation keeps no logits and scoring runs the policy too (rollout.keeps_generation_logprobs)."""
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb, cfg = trainer.sb, trainer.cfg
     sb.train(False)
     batch = rollout.generate(sb, PROMPTS, cfg)
