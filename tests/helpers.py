@@ -210,7 +210,7 @@ def quick_overrides(out) -> list[str]:
         "samples_per_prompt: 2, max_new_tokens: 16}",
         "sft.num_train_epochs=1", "compare.k=3", "compare.max_new_tokens=16",
         "reward.per_device_train_batch_size=6", "pipeline.reward_eval_fraction=0.25",
-        "ppo.total_episodes=8", "ppo.batch_size=4", "ppo.local_rollout_forward_batch_size=4",
+        "ppo.total_episodes=4", "ppo.batch_size=4", "ppo.local_rollout_forward_batch_size=4",
         "ppo.num_mini_batches=1", "ppo.num_ppo_epochs=1", "ppo.response_length=12", "ppo.save_steps=1",
         "ppo.ptx_batch_size=2",
     ]
