@@ -36,7 +36,7 @@ install-browser:
 	else echo "note: no apt-get; install Chromium as /usr/bin/chromium to run tests/test_label_browser.py (it skips)"; fi
 	$(PIP) install -q "playwright>=1.65,<1.66"
 
-# `make test`: the suite, with the killed-at-each-write sweeps sampled (<= 10 min on 2 cores). `make test-all`: that,
+# `make test`: the suite, with the killed-at-each-write sweeps sampled (~11 min on 2 busy cores). `make test-all`: that,
 # then those sweeps at every write (~9 min more; CI runs both). `make test-fast`: without the 135M model's end-to-end
 # test and the multi-process launches.
 test: $(STAMP)
