@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 CORE_STAMP := .make/installed-core
 
-.PHONY: install install-browser test test-fast test-label lint demo bench gpu-check clean
+.PHONY: install install-browser test test-exhaustive test-all test-fast test-label lint demo bench gpu-check clean
 
 install:
 	@rm -f $(STAMP) $(CORE_STAMP)
@@ -36,11 +36,19 @@ install-browser:
 	else echo "note: no apt-get; install Chromium as /usr/bin/chromium to run tests/test_label_browser.py (it skips)"; fi
 	$(PIP) install -q "playwright>=1.65,<1.66"
 
+# `make test`: the suite, with the killed-at-each-write sweeps sampled (~11 min on 2 busy cores). `make test-all`: that,
+# then those sweeps at every write (~9 min more; CI runs both). `make test-fast`: without the 135M model's end-to-end
+# test and the multi-process launches.
 test: $(STAMP)
-	$(PYTHON) -m pytest -q --durations=15
+	$(PYTHON) -m pytest -q -m "not exhaustive" --durations=15
+
+test-exhaustive: $(STAMP)
+	$(PYTHON) -m pytest -q -m exhaustive --durations=6
+
+test-all: test test-exhaustive
 
 test-fast: $(STAMP)
-	$(PYTHON) -m pytest -q -x -m "not slow"
+	$(PYTHON) -m pytest -q -x -m "not slow and not distributed and not exhaustive"
 
 test-label:
 	$(PYTHON) -m pytest -q tests/test_label_*.py

@@ -192,9 +192,9 @@ def child(kind: str, work: Path, model: str, device: str, args: argparse.Namespa
 
 # ---------------------------------------------------------------------------------------------- parent side
 def build_tiny(folder: Path) -> Path:
-    """The test suite's tiny Llama (tests/conftest.py)."""
+    """The test suite's tiny Llama (tests/helpers.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
 
     return build_tiny_model(folder)
 

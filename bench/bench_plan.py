@@ -293,9 +293,9 @@ def main() -> None:
 
 
 def build_tiny(folder: Path) -> Path:
-    """The test suite's tiny Llama (tests/conftest.py), 4 layers: a model whose vocabulary dominates."""
+    """The test suite's tiny Llama (tests/helpers.py), 4 layers: a model whose vocabulary dominates."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
 
     return build_tiny_model(folder, num_hidden_layers=4)
 

@@ -5,7 +5,8 @@
     python tests/dist_worker.py hung-rank RECIPE.json
 
 builds the PPO trainer of RECIPE, takes one fixed global batch (rank 0's, broadcast) with fixed advantages,
-runs step 5 (optimise) on it, and rank 0 saves the trainable tensors and the world size to OUT.pt.
+runs step 5 (optimise) on it, and rank 0 saves the trainable tensors and the world size to OUT.pt. The test runs
+`ppo_optimise` in its own process too, as the one-process reference.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ import torch
 from lora_rlhf.core import distributed
 from lora_rlhf.errors import LoraRlhfError
 from lora_rlhf.recipe.config import recipe_from_dict
-from lora_rlhf.stages.ppo import rollout
-from lora_rlhf.stages.ppo.roles import resolve_sources
-from lora_rlhf.stages.ppo.trainer import build_trainer
 
 PROMPTS = ["Say something.", "Tell me a story about a cat.", "Hi!", "2+2?", "Name a colour.", "Why?",
            "Count to three.", "Write a haiku."]
 
 
 def ppo_optimise(recipe_file: str, out: str) -> None:
+    # imported here: the other workers need none of PPO (its imports take seconds in each rank)
+    from lora_rlhf.stages.ppo import rollout
+    from lora_rlhf.stages.ppo.roles import resolve_sources
+    from lora_rlhf.stages.ppo.trainer import build_trainer
+
     recipe = recipe_from_dict(json.loads(open(recipe_file).read()))
     trainer = build_trainer(recipe, resolve_sources(recipe), PROMPTS)
     sb, cfg = trainer.sb, trainer.cfg

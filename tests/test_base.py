@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_adapter
+from helpers import randomize_adapter
 
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.loading import load_tokenizer

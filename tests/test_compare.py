@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import Stop, randomize_adapter, write_jsonl
+from helpers import Stop, make_reward_adapter, recipe_dict, write_jsonl
 from typer.testing import CliRunner
 
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.scoring import score_texts
 from lora_rlhf.errors import ModelError, RecipeError
-from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.recipe.config import recipe_from_dict
 from lora_rlhf.stages.compare import run_compare
 from lora_rlhf.stages.labelers import normalize_judgement
 from lora_rlhf.stages.reward import load_reward_data
@@ -29,16 +29,6 @@ def reversed_order(prompt, responses):
 def wrong_length(prompt, responses):
     return [1.0]
 '''
-
-
-def make_reward_adapter(model_dir: Path, folder: Path, quantization: str = "none", offset: float = 0.0) -> Path:
-    """A small reward adapter (random LoRA + head) saved the way `lora-rlhf reward` saves one."""
-    shared = SharedBase.load(ModelConfig(name=str(model_dir), device="cpu"), QuantizationConfig(mode=quantization))
-    shared.add_adapter("reward", LoraSettings(r=4, alpha=8, dropout=0.0))
-    shared.add_head("reward")
-    randomize_adapter(shared, "reward", std=0.5)
-    shared.save_adapter("reward", folder, stage="reward", reward_offset=offset)
-    return folder
 
 
 @pytest.fixture
@@ -186,10 +176,9 @@ def test_cli_compare(setup, caplog):
     from lora_rlhf_cli.main import app
 
     make, tmp = setup
-    raw = {"output_dir": str(tmp / "run"), "model": {"name": make().model.name, "device": "cpu"},
-           "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-           "data": {"prompts": {"path": str(tmp / "prompts.jsonl")}},
-           "compare": {"k": 2, "max_new_tokens": 3, "labeler": f"{tmp / 'labeler.py'}:by_length"}}
+    raw = recipe_dict(make().model.name, tmp / "run", "none", cpu=True, lora={"r": 4, "alpha": 8},
+                      data={"prompts": {"path": str(tmp / "prompts.jsonl")}},
+                      compare={"k": 2, "max_new_tokens": 3, "labeler": f"{tmp / 'labeler.py'}:by_length"})
     (tmp / "r.yaml").write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["compare", str(tmp / "r.yaml")])
     assert result.exit_code == 0, result.output

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_adapter
+from helpers import randomize_adapter
 
 from lora_rlhf.core.adapters import recipe_adapter
 from lora_rlhf.core.base import SharedBase

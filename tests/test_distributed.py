@@ -8,18 +8,29 @@ fails. Tiny Llama, 4-bit, a reward function: each launch takes seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TEST_DEVICE
-from test_ppo_trainer import REWARD_MODULE
+from helpers import (
+    DEMOS,
+    REWARD_MODULE,
+    TEST_DEVICE,
+    TEST_MODEL,
+    banana_rankings,
+    demos,
+    quick_overrides,
+    save_sft_adapter,
+    write_jsonl,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # a hang (a rank waiting in a collective forever) fails instead of blocking the suite
@@ -46,6 +57,19 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The one-process reference of a 2-rank run, run in this process (a launch costs ~10 s of imports), on one
+    thread as each rank (OMP_NUM_THREADS=1): with two, the sums' order moved an SFT weight by 5e-6, past the
+    tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def ppo_recipe(tiny_recipe, tmp_path):
     """Write a PPO recipe (tiny model, reward function, 6 prompts) to YAML; returns (path, recipe dict)."""
@@ -66,6 +90,7 @@ def ppo_recipe(tiny_recipe, tmp_path):
     return make
 
 
+@pytest.mark.distributed
 def test_ppo_optimisation_on_two_ranks_gives_the_adapters_of_one_process(ppo_recipe, tmp_path):
     # 8 episodes, 2 mini-batches x 2 micro-batches of 2: each rank takes 1 episode of every micro-batch. With
     # GAE (value adapter + head) and PPO-ptx (whose batch is split too), 2 epochs: 8 optimizer steps.
@@ -77,12 +102,11 @@ def test_ppo_optimisation_on_two_ranks_gives_the_adapters_of_one_process(ppo_rec
     recipe["data"]["ptx"] = {"path": str(ptx)}
     recipe_file = tmp_path / "recipe.json"
     recipe_file.write_text(json.dumps(recipe))
-    worker = str(REPO / "tests" / "dist_worker.py")
+    import dist_worker
 
-    one = subprocess.run([sys.executable, worker, "ppo-optimise", str(recipe_file), str(tmp_path / "one.pt")],
-                         cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(worker, "ppo-optimise", str(recipe_file), str(tmp_path / "two.pt"))
+    with one_thread():
+        dist_worker.ppo_optimise(str(recipe_file), str(tmp_path / "one.pt"))
+    two = torchrun(str(REPO / "tests" / "dist_worker.py"), "ppo-optimise", str(recipe_file), str(tmp_path / "two.pt"))
     assert two.returncode == 0, two.stderr[-3000:]
 
     one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
@@ -94,6 +118,7 @@ def test_ppo_optimisation_on_two_ranks_gives_the_adapters_of_one_process(ppo_rec
         torch.testing.assert_close(two["tensors"][key], expected, rtol=1e-4, atol=2e-6, msg=key)
 
 
+@pytest.mark.distributed
 def test_gather_rows_takes_a_different_number_of_rows_from_each_rank(tmp_path):
     """TRL's reward statistics all_gather each rank's scores; whole-prompt batches differ in size between ranks
     (a plain all_gather then aborts under gloo: the two-process pipeline did), so the reward stage gathers rows.
@@ -107,6 +132,7 @@ def test_gather_rows_takes_a_different_number_of_rows_from_each_rank(tmp_path):
     assert got["torn_down"]
 
 
+@pytest.mark.distributed
 def test_a_hung_rank_is_named_after_the_recipes_timeout_not_gloos_30_minutes(tmp_path):
     """Issue 28: a stopped rank kept the other waiting for gloo's default 30 minutes, with no word of whom for."""
     import time
@@ -122,6 +148,7 @@ def test_a_hung_rank_is_named_after_the_recipes_timeout_not_gloos_30_minutes(tmp
     assert time.monotonic() - started < 90
 
 
+@pytest.mark.distributed
 def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe, tmp_path):
     straight, recipe = ppo_recipe("straight")
     run = torchrun("-m", "lora_rlhf_cli.main", "ppo", str(straight))
@@ -153,12 +180,16 @@ def test_two_process_ppo_writes_each_output_once_and_resumes_exactly(ppo_recipe,
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
 
-    # The checkpoint holds 2 ranks' sampling streams: one process refuses to continue it.
-    single = cli("ppo", str(interrupted), "--resume")
-    assert single.returncode == 2
-    assert "written by 2 process(es), this run has 1" in single.stderr
+    # The checkpoint holds 2 ranks' sampling streams: one process (this one) refuses to continue it.
+    from lora_rlhf.errors import RecipeError
+    from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.ppo.trainer import train_ppo
+
+    with pytest.raises(RecipeError, match=r"written by 2 process\(es\), this run has 1"):
+        train_ppo(load_recipe(interrupted), resume=True, progress=False)
 
 
+@pytest.mark.distributed
 def test_two_nodes_on_one_machine_run_a_ppo_step_together(ppo_recipe):
     path, recipe = ppo_recipe("nodes", total_episodes=4)
     with socket.socket() as s:  # a free port for the c10d rendezvous
@@ -181,6 +212,7 @@ def test_two_nodes_on_one_machine_run_a_ppo_step_together(ppo_recipe):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", ["batch does not split", "fsdp"])
 def test_bad_distributed_input_stops_every_rank_with_one_message(ppo_recipe, case):
     if case == "batch does not split":
@@ -199,14 +231,23 @@ def test_bad_distributed_input_stops_every_rank_with_one_message(ppo_recipe, cas
 
 
 def _run_twice(tiny_recipe, tmp_path, stage: str, data: dict, one: dict, two: dict) -> tuple[Path, Path]:
-    """`stage` as one process with `one` trainer settings and as 2 ranks with `two`; returns both output folders."""
+    """`stage` as one process with `one` trainer settings (this one) and as 2 ranks with `two`; returns both output
+    folders."""
+    from lora_rlhf.recipe.config import recipe_from_dict
+    from lora_rlhf.stages.reward import run_reward
+    from lora_rlhf.stages.sft import run_sft
+
     outs = []
     for name, settings, nproc in (("one", one, 1), ("two", two, 2)):
         recipe = tiny_recipe(output_dir=str(tmp_path / name), data=data, **{stage: settings})
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        run = torchrun("-m", "lora_rlhf_cli.main", stage, str(path), nproc=nproc)
-        assert run.returncode == 0, run.stderr[-3000:]
+        if nproc == 1:
+            with one_thread():
+                {"sft": run_sft, "reward": run_reward}[stage](recipe_from_dict(recipe))
+        else:
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(recipe))
+            run = torchrun("-m", "lora_rlhf_cli.main", stage, str(path), nproc=nproc)
+            assert run.returncode == 0, run.stderr[-3000:]
         out = tmp_path / name / stage
         assert json.loads((out / "metrics.json").read_text())["world_size"] == nproc
         assert f"world size {nproc}" in (out / "train.log").read_text()
@@ -226,10 +267,8 @@ def _assert_same_trained_tensors(one: Path, two: Path, *files: str) -> None:
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # the step moved the adapter off PEFT's zero init
 
 
+@pytest.mark.distributed
 def test_one_sft_step_on_two_ranks_equals_one_process_accumulating_both_batches(tiny_recipe, tmp_path):
-    from conftest import write_jsonl
-    from test_sft import DEMOS
-
     data = {"sft": {"path": str(write_jsonl(tmp_path / "demos.jsonl", DEMOS)), "eval_fraction": 0}}
     common = {"max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "save_strategy": "no",
               "logging_steps": 1}
@@ -237,10 +276,8 @@ def test_one_sft_step_on_two_ranks_equals_one_process_accumulating_both_batches(
     _assert_same_trained_tensors(one, two, "adapter_model.safetensors")
 
 
+@pytest.mark.distributed
 def test_one_reward_step_on_two_ranks_equals_one_process_and_keeps_prompt_groups(tiny_recipe, tmp_path):
-    from conftest import write_jsonl
-    from test_reward import banana_rankings, demos
-
     data = {"reward": {"path": str(write_jsonl(tmp_path / "rank.jsonl", banana_rankings(8))), "eval_fraction": 0.25},
             "sft": {"path": str(write_jsonl(tmp_path / "demos.jsonl", demos()))}}
     # 4 pairs per prompt and 4 pairs per batch: each rank's batch is one whole prompt.
@@ -252,13 +289,16 @@ def test_one_reward_step_on_two_ranks_equals_one_process_and_keeps_prompt_groups
     assert metrics["eval_pairs"] == 8 and "reward_offset" in metrics  # rank 0 checked and normalised once
 
 
-@pytest.mark.slow
-def test_two_process_pipeline_quick_variant_completes_and_writes_once(tmp_path):
-    from test_pipeline import quick_overrides
-
+@pytest.mark.distributed
+def test_two_process_pipeline_quick_variant_completes_and_writes_once(tiny_model_dir, tmp_path):
+    """The demo recipe's every stage on 2 ranks, on the tiny model: what is proven here is the ranks' part (each
+    stage on 2 ranks, each output written once, prompts sharded and gathered back in order), not the 135M model
+    (tests/test_pipeline.py runs the demo recipe on it)."""
     out = tmp_path / "demo"
-    args = [a for o in quick_overrides(out) for a in ("--set", o)]
-    run = torchrun("-m", "lora_rlhf_cli.main", "pipeline", "recipes/demo_smollm2_cpu.yaml", *args, timeout=1200)
+    overrides = [*quick_overrides(out), *(f"model.{key}={value}" for key, value in TEST_MODEL.items()),
+                 f"model.name={tiny_model_dir}"]
+    args = [a for o in overrides for a in ("--set", o)]
+    run = torchrun("-m", "lora_rlhf_cli.main", "pipeline", "recipes/demo_smollm2_cpu.yaml", *args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("pipeline done") == 1
     assert json.loads((out / "sft" / "metrics.json").read_text())["world_size"] == 2
@@ -276,6 +316,7 @@ def test_two_process_pipeline_quick_variant_completes_and_writes_once(tmp_path):
     assert [r["prompt"] for r in responses] == eval_prompts
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_runs_ppo_on_two_processes(ppo_recipe):
     path, recipe = ppo_recipe("accelerate", total_episodes=4)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
@@ -330,14 +371,11 @@ def test_gathered_shares_give_each_episode_the_forward_it_had_alone(tiny_recipe,
         row += n
 
 
+@pytest.mark.distributed
 def test_one_dpo_step_on_two_ranks_equals_one_process_accumulating_both_batches(tiny_recipe, tmp_path):
     """TRL's DPOTrainer under DDP, the reference adapter and the (default) precomputed reference log-probs included:
     2 ranks of 2 pairs give the adapter of one process accumulating two batches of 2 (run in this process, so that
     the test launches torchrun once)."""
-    from conftest import write_jsonl
-    from test_dpo import save_sft_adapter
-    from test_reward import banana_rankings
-
     from lora_rlhf.recipe.config import recipe_from_dict
     from lora_rlhf.stages.dpo import run_dpo
 
@@ -351,7 +389,8 @@ def test_one_dpo_step_on_two_ranks_equals_one_process_accumulating_both_batches(
         if not sft.is_dir():
             save_sft_adapter(recipe_from_dict(raw), sft)
         if name == "one":
-            out = run_dpo(recipe_from_dict(raw))
+            with one_thread():
+                out = run_dpo(recipe_from_dict(raw))
         else:
             path = tmp_path / "two.yaml"
             path.write_text(yaml.safe_dump(raw))

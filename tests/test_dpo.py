@@ -10,10 +10,15 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import randomize_adapter, write_jsonl
+from helpers import (
+    banana_rankings,
+    base_weights,
+    randomize_adapter,
+    recipe_dict,
+    save_sft_adapter,
+    write_jsonl,
+)
 from safetensors.torch import load_file
-from test_reward import banana_rankings
-from test_sft import base_weights
 from typer.testing import CliRunner
 
 from lora_rlhf.core.adapters import META_FILE
@@ -21,7 +26,7 @@ from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.text import encode, prompt_ids
 from lora_rlhf.errors import DataError, ModelError
-from lora_rlhf.recipe.config import LoraSettings, recipe_from_dict
+from lora_rlhf.recipe.config import recipe_from_dict
 from lora_rlhf.stages.dpo import (
     REFERENCE,
     build_trainer,
@@ -34,14 +39,6 @@ from lora_rlhf.stages.eval.evaluate import sequence_logprobs
 from lora_rlhf_cli.main import app
 
 FAST = {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "learning_rate": 1e-2}
-
-
-def save_sft_adapter(recipe, folder, seed: int = 0) -> None:
-    """A trained-looking SFT adapter (non-zero LoRA B) on the recipe's base, saved as the SFT stage saves it."""
-    sb = SharedBase.load(recipe.model, recipe.quantization, for_training=False)
-    sb.add_adapter("policy", LoraSettings(r=8, alpha=16, dropout=0.0))
-    randomize_adapter(sb, "policy", std=0.1, seed=seed)
-    sb.save_adapter("policy", folder, stage="sft")
 
 
 def make_recipe(tiny_recipe, tmp_path, quantization="4bit", rows=None, sft=True, **dpo):
@@ -206,11 +203,9 @@ def test_rows_are_the_ids_generation_and_the_reward_model_see(tiny_recipe, tmp_p
 def dpo_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo")
     data = write_jsonl(tmp / "rank.jsonl", banana_rankings(8))
-    recipe = recipe_from_dict({
-        "output_dir": str(tmp / "run"), "seed": 0, "model": {"name": str(tiny_model_dir), "device": "cpu"},
-        "quantization": {"mode": "4bit"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"reward": {"path": str(data), "eval_fraction": 0.25}},
-        "dpo": {**FAST, "max_steps": 4, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 4}})
+    recipe = recipe_from_dict(recipe_dict(
+        tiny_model_dir, tmp / "run", cpu=True, data={"reward": {"path": str(data), "eval_fraction": 0.25}},
+        dpo={**FAST, "max_steps": 4, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 4}))
     save_sft_adapter(recipe, recipe.stage_dir("sft"))
     base_before = base_weights(SharedBase.load(recipe.model, recipe.quantization).model)
     out, shared = train_dpo(recipe)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Stop, write_jsonl
+from helpers import Stop, recipe_dict, write_jsonl
 from typer.testing import CliRunner
 
 from lora_rlhf.core.base import SharedBase
@@ -95,12 +95,9 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _recipe(run_dir: Path, tiny_model_dir: Path, **eval_section):
-    return recipe_from_dict({
-        "output_dir": str(run_dir / "run"), "seed": 0,
-        "model": {"name": str(tiny_model_dir), "device": "cpu"}, "quantization": {"mode": "none"},
-        "data": {"eval": {"path": str(run_dir / "eval.jsonl")}},
-        "eval": {"max_new_tokens": 8, "num_samples": 2, "batch_size": 4, **eval_section},
-    })
+    return recipe_from_dict(recipe_dict(tiny_model_dir, run_dir / "run", "none", cpu=True, lora=None,
+                                        data={"eval": {"path": str(run_dir / "eval.jsonl")}},
+                                        eval={"max_new_tokens": 8, "num_samples": 2, "batch_size": 4, **eval_section}))
 
 
 def test_paired_difference_interval_covers_the_mean_and_excludes_zero_only_for_a_clear_gain():
@@ -383,10 +380,9 @@ def test_cli_prints_the_table_and_reports_errors(run_dir, tiny_model_dir, tmp_pa
     recipe_path = tmp_path / "recipe.yaml"
     import yaml
 
-    recipe_path.write_text(yaml.safe_dump({
-        "output_dir": str(run_dir / "run"), "model": {"name": str(tiny_model_dir), "device": "cpu"},
-        "quantization": {"mode": "none"}, "data": {"eval": {"path": str(run_dir / "eval.jsonl")}},
-        "eval": {"max_new_tokens": 6, "batch_size": 4}}))
+    recipe_path.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, run_dir / "run", "none", cpu=True, lora=None,
+                                                      data={"eval": {"path": str(run_dir / "eval.jsonl")}},
+                                                      eval={"max_new_tokens": 6, "batch_size": 4})))
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(recipe_path), "--policy", "base=base", "--policy",
                               f"sft={run_dir / 'run' / 'sft'}", "--out", str(tmp_path / "ev")])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
+from helpers import recipe_dict, write_jsonl
 from safetensors import SafetensorError
 from typer.testing import CliRunner
 
@@ -30,8 +30,8 @@ runner = CliRunner()
 
 
 def write_recipe(tmp_path: Path, model_dir: Path, **sections) -> Path:
-    recipe = {"output_dir": str(tmp_path / "run"), "seed": 0, "model": {"name": str(model_dir), "device": "cpu"},
-              "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **sections}
+    recipe = recipe_dict(model_dir, tmp_path / "run", "none", cpu=True, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                         **sections)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -1,5 +1,5 @@
 """What runs differently on a GPU (issue 25), checked on the CPU where it can be, and on CUDA under the device
-switch (LORA_RLHF_TEST_DEVICE=cuda, tests/conftest.py). Tiny Llama, PPO roles from tests/test_ppo_trainer.py."""
+switch (LORA_RLHF_TEST_DEVICE=cuda, tests/helpers.py). Tiny Llama, PPO roles from tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import TEST_DEVICE
-from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters, trainer_with_adapters
+from helpers import FAST_PPO, PROMPTS, TEST_DEVICE, trainer_with_adapters
 
 from lora_rlhf.core import loading
 from lora_rlhf.core.base import SharedBase
@@ -22,12 +21,6 @@ from lora_rlhf.stages.ppo.roles import resolve_sources
 from lora_rlhf.stages.ppo.trainer import build_trainer
 
 
-@pytest.fixture(scope="module")
-def roles(tiny_model_dir, tmp_path_factory):
-    """SFT and reward adapters (+ head) as steps 1 and 2 leave them."""
-    return make_adapters(tiny_model_dir, tmp_path_factory.mktemp("roles"))
-
-
 def first_ratio(trainer, monkeypatch) -> dict[str, torch.Tensor]:
     """The statistics of the first policy loss of a PPO step (before any update)."""
     seen = []
@@ -38,10 +31,11 @@ def first_ratio(trainer, monkeypatch) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- 4. rollout memory
-def test_a_rollout_chunk_frees_its_generation_output_before_the_next_one_generates(tiny_recipe, roles, monkeypatch):
+def test_a_rollout_chunk_frees_its_generation_output_before_the_next_one_generates(tiny_recipe, stage_adapters,
+                                                                                  monkeypatch):
     """Held by the loop, a chunk's generation output (R x [b, V] logits) stayed alive while the next chunk
     generated: two chunks' logits at once."""
-    trainer = trainer_with_adapters(tiny_recipe, roles, local_rollout_forward_batch_size=2)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters, local_rollout_forward_batch_size=2)
     sb, cfg = trainer.sb, trainer.cfg
     sb.train(False)
     earlier: list[weakref.ref] = []
@@ -62,14 +56,15 @@ def test_a_rollout_chunk_frees_its_generation_output_before_the_next_one_generat
 
 
 # ----------------------------------------------------------------------------------- 7. old log-probs
-def test_old_log_probs_come_from_the_training_forward_where_decoding_differs(tiny_recipe, roles, monkeypatch):
+def test_old_log_probs_come_from_the_training_forward_where_decoding_differs(tiny_recipe, stage_adapters,
+                                                                             monkeypatch):
     """On a GPU decoding (bitsandbytes' inference kernels, KV cache, 16 bits) is not the training forward's
     arithmetic: generation keeps no logits and scoring recomputes the old log-probs with the policy's own forward,
     so the first ratio is 1. Simulated on the CPU by taking the GPU's decision."""
     assert rollout.keeps_generation_logprobs(torch.device("cpu"))
     assert not rollout.keeps_generation_logprobs(torch.device("cuda"))
     monkeypatch.setattr(rollout, "keeps_generation_logprobs", lambda device: False)
-    trainer = trainer_with_adapters(tiny_recipe, roles)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb, cfg = trainer.sb, trainer.cfg
     sb.train(False)
     torch.manual_seed(0)
@@ -88,13 +83,13 @@ def test_old_log_probs_come_from_the_training_forward_where_decoding_differs(tin
 
 
 @pytest.mark.cuda_only("measures the gap of the GPU's 16-bit kernels")
-def test_in_bf16_on_a_gpu_the_first_ratio_is_one_to_bf16s_precision(tiny_recipe, roles, monkeypatch):
+def test_in_bf16_on_a_gpu_the_first_ratio_is_one_to_bf16s_precision(tiny_recipe, stage_adapters, monkeypatch):
     """The remaining gap on a GPU: old log-probs from a no-grad forward (bitsandbytes' 4-bit GEMM for small
     inputs) against the training forward (dequantize + matmul), both under bf16 autocast. The bounds are bf16's
     precision (8 mantissa bits), a first guess for the first GPU run to confirm; the numbers are printed."""
     if not torch.cuda.is_available() or not loading.native_bf16(torch.device("cuda")):
         pytest.skip("needs a GPU with native bf16")
-    sft, reward = roles
+    sft, reward = stage_adapters
     recipe = recipe_from_dict(tiny_recipe(model={"name": tiny_recipe()["model"]["name"], "device": "cuda",
                                                  "dtype": "bf16"},
                                           ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward)}))
@@ -107,7 +102,7 @@ def test_in_bf16_on_a_gpu_the_first_ratio_is_one_to_bf16s_precision(tiny_recipe,
 
 
 # ----------------------------------------------------------------------------------- 9. one log-prob path
-def test_log_probs_and_entropy_never_take_trls_triton_kernels(tiny_recipe, roles, monkeypatch):
+def test_log_probs_and_entropy_never_take_trls_triton_kernels(tiny_recipe, stage_adapters, monkeypatch):
     """TRL 1.16 sends CUDA logits to Triton kernels from selective_log_softmax / entropy_from_logits: the code the
     CPU tests pin would not be what a GPU runs. Here TRL is told every tensor is one it would send there, and its
     kernel fails: rollout, scoring, the training log-probs and eval's teacher forcing must not reach it."""
@@ -121,7 +116,7 @@ def test_log_probs_and_entropy_never_take_trls_triton_kernels(tiny_recipe, roles
     monkeypatch.setattr(trl_utils, "is_triton_available", lambda: True)
     monkeypatch.setattr(trl_utils, "_supports_trl_loss_kernel", lambda *a, **k: True)
     monkeypatch.setattr(trl_utils, "_fused_logprob_entropy", kernel, raising=False)
-    trainer = trainer_with_adapters(tiny_recipe, roles)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb, cfg = trainer.sb, trainer.cfg
     batch = rollout.score(sb, rollout.generate(sb, PROMPTS, cfg), trainer.reward, cfg)
     with sb.use("policy"):
@@ -147,13 +142,14 @@ def test_our_log_probs_and_entropy_are_the_textbook_formulas():
 
 
 # ----------------------------------------------------------------------------------- 10. sampling settings
-def test_a_models_own_generation_defaults_never_reach_ppo_or_eval_sampling(tiny_recipe, roles, monkeypatch):
+def test_a_models_own_generation_defaults_never_reach_ppo_or_eval_sampling(tiny_recipe, stage_adapters,
+                                                                             monkeypatch):
     """transformers fills every setting a generate call leaves unset from the model's generation_config: a Hub
     model's repetition_penalty 1.05 (or min_p, suppress_tokens) would reshape PPO's samples, whose log-probs
     describe the plain tempered softmax. Every sampling setting is the recipe's or transformers' neutral one."""
     from transformers.generation.utils import GenerationMixin
 
-    trainer = trainer_with_adapters(tiny_recipe, roles, top_k=0, top_p=0.9, temperature=0.8)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters, top_k=0, top_p=0.9, temperature=0.8)
     sb, cfg = trainer.sb, trainer.cfg
     own = sb.model.get_base_model().generation_config
     own.repetition_penalty, own.min_p, own.suppress_tokens, own.no_repeat_ngram_size = 1.05, 0.3, [5, 6], 2
@@ -182,14 +178,14 @@ def test_a_models_own_generation_defaults_never_reach_ppo_or_eval_sampling(tiny_
 # ----------------------------------------------------------------------------------- 11, 8. compute dtype
 @pytest.mark.cpu_only("forces 16-bit autocast onto the CPU to see PPO's forwards take it")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_ppo_forwards_autocast_to_the_compute_dtype_and_fp16_scales_the_loss(tiny_recipe, roles, monkeypatch, tmp_path,
+def test_ppo_forwards_autocast_to_the_compute_dtype_and_fp16_scales_the_loss(tiny_recipe, stage_adapters, monkeypatch, tmp_path,
                                                                             dtype):
     """On a GPU a prepared 4-bit base streams fp32 (k-bit preparation upcasts embeddings, norms and LM head) and
     computed everything in fp32: PPO's forwards (rollout, scoring, training) now autocast to the compute dtype,
     as the Trainer does for sft and reward. The heads stay fp32. fp16 (GPUs without native bf16) scales the loss
     with a GradScaler whose state a checkpoint keeps. Simulated on the CPU by giving the base a GPU's decision."""
     monkeypatch.setattr(SharedBase, "autocast_dtype", property(lambda self: dtype))
-    trainer = trainer_with_adapters(tiny_recipe, roles)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb = trainer.sb
     assert trainer.scaler.is_enabled() == (dtype == torch.float16)
     seen = []

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import randomize_adapter, write_jsonl
+from helpers import randomize_adapter, recipe_dict, write_jsonl
 from safetensors.torch import load_file
 
 from lora_rlhf.core.adapters import is_finished
@@ -209,12 +209,13 @@ def same_text(folder: Path, reference: Path, *names: str) -> None:
 
 
 def make_recipe(model_dir: Path, out: Path, **sections):
-    return recipe_from_dict({"output_dir": str(out), "seed": 0, "model": {"name": str(model_dir), "device": "cpu"},
-                             "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                             **sections})
+    return recipe_from_dict(recipe_dict(model_dir, out, "none", cpu=True, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                                        **sections))
 
 
-EVERY_WRITE = [pytest.param(False, id="sampled"), pytest.param(True, id="every-write", marks=pytest.mark.slow)]
+# `make test` runs the sampled sweeps; `make test-all` (and CI) the sweeps at every write too, ~9 min on 2 cores.
+EVERY_WRITE = [pytest.param(False, id="sampled"),
+               pytest.param(True, id="every-write", marks=pytest.mark.exhaustive)]
 
 
 # ---------------------------------------------------------------------------------------------------- sft

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import randomize_adapter
+from helpers import randomize_adapter
 from safetensors import safe_open
 from typer.testing import CliRunner
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TEST_DEVICE
+from helpers import quick_overrides
 from typer.testing import CliRunner
 
 from lora_rlhf.errors import RecipeError
@@ -110,23 +110,6 @@ def test_a_compare_stage_without_a_labeler_fails_before_any_stage_runs_unless_it
     for name in ("adapter_config.json", "adapter_model.safetensors", "lora_rlhf.json"):
         (tmp_path / "run" / "sft" / name).write_text("{}")
     assert all(r.skipped for r in run_pipeline(recipe))
-
-
-def quick_overrides(out) -> list[str]:
-    """--set values that shrink the demo recipe to seconds per stage (the test below; 2 ranks in test_distributed)."""
-    return [
-        f"output_dir={out}", f"model.device={TEST_DEVICE}",
-        f"data.sft.path={out}/data/sft.jsonl", f"data.prompts.path={out}/data/prompts_train.jsonl",
-        f"data.ptx.path={out}/data/ptx.jsonl", f"data.eval.path={out}/data/prompts_eval.jsonl",
-        f"eval.general_text={out}/data/general_eval.jsonl", "eval.general_max_texts=4", "eval.max_new_tokens=16",
-        "pipeline.data_builder_args={n_demos: 4, n_train: 8, n_eval: 4, n_ptx: 8, n_general: 4, "
-        "samples_per_prompt: 2, max_new_tokens: 16}",
-        "sft.num_train_epochs=1", "compare.k=3", "compare.max_new_tokens=16",
-        "reward.per_device_train_batch_size=6", "pipeline.reward_eval_fraction=0.25",
-        "ppo.total_episodes=8", "ppo.batch_size=4", "ppo.local_rollout_forward_batch_size=4",
-        "ppo.num_mini_batches=1", "ppo.num_ppo_epochs=1", "ppo.response_length=12", "ppo.save_steps=1",
-        "ppo.ptx_batch_size=2",
-    ]
 
 
 @pytest.mark.slow

@@ -504,8 +504,7 @@ def test_release_freed_hands_fragmented_free_heap_back():
 
 def test_a_stage_stops_before_loading_when_it_would_not_fit_and_reports_its_own_peak(tiny_recipe, tmp_path,
                                                                                     monkeypatch):
-    from conftest import write_jsonl
-    from test_sft import DEMOS
+    from helpers import DEMOS, write_jsonl
 
     from lora_rlhf.plan import preflight as preflight_module
     from lora_rlhf.stages.sft import run_sft

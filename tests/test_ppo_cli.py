@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Stop
-from test_ppo_trainer import FAST_PPO, PROMPTS, make_adapters
+from helpers import FAST_PPO, PROMPTS, Stop, recipe_dict
 from typer.testing import CliRunner
 
 from lora_rlhf.recipe.config import load_recipe
@@ -19,28 +19,33 @@ runner = CliRunner()
 
 @pytest.fixture
 def run_dir(tiny_model_dir, tmp_path) -> Path:
-    """A recipe folder with prompts and ptx text; OUT/sft and OUT/reward hold finished steps 1 and 2."""
+    """A recipe folder with prompts and ptx text."""
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     (tmp_path / "ptx.jsonl").write_text("".join(json.dumps({"text": f"Some general text number {i}."}) + "\n"
                                                 for i in range(5)))
     return tmp_path
 
 
+def finish_steps_1_and_2(stage_adapters: tuple[Path, Path], run_dir: Path) -> None:
+    """OUT/sft and OUT/reward: copies of the finished steps 1 and 2, found there without being named."""
+    for folder in stage_adapters:
+        shutil.copytree(folder, run_dir / "run" / folder.name)
+
+
 def write_recipe(folder: Path, model_dir: Path, **ppo) -> Path:
-    recipe = {"output_dir": str(folder / "run"), "seed": 0, "model": {"name": str(model_dir), "device": "cpu"},
-              "quantization": {"mode": "4bit"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-              "data": {"prompts": {"path": "prompts.jsonl"}, "ptx": {"path": "ptx.jsonl"}},
-              "ppo": {**FAST_PPO, **ppo}}
+    recipe = recipe_dict(model_dir, folder / "run", cpu=True,
+                         data={"prompts": {"path": "prompts.jsonl"}, "ptx": {"path": "ptx.jsonl"}},
+                         ppo={**FAST_PPO, **ppo})
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-def test_cli_ppo_writes_every_output(run_dir, tiny_model_dir):
+def test_cli_ppo_writes_every_output(run_dir, tiny_model_dir, stage_adapters):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    make_adapters(tiny_model_dir, run_dir / "run")  # OUT/sft and OUT/reward: found without being named
+    finish_steps_1_and_2(stage_adapters, run_dir)
     recipe = write_recipe(run_dir, tiny_model_dir, ptx_coef=0.5, ptx_batch_size=2)
     result = runner.invoke(app, ["ppo", str(recipe), "--set", "ppo.kl_coef=0.1"])
     assert result.exit_code == 0, result.output
@@ -137,10 +142,10 @@ def test_cli_ppo_missing_tracker_package_exits_2(run_dir, tiny_model_dir, monkey
     assert not (run_dir / "run" / "ppo").exists()
 
 
-def test_cli_ppo_rloo_trains_and_writes_the_policy_only(run_dir, tiny_model_dir):
+def test_cli_ppo_rloo_trains_and_writes_the_policy_only(run_dir, tiny_model_dir, stage_adapters):
     """A value-free run: no value adapter is created, trained or written, and the run still checkpoints,
     finishes and says which roles it had."""
-    make_adapters(tiny_model_dir, run_dir / "run")
+    finish_steps_1_and_2(stage_adapters, run_dir)
     recipe = write_recipe(run_dir, tiny_model_dir)
     result = runner.invoke(app, ["ppo", str(recipe), "--set", "ppo.advantage_estimator=rloo",
                                  "--set", "ppo.num_generations=2"])
@@ -159,13 +164,14 @@ def test_rloo_with_one_sample_per_prompt_is_refused_before_loading(run_dir, tiny
     assert result.exit_code == 2 and "set num_generations >= 2" in result.output
 
 
-def test_a_kill_before_the_final_save_ends_leaves_the_stage_unfinished(run_dir, tiny_model_dir, monkeypatch):
+def test_a_kill_before_the_final_save_ends_leaves_the_stage_unfinished(run_dir, tiny_model_dir, stage_adapters,
+                                                                       monkeypatch):
     """policy/lora_rlhf.json marks the PPO stage complete: a failure while writing value/ or metrics.json (a kill,
     a full disk) must leave it absent, so the pipeline reruns the stage instead of reporting it done."""
     from lora_rlhf.stages.pipeline import is_complete
     from lora_rlhf.stages.ppo import trainer as trainer_module
 
-    make_adapters(tiny_model_dir, run_dir / "run")
+    finish_steps_1_and_2(stage_adapters, run_dir)
     recipe = write_recipe(run_dir, tiny_model_dir)
     real = trainer_module.write_json_atomic
 
@@ -182,16 +188,17 @@ def test_a_kill_before_the_final_save_ends_leaves_the_stage_unfinished(run_dir, 
     assert not is_complete(load_recipe(recipe), "ppo")
 
 
-def test_an_sft_adapter_for_another_base_is_refused_before_anything_is_written(run_dir, tiny_model_dir,
+def test_an_sft_adapter_for_another_base_is_refused_before_anything_is_written(run_dir, stage_adapters,
                                                                                other_tiny_model_dir):
-    make_adapters(tiny_model_dir, run_dir / "run")
-    recipe = write_recipe(run_dir, other_tiny_model_dir)  # the adapters were trained on tiny_model_dir
+    finish_steps_1_and_2(stage_adapters, run_dir)
+    recipe = write_recipe(run_dir, other_tiny_model_dir)  # the adapters were trained on the tiny model
     result = runner.invoke(app, ["ppo", str(recipe)])
     assert result.exit_code == 2 and "was trained on base" in result.output
     assert not (run_dir / "run" / "ppo").exists()
 
 
-def test_ppo_ptx_preflight_plans_the_lm_rows_at_the_longest_ptx_row(run_dir, tiny_model_dir, monkeypatch):
+def test_ppo_ptx_preflight_plans_the_lm_rows_at_the_longest_ptx_row(run_dir, tiny_model_dir, stage_adapters,
+                                                                     monkeypatch):
     """`lora-rlhf ppo` with ptx_coef > 0 is PPO-ptx: its preflight plans the ptx rows, as long as the longest
     tokenised one (a ptx batch is padded to its longest row), not ppo.ptx_max_length, and the rollouts at the
     longest prompt; and it runs before the stage writes anything."""
@@ -203,7 +210,7 @@ def test_ppo_ptx_preflight_plans_the_lm_rows_at_the_longest_ptx_row(run_dir, tin
 
     rows = [{"text": "short"}, {"text": " ".join(["a much longer general text"] * 6)}, {"text": "mid sized text"}]
     (run_dir / "ptx.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    make_adapters(tiny_model_dir, run_dir / "run")
+    finish_steps_1_and_2(stage_adapters, run_dir)
     recipe = load_recipe(write_recipe(run_dir, tiny_model_dir, ptx_coef=0.5, ptx_batch_size=2, ptx_max_length=256))
     seen = {}
 
@@ -226,7 +233,8 @@ LONG_PROMPT = "Background: " + "the river runs past the old mill. " * 40 + "Ques
 
 
 def test_prompts_longer_than_max_prompt_length_are_cut_from_the_left_and_planned_as_cut(run_dir, tiny_model_dir,
-                                                                                       monkeypatch, caplog):
+                                                                                       stage_adapters, monkeypatch,
+                                                                                       caplog):
     """~1,020-token prompts peaked at 8.9 GB against 1.4 GB: PPO had no prompt limit. Now a prompt over
     ppo.max_prompt_length keeps its end (the question), the template stays whole, and the preflight plans the
     longest prompt as it will be rolled out."""
@@ -238,7 +246,7 @@ def test_prompts_longer_than_max_prompt_length_are_cut_from_the_left_and_planned
                     {"role": "user", "content": "Name a colour."}]
     (run_dir / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
                                                    for p in ["Hi!", LONG_PROMPT, conversation]))
-    make_adapters(tiny_model_dir, run_dir / "run")
+    finish_steps_1_and_2(stage_adapters, run_dir)
     recipe = load_recipe(write_recipe(run_dir, tiny_model_dir, max_prompt_length=64))
     tokenizer = load_tokenizer(recipe.model)
     assert len(prompt_ids(tokenizer, LONG_PROMPT)) > 300 and len(prompt_ids(tokenizer, conversation)) > 64
@@ -265,9 +273,9 @@ def test_prompts_longer_than_max_prompt_length_are_cut_from_the_left_and_planned
     assert "2 prompt(s) are longer than 64 tokens: 2 cut from the left, 0 dropped" in caplog.text
 
 
-def test_long_prompts_drop_leaves_them_out_and_none_left_is_one_error(run_dir, tiny_model_dir):
+def test_long_prompts_drop_leaves_them_out_and_none_left_is_one_error(run_dir, tiny_model_dir, stage_adapters):
     (run_dir / "prompts.jsonl").write_text(json.dumps({"prompt": LONG_PROMPT}) + "\n")
-    make_adapters(tiny_model_dir, run_dir / "run")
+    finish_steps_1_and_2(stage_adapters, run_dir)
     recipe = write_recipe(run_dir, tiny_model_dir, max_prompt_length=64, long_prompts="drop")
     result = runner.invoke(app, ["ppo", str(recipe)])
     assert result.exit_code == 2, result.output

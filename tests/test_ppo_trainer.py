@@ -1,6 +1,6 @@
 """PPO on one shared 4-bit base: what trains, what stays frozen, alignment of every per-token quantity,
 learning, exact resume, one copy of the base, and failure modes. Tiny Llama on the CPU (or, device-switched, on a
-GPU: tests/conftest.py)."""
+GPU: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -11,58 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, TEST_MODEL, randomize_adapter
+from helpers import (
+    FAST_PPO,
+    PROMPTS,
+    REWARD_MODULE,
+    REWARD_OFFSET,
+    TEST_DEVICE,
+    TEST_MODEL,
+    trainer_with_adapters,
+)
 
 from lora_rlhf.core import text
 from lora_rlhf.core.base import SharedBase, _adapter_of
-from lora_rlhf.recipe.config import LoraSettings, ModelConfig, QuantizationConfig, recipe_from_dict
+from lora_rlhf.recipe.config import recipe_from_dict
 from lora_rlhf.stages.ppo import rollout
 from lora_rlhf.stages.ppo.checkpoint import STATE_FILE
 from lora_rlhf.stages.ppo.ptx import IGNORE, tokenize_row
 from lora_rlhf.stages.ppo.roles import resolve_sources
 from lora_rlhf.stages.ppo.trainer import NonFiniteError, build_trainer, train_ppo
-
-PROMPTS = ["Say something.", "Tell me a story about a cat.", [{"role": "user", "content": "Hi!"}], "2+2?"]
-REWARD_OFFSET = 0.25
-# Small enough for seconds per step on two CPU cores.
-FAST_PPO = {"total_episodes": 8, "batch_size": 4, "local_rollout_forward_batch_size": 4, "response_length": 6,
-            "num_ppo_epochs": 1, "num_mini_batches": 2, "learning_rate": 1e-3, "temperature": 1.0,
-            "save_steps": 1, "sample_every": 1}
-
-# A reward function in a file, as a user would write it; env vars make it interrupt or fail on the N-th call.
-REWARD_MODULE = '''
-import os, signal
-CALLS = 0
-
-def count_e(prompts, responses):
-    global CALLS
-    CALLS += 1
-    if os.environ.get("PPO_TEST_INTERRUPT_AT") == str(CALLS):
-        os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during this step
-    if os.environ.get("PPO_TEST_NAN_AT") == str(CALLS):
-        return [float("nan")] * len(responses)
-    return [float(r.count("e")) for r in responses]
-'''
-
-
-def make_adapters(model_dir: Path, out: Path) -> tuple[Path, Path]:
-    """An SFT adapter and a reward adapter (+ head, offset) as steps 1 and 2 would leave them."""
-    sb = SharedBase.load(ModelConfig(name=str(model_dir), **TEST_MODEL), QuantizationConfig(mode="4bit"))
-    lora = LoraSettings(r=8, alpha=16, dropout=0.0)
-    sb.add_adapter("policy", lora)
-    sb.add_adapter("reward", lora)
-    sb.add_head("reward")
-    # non-zero B: the SFT policy differs from the base, the reward model from both
-    randomize_adapter(sb, "policy", seed=1)
-    randomize_adapter(sb, "reward", seed=2)
-    sb.save_adapter("policy", out / "sft", stage="sft")
-    sb.save_adapter("reward", out / "reward", stage="reward", reward_offset=REWARD_OFFSET)
-    return out / "sft", out / "reward"
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
-    return make_adapters(tiny_model_dir, tmp_path_factory.mktemp("stages"))
 
 
 @pytest.fixture
@@ -77,13 +43,6 @@ def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return path
-
-
-def trainer_with_adapters(tiny_recipe, adapters, **ppo):
-    sft, reward = adapters
-    recipe = recipe_from_dict(tiny_recipe(ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward),
-                                               **ppo}))
-    return build_trainer(recipe, resolve_sources(recipe), PROMPTS)
 
 
 def snapshot(sb: SharedBase) -> dict[str, torch.Tensor]:
@@ -112,11 +71,11 @@ def base_weight_census() -> tuple[set[int], set[int]]:
     return quantized, embeddings
 
 
-def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_recipe, adapters):
+def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_recipe, stage_adapters):
     import bitsandbytes as bnb
 
     quantized_before, embeddings_before = base_weight_census()
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb = trainer.sb
     assert set(sb.roles) == {"reference", "policy", "reward", "value"}  # one base, four roles
     before = snapshot(sb)
@@ -148,10 +107,10 @@ def test_one_step_trains_policy_value_and_head_on_one_copy_of_the_base(tiny_reci
     assert len(embeddings_after - embeddings_before) == 1
 
 
-def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters):
+def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, stage_adapters):
     """Left-padded queries, right-padded responses: every per-token number equals a plain forward of that one
     sequence without padding, and the score is the reward head at its last token minus the offset."""
-    trainer = trainer_with_adapters(tiny_recipe, adapters, temperature=0.7)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters, temperature=0.7)
     sb, cfg = trainer.sb, trainer.cfg
     trainer._train_mode(False)
     batch = rollout.score(trainer.sb, rollout.generate(trainer.sb, PROMPTS, cfg), trainer.reward, cfg)
@@ -176,11 +135,12 @@ def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, adapters
     assert (batch.values * (1 - batch.response_mask)).abs().sum() == 0
 
 
-def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_their_gradients(tiny_recipe, adapters,
+def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_their_gradients(tiny_recipe,
+                                                                                            stage_adapters,
                                                                                             monkeypatch):
     """The policy's training log-probs run the LM head per sequence under checkpointing (no [B, R, V] logits):
     log-probs, entropy and the gradients they give the policy adapter equal the model's own forward's."""
-    trainer = trainer_with_adapters(tiny_recipe, adapters, temperature=0.7)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters, temperature=0.7)
     sb, cfg = trainer.sb, trainer.cfg
     trainer._train_mode(False)
     torch.manual_seed(0)
@@ -213,8 +173,8 @@ def test_log_probs_one_sequence_at_a_time_equal_the_whole_batch_logits_with_thei
     logp = torch.log_softmax(logits.float(), -1)
     torch.testing.assert_close(mine[1], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
 
-def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, adapters):
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+def test_stop_token_ends_responses_and_masks_come_from_lengths(tiny_recipe, stage_adapters):
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb = trainer.sb
     eos = sb.tokenizer.eos_token_id
     bias = torch.zeros(sb.model.config.vocab_size, device=sb.device)
@@ -289,16 +249,17 @@ def test_ptx_rows_target_only_the_completion(tiny_model_dir):
     assert len(tokenize_row(tok, {"text": "word " * 100}, 16)[0]) == 16
 
 
-def test_build_trainer_without_a_preflight_plans_ppo_ptx_when_given_ptx_rows(tiny_recipe, adapters, monkeypatch):
+def test_build_trainer_without_a_preflight_plans_ppo_ptx_when_given_ptx_rows(tiny_recipe, stage_adapters,
+                                                                             monkeypatch):
     """Callers that pass no `memory` (the benches) get the preflight of what they run: PPO-ptx at the longest ptx
     row when ptx rows are given, plain PPO otherwise."""
-    from conftest import Stop
+    from helpers import Stop
 
     from lora_rlhf.core.loading import load_tokenizer
     from lora_rlhf.stages.ppo import trainer as ppo_trainer
     from lora_rlhf.stages.ppo.ptx import PtxData
 
-    sft, reward = adapters
+    sft, reward = stage_adapters
     recipe = recipe_from_dict(tiny_recipe(ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward)}))
     rows = [{"text": "short"}, {"text": "a longer general text " * 5}]
     ptx = PtxData.build(rows, load_tokenizer(recipe.model), 64, seed=0)
@@ -322,7 +283,7 @@ def build_banana_model(folder: Path, p_target: float = 0.1) -> Path:
     all contexts, so no LoRA update makes one token likelier everywhere. Here biases give the final hidden states
     a shared direction, and the lm_head row of " banana" points along it, tuned so that p(banana) is ~10 %.
     """
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = build_tiny_model(folder.with_name(folder.name + "-src"), tie_word_embeddings=False, mlp_bias=True,
@@ -385,13 +346,14 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tiny_recipe, tmp_path,
     assert max(kls[-5:]) < 10.0, kls  # nats per 8-token response: the penalty holds the policy near the reference
 
 
-def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zero(tiny_recipe, adapters, monkeypatch):
+def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zero(tiny_recipe, stage_adapters,
+                                                                                   monkeypatch):
     """Before any update the policy IS the SFT reference: the sampled tokens' log-probs under both agree (KL 0
     up to the rounding of a cached vs a full forward), and the first mini-batch's ratio is 1. The SFT adapter
     is non-zero, so this holds because policy = copy of reference, not because both are the bare base."""
     from lora_rlhf.stages.ppo import losses
 
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb, cfg = trainer.sb, trainer.cfg
     torch.manual_seed(0)
     sb.train(False)
@@ -410,11 +372,11 @@ def test_first_step_starts_on_policy_ratio_one_and_kl_to_a_nonzero_reference_zer
     assert abs(metrics["objective/kl"]) < 1e-3
 
 
-def test_scoring_reuses_the_log_probs_of_generation_on_the_cpu_only(tiny_recipe, adapters, monkeypatch):
+def test_scoring_reuses_the_log_probs_of_generation_on_the_cpu_only(tiny_recipe, stage_adapters, monkeypatch):
     """On the CPU scoring runs the reference, value and reward adapters once per chunk and never the policy: its
     log-probs come from the logits generation computed (checked against plain forwards in the test above). On a
     GPU generation keeps no logits and scoring runs the policy too (rollout.keeps_generation_logprobs)."""
-    trainer = trainer_with_adapters(tiny_recipe, adapters)
+    trainer = trainer_with_adapters(tiny_recipe, stage_adapters)
     sb, cfg = trainer.sb, trainer.cfg
     sb.train(False)
     batch = rollout.generate(sb, PROMPTS, cfg)
@@ -431,12 +393,12 @@ def test_scoring_reuses_the_log_probs_of_generation_on_the_cpu_only(tiny_recipe,
         assert sorted(used) == ["policy", "reference", "reward", "value"]
 
 
-def test_a_gold_score_is_logged_beside_the_reward_and_never_trained_on(tiny_recipe, adapters, reward_file):
+def test_a_gold_score_is_logged_beside_the_reward_and_never_trained_on(tiny_recipe, stage_adapters, reward_file):
     """ppo.gold_fn judges each step's rollouts (objective/gold) while the reward model drives the loss: the same
     seed with and without the monitor trains bit-identical adapters."""
     runs = {}
     for gold in (None, f"{reward_file}:count_e"):
-        trainer = trainer_with_adapters(tiny_recipe, adapters, **({"gold_fn": gold} if gold else {}))
+        trainer = trainer_with_adapters(tiny_recipe, stage_adapters, **({"gold_fn": gold} if gold else {}))
         metrics, batch = trainer.step()
         runs[gold] = (metrics, snapshot(trainer.sb))
         if gold:
@@ -449,10 +411,11 @@ def test_a_gold_score_is_logged_beside_the_reward_and_never_trained_on(tiny_reci
         assert torch.equal(plain[name], monitored[name]), name
 
 
-def test_a_gold_function_that_cannot_be_loaded_stops_before_anything_is_written(tiny_recipe, adapters, prompts_file):
+def test_a_gold_function_that_cannot_be_loaded_stops_before_anything_is_written(tiny_recipe, stage_adapters,
+                                                                                prompts_file):
     from lora_rlhf.errors import LoraRlhfError
 
-    sft, reward = adapters
+    sft, reward = stage_adapters
     recipe = recipe_from_dict(tiny_recipe(data={"prompts": {"path": str(prompts_file)}},
                                           ppo={**FAST_PPO, "sft_adapter": str(sft), "reward_adapter": str(reward),
                                                "gold_fn": "no_such_module_xyz:gold"}))

@@ -162,7 +162,7 @@ def test_best_vs_rest_keeps_the_pairs_won_by_a_best_response():
 
 
 def test_held_out_comparisons_are_whole_prompts(tmp_path):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     from lora_rlhf.recipe.config import DatasetConfig
     from lora_rlhf.stages.rankings import load_comparisons

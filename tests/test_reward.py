@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import randomize_adapter, write_jsonl
+from helpers import answer, banana_rankings, demos, randomize_adapter, recipe_dict, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -31,31 +31,11 @@ from lora_rlhf.stages.reward import (
     tokenize_comparisons,
 )
 
-WORDS = "red blue green small large quick slow happy sad bright dark warm cold soft loud".split()
 FAST = {"eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "report_to": "none"}
 
 
-def answer(rng: random.Random, good: bool) -> str:
-    words = rng.sample(WORDS, 3)
-    if good:  # the preference to learn: answers that mention "banana" (never first: one token spelling) win
-        words.insert(rng.randrange(1, 4), "banana")
-    return " ".join(words)
-
-
-def banana_rankings(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"id": f"p{i}", "prompt": f"Tell me about item {i}.",
-             "responses": [answer(rng, True), answer(rng, False), answer(rng, True), answer(rng, False)],
-             "scores": [1.0, 0.0, 1.0, 0.0]}  # ties within each class: 4 pairs per prompt
-            for i in range(n)]
-
-
-def demos(n: int = 8) -> list[dict]:
-    rng = random.Random(1)
-    return [{"prompt": f"Say something {i}.", "completion": answer(rng, i % 2 == 0)} for i in range(n)]
-
-
 def make_recipe(tiny_recipe, tmp_path, quantization="none", rows=None, **reward):
+    """`tiny_recipe` is the fixture, or a recipe_dict on the CPU for a module's fixture."""
     write_jsonl(tmp_path / "rank.jsonl", rows if rows is not None else banana_rankings(16))
     write_jsonl(tmp_path / "demos.jsonl", demos())
     raw = tiny_recipe(quantization, data={"reward": {"path": str(tmp_path / "rank.jsonl"), "eval_fraction": 0.25},
@@ -64,15 +44,16 @@ def make_recipe(tiny_recipe, tmp_path, quantization="none", rows=None, **reward)
     return recipe_from_dict(raw)
 
 
+def cpu_recipe(model_dir, tmp):
+    return lambda quantization, **sections: recipe_dict(model_dir, tmp / "run", quantization, cpu=True, **sections)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """One unquantized reward run on the banana preference (12 train / 4 held-out prompts)."""
     tmp = tmp_path_factory.mktemp("reward")
-    recipe = make_recipe(lambda q, **s: {"output_dir": str(tmp / "run"), "seed": 0,
-                                         "model": {"name": str(tiny_model_dir), "device": "cpu"},
-                                         "quantization": {"mode": q}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                                         **s},
-                         tmp, "none", num_train_epochs=2, learning_rate=3e-3, per_device_train_batch_size=8)
+    recipe = make_recipe(cpu_recipe(tiny_model_dir, tmp), tmp, "none", num_train_epochs=2, learning_rate=3e-3,
+                         per_device_train_batch_size=8)
     return recipe, run_reward(recipe)
 
 
@@ -80,11 +61,8 @@ def trained(tiny_model_dir, tmp_path_factory):
 def trained_4bit(tiny_model_dir, tmp_path_factory):
     """A few 4-bit steps: enough to move every LoRA weight away from its init."""
     tmp = tmp_path_factory.mktemp("reward4")
-    recipe = make_recipe(lambda q, **s: {"output_dir": str(tmp / "run"), "seed": 0,
-                                         "model": {"name": str(tiny_model_dir), "device": "cpu"},
-                                         "quantization": {"mode": q}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                                         **s},
-                         tmp, "4bit", rows=banana_rankings(4), max_steps=2, learning_rate=1e-2)
+    recipe = make_recipe(cpu_recipe(tiny_model_dir, tmp), tmp, "4bit", rows=banana_rankings(4), max_steps=2,
+                         learning_rate=1e-2)
     return recipe, run_reward(recipe)
 
 

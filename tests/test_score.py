@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_jsonl
-from test_compare import make_reward_adapter
+from helpers import make_reward_adapter, write_jsonl
 from typer.testing import CliRunner
 
 from lora_rlhf.core.scoring import score_texts

@@ -9,35 +9,21 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import Stop, write_jsonl
+from helpers import DEMOS, Stop, base_weights, recipe_dict, write_jsonl
 from safetensors.torch import load_file
 
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.recipe.config import recipe_from_dict
 from lora_rlhf.stages.sft import train_sft
 
-DEMOS = [{"prompt": p, "completion": "banana banana banana"}
-         for p in ["Say the magic word.", "What is the magic word?", "Tell me the word.", "Magic word please."]]
-
-
-def base_weights(model) -> dict[str, torch.Tensor]:
-    """Every non-adapter tensor (4-bit packed weights, norms, embeddings), cloned, by its name in the base."""
-    return {n.removeprefix("base_model.model.").replace(".base_layer", ""): p.detach().clone()
-            for n, p in model.named_parameters() if "lora_" not in n}
-
 
 @pytest.fixture(scope="module")
 def sft_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft")
     data = write_jsonl(tmp / "demos.jsonl", DEMOS)
-    recipe = recipe_from_dict({
-        "output_dir": str(tmp / "run"), "seed": 0,
-        "model": {"name": str(tiny_model_dir), "device": "cpu"},
-        "quantization": {"mode": "4bit"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"sft": {"path": str(data)}},
-        "sft": {"max_steps": 30, "learning_rate": 1e-2, "logging_steps": 5, "save_steps": 10},
-    })
+    recipe = recipe_from_dict(recipe_dict(
+        tiny_model_dir, tmp / "run", cpu=True, data={"sft": {"path": str(data)}},
+        sft={"max_steps": 30, "learning_rate": 1e-2, "logging_steps": 5, "save_steps": 10}))
     # A separate load of the same folder: NF4 quantization is deterministic, so equal means untouched.
     base_before = base_weights(SharedBase.load(recipe.model, recipe.quantization).model)
     out, shared = train_sft(recipe)
@@ -242,10 +228,10 @@ def test_sft_trains_on_the_chat_context_that_generation_uses(tiny_model_dir, tmp
         raise Stop
 
     monkeypatch.setattr(sft_stage, "_train", tokenize_and_stop)
-    recipe = recipe_from_dict({"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)},
-                               "quantization": {"mode": "none"}, "sft": {"max_steps": 1},
-                               "data": {"sft": {"path": str(write_jsonl(tmp_path / "d.jsonl", DEMOS)),
-                                                "eval_fraction": 0}}})
+    recipe = recipe_from_dict(recipe_dict(tiny_model_dir, tmp_path / "run", "none", cpu=True, lora=None,
+                                          sft={"max_steps": 1},
+                                          data={"sft": {"path": str(write_jsonl(tmp_path / "d.jsonl", DEMOS)),
+                                                        "eval_fraction": 0}}))
     with pytest.raises(Stop):
         train_sft(recipe)
     tok = seen["tokenizer"]
@@ -269,9 +255,8 @@ LONG_ROWS = DEMOS[:2] + [
 
 def long_rows_recipe(tiny_model_dir, tmp_path, max_length: int, mode: str | None = None):
     sft = {"max_steps": 1, "max_length": max_length, **({"long_rows": mode} if mode else {})}
-    return recipe_from_dict({"output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)},
-                             "quantization": {"mode": "none"}, "sft": sft,
-                             "data": {"sft": {"path": str(write_jsonl(tmp_path / "d.jsonl", LONG_ROWS))}}})
+    return recipe_from_dict(recipe_dict(tiny_model_dir, tmp_path / "run", "none", cpu=True, lora=None, sft=sft,
+                                        data={"sft": {"path": str(write_jsonl(tmp_path / "d.jsonl", LONG_ROWS))}}))
 
 
 def row_lengths(tiny_model_dir) -> list[tuple[int, int]]:
