@@ -422,3 +422,19 @@ def test_a_gold_function_that_cannot_be_loaded_stops_before_anything_is_written(
     with pytest.raises(LoraRlhfError, match="ppo.gold_fn"):
         train_ppo(recipe, progress=False)
     assert not recipe.stage_dir("ppo").exists()
+
+
+def test_the_value_role_copies_the_reward_adapter_with_its_head_or_with_a_zero_head(tiny_recipe, stage_adapters):
+    """value_head_init: `reward` (the paper) copies the reward head; `zeros` keeps the reward LoRA and starts the head
+    at 0, so the first values are 0 at every token instead of the reward model's score of a partial answer."""
+    heads = {}
+    for init in ("reward", "zeros"):
+        sb = trainer_with_adapters(tiny_recipe, stage_adapters, value_head_init=init).sb
+        reward, value = sb._params["reward"], sb._params["value"]
+        assert len(reward) == len(value) and all(torch.equal(a, b) for a, b in zip(reward, value, strict=True))
+        heads[init] = {k: v.clone() for k, v in sb.heads["value"].state_dict().items()}
+        if init == "reward":
+            for k, v in sb.heads["reward"].state_dict().items():
+                assert torch.equal(heads[init][k], v), k
+    assert heads["reward"]["linear.weight"].abs().sum() > 0
+    assert all(v.abs().sum() == 0 for v in heads["zeros"].values())

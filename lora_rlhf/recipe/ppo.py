@@ -27,6 +27,13 @@ class PPOSection:
     (`objective/gold`) and never part of the loss: a gold standard to watch the policy over-optimise an imperfect
     reward model (Gao et al. 2022), e.g. a checker, a larger judge, or the true metric the reward model stands for."""
 
+    value_head_init: Literal["reward", "zeros"] = "reward"
+    """[ours] The value head when the value role starts from the reward adapter: `reward` copies the reward model's
+    head too (the paper: the value function is initialised from the RM), `zeros` keeps the reward model's LoRA but
+    starts the head at 0. The reward head scores whole answers; on a partial answer its output is not the expected
+    final reward, and before the value function has learned, those per-token errors go straight into GAE's
+    advantages (bench/bench_rl_learning.py measures both)."""
+
     # --- rollout
     total_episodes: int = ranged(256, gt=0)
     """Prompts rolled out over the whole run."""

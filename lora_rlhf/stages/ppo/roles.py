@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, read_adapter_meta, recipe_adapter
@@ -93,6 +94,10 @@ def setup_roles(sb: SharedBase, recipe: Recipe, sources: Sources) -> RewardSourc
         meta = sb.load_adapter("reward", sources.reward_adapter, trainable=False)
         if with_value:
             sb.copy_adapter("reward", "value", trainable=True)
+            if recipe.ppo.value_head_init == "zeros":
+                with torch.no_grad():
+                    for p in sb.heads["value"].parameters():
+                        p.zero_()
         offset = float(meta.get("reward_offset") or read_adapter_meta(sources.reward_adapter).get("reward_offset") or 0)
         reward = RewardSource(description=str(sources.reward_adapter), offset=offset)
     disable_dropout(sb)
