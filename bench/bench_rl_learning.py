@@ -66,8 +66,9 @@ def demo_recipe(args: argparse.Namespace, out: Path, seed: int):
     k = args.num_generations or (4 if args.estimator != "gae" else 1)
     overrides = [*run_overrides(args.run, out), f"seed={seed}", f"ppo.total_episodes={args.episodes}",
                  f"ppo.advantage_estimator={args.estimator}", f"ppo.num_generations={k}"]
-    overrides.append(f"ppo.reward_fn={CHECKER}" if args.reward == "checker"
-                     else f"ppo.reward_adapter={args.run / 'reward'}")
+    # With the RM as the reward, the checker is the gold monitor: logged beside it, never trained on.
+    overrides += ([f"ppo.reward_fn={CHECKER}"] if args.reward == "checker"
+                  else [f"ppo.reward_adapter={args.run / 'reward'}", f"ppo.gold_fn={CHECKER}"])
     return load_recipe(RECIPE, overrides + args.overrides)
 
 
@@ -143,9 +144,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
             started = time.perf_counter()
             metrics, _ = trainer.step()
             seconds += time.perf_counter() - started
-            curve.append({k: metrics[k] for k in ("step", "objective/scores", "objective/kl", "time/step")})
+            curve.append({k: metrics[k] for k in ("step", "objective/scores", "objective/gold", "objective/kl",
+                                                  "time/step") if k in metrics})
+            gold = f" gold {metrics['objective/gold']:.3f}" if "objective/gold" in metrics else ""
             print(f"  seed {seed} step {metrics['step']}/{trainer.num_steps}: score {metrics['objective/scores']:.3f}"
-                  f" kl {metrics['objective/kl']:.3f} ({metrics['time/step']:.0f} s)", flush=True)
+                  f"{gold} kl {metrics['objective/kl']:.3f} ({metrics['time/step']:.0f} s)", flush=True)
             if metrics["episode"] in marks:
                 h = held_out(reference, answer_scores(trainer, "policy", prompts, seed), metrics["episode"], seed)
                 evaluations.append(h)
@@ -182,6 +185,11 @@ def main() -> None:
         print(f"{r['seed']:>4} | {first:>17.3f} | {last:>18.3f} | {r['curve'][-1]['objective/kl']:>7.2f} | "
               f"{h['sft']:>12.3f} | {h['ppo']:>11.3f} | {h['mean']:>+8.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | "
               f"{r['seconds']:>5.0f}")
+    for r in results:
+        if "objective/gold" in r["curve"][0]:
+            first, last = quarter_means([c["objective/gold"] for c in r["curve"]])
+            print(f"seed {r['seed']} gold (checker) score of the rollouts, first -> last quarter: "
+                  f"{first:.3f} -> {last:.3f}")
     for r in results:
         if len(r["evaluations"]) > 1:
             print(f"seed {r['seed']} held-out RL - SFT by episodes: " + ", ".join(

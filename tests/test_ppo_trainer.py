@@ -128,8 +128,14 @@ def test_rollout_quantities_line_up_with_unpadded_forwards(tiny_recipe, stage_ad
                 torch.testing.assert_close(getattr(batch, field)[i, :n], expected, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(batch.values[i, :n], sb.scalar("value", ids, ones)[0, start:-1],
                                        atol=1e-4, rtol=1e-4)
-            expected_score = sb.scalar("reward", ids, ones)[0, -1] - REWARD_OFFSET
+            # A response cut before its stop token is scored with it appended, as the comparisons were (encode).
+            read = ids if batch.ended[i] else torch.cat([ids, ids.new_tensor([[sb.tokenizer.eos_token_id]])], 1)
+            expected_score = sb.scalar("reward", read, torch.ones_like(read))[0, -1] - REWARD_OFFSET
             torch.testing.assert_close(batch.scores[i], expected_score, atol=1e-4, rtol=1e-4)
+            if not batch.ended[i]:
+                unread = sb.scalar("reward", ids, ones)[0, -1] - REWARD_OFFSET
+                assert (batch.scores[i] - unread).abs() > 1e-4  # the appended token changed what the head read
+    assert not batch.ended.all()  # the tiny model's answers run to R tokens: the appended-stop path ran
     # nothing past a response's end counts
     assert (batch.logprobs * (1 - batch.response_mask)).abs().sum() == 0
     assert (batch.values * (1 - batch.response_mask)).abs().sum() == 0

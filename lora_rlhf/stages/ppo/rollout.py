@@ -178,15 +178,20 @@ def keeps_generation_logprobs(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def stop_token_id(sb: SharedBase, cfg: PPOSection) -> int | None:
+    """The token that ends a response (`ppo.stop_token: eos`), or None when responses always run R tokens."""
+    return sb.tokenizer.eos_token_id if cfg.stop_token == "eos" else None
+
+
 @torch.no_grad()
 def generate(sb: SharedBase, prompts: list[Any], cfg: PPOSection) -> Batch:
     """Step 1: sample one response per prompt from the policy, with the KV cache, in the compute dtype; on the CPU
     keep the sampled tokens' log-probs (`keeps_generation_logprobs`; elsewhere scoring computes them)."""
     tokenizer, device = sb.tokenizer, sb.device
     pad_id = tokenizer.pad_token_id
-    stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
+    stop = stop_token_id(sb, cfg)
     query, query_mask = pad([prompt_ids(tokenizer, p) for p in prompts], pad_id, "left", device)
-    gen_cfg = generation_config(cfg, stop_id, pad_id)
+    gen_cfg = generation_config(cfg, stop, pad_id)
     keep = keeps_generation_logprobs(device)
     chunks, chunk_logprobs = [], []
     with (sb.use("policy") as model, dequantized_for_decoding(model), sampling_as_given(model), sb.autocast()):
@@ -197,7 +202,7 @@ def generate(sb: SharedBase, prompts: list[Any], cfg: PPOSection) -> Batch:
             chunk_logprobs.append(logprobs)
     width = max(c.shape[1] for c in chunks)
     raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
-    responses, lengths, ended = truncate_after_stop(raw, stop_id, pad_id)
+    responses, lengths, ended = truncate_after_stop(raw, stop, pad_id)
     response_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
     logprobs = None
     if keep:
@@ -295,10 +300,26 @@ def response_values(sb: SharedBase, batch: Batch, role: str = "value") -> torch.
     return values * batch.response_mask
 
 
-def reward_model_scores(sb: SharedBase, batch: Batch, offset: float) -> torch.Tensor:
-    """The reward head at each episode's last real token, minus the reward offset. [B]."""
-    hidden = hidden_states(sb, "reward", batch)
-    last = batch.context_length + batch.lengths - 1
+def reward_model_scores(sb: SharedBase, batch: Batch, offset: float, stop_id: int | None = None) -> torch.Tensor:
+    """The reward head at each episode's last real token, minus the reward offset. [B].
+
+    A response cut at R tokens before its stop token is read with `stop_id` appended: the reward model learned
+    from comparisons whose responses, cut at the same length, always close with it (core.text.encode, as eval
+    scores too), and its head has never been trained to read a state in the middle of an answer. Scored there,
+    a cut rollout gets an arbitrary score that PPO learns to chase by not ending its answers.
+    """
+    ids, mask, last = batch.query_responses, batch.attention_mask, batch.context_length + batch.lengths - 1
+    cut = ~batch.ended
+    if stop_id is not None and bool(cut.any()):
+        ids = torch.nn.functional.pad(ids, (0, 1), value=stop_id)
+        mask = torch.nn.functional.pad(mask, (0, 1))
+        last = torch.where(cut, last + 1, last)
+        rows = cut.nonzero().squeeze(1)
+        ids[rows, last[rows]] = stop_id
+        mask[rows, last[rows]] = 1
+    with sb.use("reward"):
+        hidden = sb.backbone()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                               use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return sb.heads["reward"](hidden[rows, last]) - offset
 
@@ -321,7 +342,7 @@ def score(sb: SharedBase, batch: Batch, reward: RewardSource, cfg: PPOSection) -
             parts["values"].append(response_values(sb, chunk) if sb.has("value")
                                    else torch.zeros_like(chunk.response_mask))
             if reward.fn is None:
-                parts["scores"].append(reward_model_scores(sb, chunk, reward.offset))
+                parts["scores"].append(reward_model_scores(sb, chunk, reward.offset, stop_token_id(sb, cfg)))
     if reward.fn is not None:
         parts["scores"].append(function_scores(reward, batch))
     return replace(batch, **{k: torch.cat(v).float() for k, v in parts.items() if v})
