@@ -12,9 +12,10 @@ def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -
     """Train a policy adapter by DPO (TRL's DPOTrainer) on rankings or chosen/rejected pairs (data.dpo, else
     data.reward), starting from and referenced to the SFT adapter on the same base."""
     from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.pipeline import with_pipeline_defaults
     from lora_rlhf.stages.registry import run_stage
 
-    result = run_stage("dpo", load_recipe(recipe, set_ or []), resume=resume)
+    result = run_stage("dpo", with_pipeline_defaults(load_recipe(recipe, set_ or [])), resume=resume)
     metrics = result.metrics
     summary = f"{metrics['train_pairs']} pairs, reference {metrics['reference']}"
     if metrics.get("eval_rewards/accuracies") is not None:

@@ -11,9 +11,10 @@ from lora_rlhf_cli._common import RecipeArg, ResumeOpt, SetOpt, handle_errors
 def command(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
     """Train a reward adapter on ranked comparisons or chosen/rejected pairs (data.reward) with TRL's RewardTrainer."""
     from lora_rlhf.recipe.config import load_recipe
+    from lora_rlhf.stages.pipeline import with_pipeline_defaults
     from lora_rlhf.stages.registry import run_stage
 
-    result = run_stage("reward", load_recipe(recipe, set_ or []), resume=resume)
+    result = run_stage("reward", with_pipeline_defaults(load_recipe(recipe, set_ or [])), resume=resume)
     metrics = result.metrics
     if "reward_offset" not in metrics:  # a rank other than 0 (whose output is not shown): rank 0 checks the model
         return

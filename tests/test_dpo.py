@@ -322,3 +322,18 @@ def test_cli_trains_and_reports_and_bad_input_exits_2(tiny_recipe, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "dpo" / "recipe.yaml").read_text())["dpo"]["beta"] == 0.2
     result = runner.invoke(app, ["dpo", str(path), "--set", "dpo.loss_type=ipoo"])
     assert result.exit_code == 2 and "unknown loss 'ipoo'" in result.output
+
+
+def test_cli_learns_from_compares_rankings_as_the_pipeline_does(tiny_recipe, tmp_path):
+    # The README's `lora-rlhf dpo RECIPE` after compare: no data.dpo or data.reward in the recipe, so the command
+    # takes OUT/compare/rankings.jsonl with the pipeline's held-out fraction, as `pipeline` would.
+    (tmp_path / "run" / "compare").mkdir(parents=True)
+    write_jsonl(tmp_path / "run" / "compare" / "rankings.jsonl", banana_rankings(8))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(dpo={**FAST, "max_steps": 1},
+                                               pipeline={"stages": ["compare", "dpo"], "reward_eval_fraction": 0.25})))
+    result = CliRunner().invoke(app, ["dpo", str(path)])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "dpo" / "recipe.yaml").read_text())["data"]["reward"]
+    assert saved["path"].endswith("compare/rankings.jsonl") and saved["eval_fraction"] == 0.25
+    assert "over 8 pairs" in result.output  # the held-out quarter: 2 of 8 prompts, 4 pairs each

@@ -129,13 +129,14 @@ def test_eval_plan_sizes_scoring_by_the_general_texts_when_there_are_some():
         return {p.name: p for p in score.parts}
 
     with_texts = score_parts(recipe)
-    assert "[16, 256, 576]" in with_texts["hidden states"].note  # general texts (256) outrun 128 + 48 sampled
+    b = recipe.eval.batch_size
+    assert f"[{b}, 256, 576]" in with_texts["hidden states"].note  # general texts (256) outrun 128 + 48 sampled
     # the LM head runs per sequence (evaluate.sequence_logprobs): logits of one sequence, not of the batch
     assert with_texts["sequence logits"].bytes == 2 * 256 * shape.vocab_size * 4
     recipe.eval.general_max_tokens = 320  # the recipe's own length, the one eval cuts the texts to
-    assert "[16, 320, 576]" in score_parts(recipe)["hidden states"].note
+    assert f"[{b}, 320, 576]" in score_parts(recipe)["hidden states"].note
     recipe.eval.general_text = None
-    assert "[16, 176, 576]" in score_parts(recipe)["hidden states"].note
+    assert f"[{b}, 176, 576]" in score_parts(recipe)["hidden states"].note
     assert score_parts(recipe)["hidden states"].bytes * 256 == with_texts["hidden states"].bytes * 176
 
 
