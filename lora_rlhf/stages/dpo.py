@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, is_finished, recipe_adapter
@@ -160,7 +161,8 @@ def _trainer_class():
             loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                                          collate_fn=self.data_collator))
             chosen, rejected = [], []
-            for batch in loader:
+            # TRL's own pass shows a bar; minutes on a CPU must not look like a hang
+            for batch in tqdm(loader, desc=f"reference log-probs ({name})", disable=not self.is_local_process_zero()):
                 logps = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(self.model, batch))
                 chosen.append(logps[0].float().cpu())
                 rejected.append(logps[1].float().cpu())
