@@ -213,3 +213,13 @@ def test_an_adapter_folder_with_only_pickled_weights_is_refused_before_loading(t
     with pytest.raises(ModelError, match=r"has no adapter_model.safetensors, only adapter_model.bin: only "
                                          r"safetensors weights are loaded"):
         local_adapter_folder(tmp_path)
+
+
+def test_a_ppo_run_folder_given_as_an_adapter_names_its_policy_adapter(tmp_path):
+    from lora_rlhf.core.adapters import local_adapter_folder
+
+    (tmp_path / "ppo" / "policy").mkdir(parents=True)
+    (tmp_path / "ppo" / "policy" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="is a PPO run folder, not an adapter") as error:
+        local_adapter_folder(tmp_path / "ppo")
+    assert str(tmp_path / "ppo" / "policy") in error.value.fix

@@ -64,6 +64,10 @@ def local_adapter_folder(source: str | Path) -> Path:
         raise ModelError(f"adapter folder '{source}' does not exist",
                          fix="check the path; run the stage that writes it first")
     if not (path / ADAPTER_CONFIG).is_file():
+        inner = [path / role for role in ("policy", "value") if (path / role / ADAPTER_CONFIG).is_file()]
+        if inner:  # a PPO run folder: its adapters are one level down
+            raise ModelError(f"'{source}' is a PPO run folder, not an adapter",
+                             fix=f"point at its adapter: {' or '.join(str(p) for p in inner)}")
         raise ModelError(f"'{source}' holds no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder",
                          fix="point at the output folder of `lora-rlhf sft`/`reward`/`ppo` (e.g. runs/x/sft)")
     if not (path / ADAPTER_WEIGHTS).is_file():
