@@ -36,8 +36,8 @@ install-browser:
 	else echo "note: no apt-get; install Chromium as /usr/bin/chromium to run tests/test_label_browser.py (it skips)"; fi
 	$(PIP) install -q "playwright>=1.65,<1.66"
 
-# `make test`: the suite, with the killed-at-each-write sweeps sampled (~11 min on 2 busy cores). `make test-all`: that,
-# then those sweeps at every write (~9 min more; CI runs both). `make test-fast`: without the 135M model's end-to-end
+# `make test`: the suite, with the killed-at-each-write sweeps sampled (~7 min on 2 quiet cores). `make test-all`: that,
+# then those sweeps at every write (~6 min more; CI runs both). `make test-fast`: without the 135M model's end-to-end
 # test and the multi-process launches.
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not exhaustive" --durations=15
