@@ -116,6 +116,20 @@ def test_reward_tokenizer_save_on_a_full_disk(tiny_model_dir, tmp_path, monkeypa
     assert not is_finished(out, "reward")
 
 
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_reward_and_dpo_checkpoints_on_a_full_disk_name_the_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               stage):
+    rows = [{"prompt": f"Item {i}?", "responses": ["a banana", "red blue"], "ranks": [1, 2]} for i in range(4)]
+    data = write_jsonl(tmp_path / "rank.jsonl", rows)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data={"reward": {"path": str(data)}},
+                          **{stage: {"max_steps": 2, "save_steps": 1, "eval_strategy": "no"}})
+    out = tmp_path / "run" / stage
+    fail_torch_save(monkeypatch, out / "checkpoints")
+    one_line_exit_2(runner.invoke(app, [stage, str(recipe)]),
+                    f"no space left on the device while writing {out} ({out / 'checkpoints'})")
+    assert not (out / META_FILE).exists()
+
+
 def test_ppo_checkpoint_on_a_full_disk(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "rewards.py").write_text("def count_e(prompts, responses):\n"
                                          "    return [float(r.count('e')) for r in responses]\n")
