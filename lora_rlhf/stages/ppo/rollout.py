@@ -317,9 +317,7 @@ def reward_model_scores(sb: SharedBase, batch: Batch, offset: float, stop_id: in
         rows = cut.nonzero().squeeze(1)
         ids[rows, last[rows]] = stop_id
         mask[rows, last[rows]] = 1
-    with sb.use("reward"):
-        hidden = sb.backbone()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                               use_cache=False).last_hidden_state
+    hidden = hidden_states(sb, "reward", replace(batch, query_responses=ids, attention_mask=mask))
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return sb.heads["reward"](hidden[rows, last]) - offset
 
