@@ -46,7 +46,6 @@ from tqdm.auto import tqdm
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import base_fingerprint, check_adapter_base, is_finished, recipe_adapter
 from lora_rlhf.core.base import SharedBase
-from lora_rlhf.core.io import writing
 from lora_rlhf.core.loading import load_config, load_tokenizer
 from lora_rlhf.core.logs import LogCallback, write_metrics
 from lora_rlhf.core.text import encode, prompt_ids
@@ -61,6 +60,7 @@ from lora_rlhf.stages.trainer_setup import (
     RecipeStepsOnResume,
     last_checkpoint,
     loss_summary,
+    run_trainer,
     stage_outputs,
     trainer_args,
 )
@@ -282,8 +282,7 @@ def _train(shared: SharedBase, args: Any, train_ds: Any, eval_ds: Any, checkpoin
     trainer = build_trainer(shared, args, train_ds, eval_ds, [callback, RecipeStepsOnResume(log)])
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
     started = time.perf_counter()
-    with writing(args.output_dir):  # the Trainer writes its checkpoints there; a full disk there is named so
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = run_trainer(trainer, checkpoint)
     metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,
                                "global_step": result.global_step, "resumed_from": checkpoint,
                                "train_pairs": len(train_ds), "world_size": distributed.world_size(),

@@ -39,7 +39,7 @@ from lora_rlhf.core.adapters import (
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
 from lora_rlhf.core.heads import HEAD_FILE, ScalarHead
-from lora_rlhf.core.io import write_jsonl_atomic, writing
+from lora_rlhf.core.io import write_jsonl_atomic
 from lora_rlhf.core.loading import load_config, load_pretrained, load_tokenizer, lora_config
 from lora_rlhf.core.logs import LogCallback, write_metrics
 from lora_rlhf.core.scoring import score_texts
@@ -56,6 +56,7 @@ from lora_rlhf.stages.trainer_setup import (
     RecipeStepsOnResume,
     last_checkpoint,
     loss_summary,
+    run_trainer,
     stage_outputs,
     trainer_args,
 )
@@ -485,8 +486,7 @@ def _train_and_check(recipe: Recipe, model: Any, dtype: torch.dtype, tokenizer: 
     fix_dtypes(trainer.model)
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
     started = time.perf_counter()
-    with writing(args.output_dir):  # the Trainer writes its checkpoints there; a full disk there is named so
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = run_trainer(trainer, checkpoint)
     metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,
                                "global_step": result.global_step, "resumed_from": checkpoint,
                                "train_pairs": len(train_ds), "pairs_dropped_too_long": dropped,

@@ -27,7 +27,6 @@ from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import is_finished
 from lora_rlhf.core.base import SharedBase
 from lora_rlhf.core.data import load_sft_data
-from lora_rlhf.core.io import writing
 from lora_rlhf.core.loading import load_tokenizer
 from lora_rlhf.core.logs import LogCallback, write_metrics
 from lora_rlhf.core.text import as_chat_turns, longest_sft_row, sft_row_lengths
@@ -38,10 +37,10 @@ from lora_rlhf.stages.memory import check_memory
 from lora_rlhf.stages.stage import StageResult
 from lora_rlhf.stages.trainer_setup import (
     ADAPTER,
-    CHECKPOINTS,
     RecipeStepsOnResume,
     last_checkpoint,
     loss_summary,
+    run_trainer,
     stage_outputs,
     trainer_args,
 )
@@ -193,8 +192,7 @@ def _train(recipe: Recipe, shared: SharedBase, train: Any, held_out: Any, out: P
     shared.keep_adapters_in_fp32()  # undo TRL's bf16 cast of QLoRA adapters
     # --- train (Ctrl-C propagates: the newest checkpoint stays on disk for --resume)
     started = time.perf_counter()
-    with writing(out / CHECKPOINTS):  # what the Trainer writes is its checkpoints; a full disk there is named so
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = run_trainer(trainer, checkpoint)
     # train_rows: the rows TRL trained on (its own dataset; packed, the rows before packing)
     trained = len(train) if trainer.args.packing else len(trainer.train_dataset)
     metrics: dict[str, Any] = {**result.metrics, "wall_seconds": time.perf_counter() - started,

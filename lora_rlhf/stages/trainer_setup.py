@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from lora_rlhf.core import distributed
 from lora_rlhf.core.adapters import META_FILE
-from lora_rlhf.core.io import disk_full, remove_temp_files
+from lora_rlhf.core.io import disk_full, remove_temp_files, writing
 from lora_rlhf.core.loading import compute_dtype, resolve_device
 from lora_rlhf.core.logs import close_logger, stage_logger
 from lora_rlhf.errors import StorageError
@@ -48,6 +48,13 @@ def trainer_args(recipe: Recipe, section: str, out: Path, eval_present: bool) ->
     args.setdefault("bf16", device.type == "cuda" and dtype == torch.bfloat16)
     args.setdefault("fp16", device.type == "cuda" and dtype == torch.float16)
     return {"output_dir": str(out / CHECKPOINTS), "seed": recipe.seed, "use_cpu": device.type == "cpu", **args}
+
+
+def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
+    """`trainer.train()` from `checkpoint` (None: from the start). What the Trainer writes is its checkpoints, so a
+    full disk inside is raised as OSError(ENOSPC) naming that folder (core.io.writing), whichever library failed."""
+    with writing(trainer.args.output_dir):
+        return trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def last_checkpoint(out: Path) -> str | None:
